@@ -1,0 +1,92 @@
+//! Criterion benchmarks of the inference path on a real-size random bundle (GPT-2 small
+//! shapes, ViT-B/32-shaped TorchScript encoder) made by scripts/make_test_bundle.py:
+//! preprocessing, encoder batches, mapper, one decode step, and a whole beam-5 caption.
+//!
+//!   cargo bench --bench inference          (set CLIPCAP_BENCH_BUNDLE=DIR to reuse a bundle)
+use clipcap::generate::{caption_embeddings, Decoder, GenOptions};
+use clipcap::model::bundle::Bundle;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
+
+fn python() -> PathBuf {
+    std::env::var("CLIPCAP_PYTHON").map(PathBuf::from).unwrap_or_else(|_| {
+        PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/clipcap/venv-torch-2.11.0/bin/python")
+    })
+}
+
+fn bundle_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("CLIPCAP_BENCH_BUNDLE") {
+        return PathBuf::from(d);
+    }
+    let dir = std::env::temp_dir().join("clipcap-bench-bundle-small-vit");
+    if !dir.join("clipcap.json").exists() {
+        let ok = std::process::Command::new(python())
+            .args(["scripts/make_test_bundle.py", "--out"])
+            .arg(&dir)
+            .args(["--size", "small", "--encoder", "vit-b32", "--seed", "0"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+    dir
+}
+
+fn photo(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x * y) % 251) as u8])
+    });
+    let mut out = std::io::Cursor::new(vec![]);
+    img.write_to(&mut out, image::ImageFormat::Jpeg).unwrap();
+    out.into_inner()
+}
+
+fn benches(c: &mut Criterion) {
+    let bundle = Arc::new(Bundle::load(&bundle_dir(), Device::Cpu, Kind::Float).unwrap());
+    let cfg = clipcap::pipeline::preprocess_config(&bundle.manifest.image, 40_000_000);
+    let jpeg = photo(640, 480);
+    c.bench_function("preprocess/jpeg_640x480", |b| {
+        b.iter(|| clipcap::preprocess::preprocess_bytes(&jpeg, &cfg).unwrap())
+    });
+    let px = clipcap::preprocess::preprocess_bytes(&jpeg, &cfg).unwrap();
+    let mut g = c.benchmark_group("encoder");
+    g.sample_size(10);
+    for n in [1usize, 16] {
+        let pixels: Vec<&[f32]> = (0..n).map(|_| px.as_slice()).collect();
+        g.bench_function(format!("vit_b32_batch_{n}"), |b| {
+            b.iter(|| clipcap::pipeline::encode(&bundle, &pixels, n).unwrap())
+        });
+    }
+    g.finish();
+    tch::manual_seed(0);
+    let clip16 = Tensor::randn([16, bundle.encoder.dim], (Kind::Float, Device::Cpu));
+    c.bench_function("mapper/mlp_batch_16", |b| {
+        b.iter(|| tch::no_grad(|| bundle.net.prefix(&clip16)))
+    });
+    let beam = GenOptions::default();
+    let mut g = c.benchmark_group("decode");
+    g.sample_size(10);
+    g.bench_function("step_16_images_x_5_beams", |b| {
+        b.iter_batched(
+            || {
+                let mut d = Decoder::new(bundle.clone());
+                d.add(&clip16, &beam, (0..16).collect()).unwrap();
+                d
+            },
+            |mut d| d.step().unwrap(),
+            BatchSize::PerIteration,
+        )
+    });
+    g.bench_function("caption_beam5_1_image", |b| {
+        b.iter(|| caption_embeddings(bundle.clone(), &clip16.narrow(0, 0, 1), &beam).unwrap())
+    });
+    g.bench_function("caption_beam5_16_images_batched", |b| {
+        b.iter(|| caption_embeddings(bundle.clone(), &clip16, &beam).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(inference, benches);
+criterion_main!(inference);

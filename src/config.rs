@@ -1,0 +1,275 @@
+//! Configuration: one home for every setting.
+//!
+//! `config/default.toml` (compiled in) documents every key and its default. A `--config` file
+//! overrides it, `CLIPCAP_<KEY>` environment variables override that, and command-line flags
+//! override everything. Keys are unique across sections so the environment names stay short.
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use toml::{Table, Value};
+
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub models: ModelsConfig,
+    pub inference: InferenceConfig,
+    pub training: TrainingConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub bind: String,
+    pub max_body_bytes: usize,
+    pub max_images_per_request: usize,
+    pub max_inflight_requests: usize,
+    pub request_timeout_ms: u64,
+    pub shutdown_grace_ms: u64,
+    pub log_format: String,
+    pub log_level: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub admin_token: String,
+    pub api_key: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelsConfig {
+    pub models: Vec<String>,
+    pub default_model: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceConfig {
+    pub device: String,
+    pub dtype: String,
+    pub max_batch_images: usize,
+    pub max_batch_delay_ms: u64,
+    pub continuous_batching: bool,
+    pub max_running_images: usize,
+    pub queue_capacity: usize,
+    pub max_pixels: u64,
+    pub preprocess_threads: usize,
+    pub torch_threads: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    pub data_root: String,
+    pub jobs_dir: String,
+    pub bundles_dir: String,
+}
+
+/// Keys whose values are never printed.
+const SECRETS: &[&str] = &["admin_token", "api_key"];
+
+impl Config {
+    /// Builds the configuration from the defaults, an optional file, the environment and
+    /// `flags` (key → value, already typed).
+    pub fn load(
+        file: Option<&Path>,
+        env: &[(String, String)],
+        flags: &[(&str, Value)],
+    ) -> Result<Self> {
+        let mut table: Table = DEFAULT_TOML.parse().context("parsing built-in defaults")?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config {}", path.display()))?;
+            let user: Table = text
+                .parse()
+                .with_context(|| format!("parsing config {}", path.display()))?;
+            merge(&mut table, &user).with_context(|| format!("in config {}", path.display()))?;
+        }
+        for (name, raw) in env {
+            let Some(key) = name.strip_prefix("CLIPCAP_") else {
+                continue;
+            };
+            let key = key.to_ascii_lowercase();
+            if let Some(slot) = find_key(&mut table, &key) {
+                *slot = parse_like(slot, raw).with_context(|| format!("environment {name}"))?;
+            }
+        }
+        for (key, value) in flags {
+            let slot = find_key(&mut table, key).with_context(|| format!("unknown setting {key}"))?;
+            *slot = value.clone();
+        }
+        let cfg: Config = Value::Table(table)
+            .try_into()
+            .context("invalid configuration")?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.inference.max_batch_images == 0 || self.inference.max_running_images == 0 {
+            bail!("max_batch_images and max_running_images must be at least 1");
+        }
+        if self.server.max_images_per_request == 0 {
+            bail!("max_images_per_request must be at least 1");
+        }
+        if !matches!(self.server.log_format.as_str(), "text" | "json") {
+            bail!("log_format must be text or json");
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML with secrets masked, for the start-up log.
+    pub fn to_masked_toml(&self) -> String {
+        let mut v = Value::try_from(self).expect("config serializes");
+        if let Value::Table(t) = &mut v {
+            for section in t.values_mut() {
+                if let Value::Table(s) = section {
+                    for key in SECRETS {
+                        if let Some(Value::String(x)) = s.get_mut(*key) {
+                            if !x.is_empty() {
+                                *x = "***".into();
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        toml::to_string(&v).unwrap_or_default()
+    }
+}
+
+/// Overlays `user` on `base`; every user key must exist in the defaults.
+fn merge(base: &mut Table, user: &Table) -> Result<()> {
+    for (section, value) in user {
+        let Some(Value::Table(dst)) = base.get_mut(section) else {
+            bail!("unknown section [{section}]");
+        };
+        let Value::Table(src) = value else {
+            bail!("[{section}] must be a table");
+        };
+        for (k, v) in src {
+            let Some(slot) = dst.get_mut(k) else {
+                bail!("unknown setting {section}.{k}");
+            };
+            if std::mem::discriminant(slot) != std::mem::discriminant(v) {
+                bail!("{section}.{k} must be a {}", slot.type_str());
+            }
+            *slot = v.clone();
+        }
+    }
+    Ok(())
+}
+
+fn find_key<'a>(table: &'a mut Table, key: &str) -> Option<&'a mut Value> {
+    table
+        .values_mut()
+        .filter_map(|s| match s {
+            Value::Table(t) => Some(t),
+            _ => None,
+        })
+        .find_map(|t| t.get_mut(key))
+}
+
+/// Parses an environment string as the same type as the default value.
+fn parse_like(default: &Value, raw: &str) -> Result<Value> {
+    Ok(match default {
+        Value::String(_) => Value::String(raw.to_string()),
+        Value::Integer(_) => Value::Integer(raw.trim().parse().context("expected an integer")?),
+        Value::Float(_) => Value::Float(raw.trim().parse().context("expected a number")?),
+        Value::Boolean(_) => Value::Boolean(match raw.trim() {
+            "1" | "true" | "yes" | "on" => true,
+            "0" | "false" | "no" | "off" => false,
+            _ => bail!("expected true or false"),
+        }),
+        Value::Array(_) => Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Value::String(s.to_string()))
+                .collect(),
+        ),
+        other => bail!("cannot set a {} from the environment", other.type_str()),
+    })
+}
+
+/// A model entry `NAME=DIR` or `DIR` (named after its folder).
+pub fn parse_model_entry(entry: &str) -> (String, std::path::PathBuf) {
+    match entry.split_once('=') {
+        Some((name, dir)) => (name.trim().to_string(), dir.trim().into()),
+        None => {
+            let dir = std::path::PathBuf::from(entry.trim());
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "default".into());
+            (name, dir)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_unique_across_sections() {
+        let table: Table = DEFAULT_TOML.parse().unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for section in table.values() {
+            for k in section.as_table().unwrap().keys() {
+                assert!(seen.insert(k.clone()), "duplicate key {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn precedence_is_flags_env_file_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "[server]\nbind = \"0.0.0.0:1\"\nmax_body_bytes = 5\n[inference]\nmax_batch_images = 3\n",
+        )
+        .unwrap();
+        let env = vec![
+            ("CLIPCAP_MAX_BODY_BYTES".to_string(), "7".to_string()),
+            ("CLIPCAP_MODELS".to_string(), "a=x, b=y".to_string()),
+            ("CLIPCAP_CONTINUOUS_BATCHING".to_string(), "false".to_string()),
+            ("OTHER".to_string(), "1".to_string()),
+        ];
+        let flags = [("max_batch_images", Value::Integer(9))];
+        let c = Config::load(Some(&file), &env, &flags).unwrap();
+        assert_eq!(c.server.bind, "0.0.0.0:1");
+        assert_eq!(c.server.max_body_bytes, 7);
+        assert_eq!(c.inference.max_batch_images, 9);
+        assert!(!c.inference.continuous_batching);
+        assert_eq!(c.models.models, vec!["a=x", "b=y"]);
+        assert_eq!(c.server.max_images_per_request, 16);
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let env = vec![("CLIPCAP_MAX_BODY_BYTES".to_string(), "lots".to_string())];
+        let e = format!("{:#}", Config::load(None, &env, &[]).unwrap_err());
+        assert!(e.contains("CLIPCAP_MAX_BODY_BYTES"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[server]\nbindd = \"x\"\n").unwrap();
+        let e = format!("{:#}", Config::load(Some(&file), &[], &[]).unwrap_err());
+        assert!(e.contains("server.bindd"), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        let env = vec![("CLIPCAP_ADMIN_TOKEN".to_string(), "hunter2".to_string())];
+        let c = Config::load(None, &env, &[]).unwrap();
+        assert_eq!(c.auth.admin_token, "hunter2");
+        let shown = c.to_masked_toml();
+        assert!(!shown.contains("hunter2") && shown.contains("***"), "{shown}");
+    }
+}

@@ -1,0 +1,262 @@
+//! A model bundle: one directory with everything needed to caption.
+//!
+//! ```text
+//! clipcap.json       manifest (format version, shapes, stop tokens, generation defaults, provenance)
+//! clip_image.pt      CLIP image tower as TorchScript
+//! model.safetensors  mapper (`clip_project.*`) + GPT-2 (`gpt.transformer.*`) weights
+//! tokenizer.json     GPT-2 byte-level BPE for the `tokenizers` crate
+//! ```
+use crate::generate::GenerationDefaults;
+use crate::model::clip::ImageEncoder;
+use crate::model::gpt2::{Gpt2, Gpt2Config};
+use crate::model::mapper::{Mapper, MapperConfig};
+use crate::model::weights;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tch::{nn, Device, Kind, Tensor};
+use tokenizers::Tokenizer;
+
+pub const MANIFEST: &str = "clipcap.json";
+pub const FORMAT: &str = "clipcap-bundle";
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Image preprocessing the encoder was trained with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ImageSpec {
+    pub size: i64,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Default for ImageSpec {
+    fn default() -> Self {
+        ImageSpec {
+            size: 224,
+            mean: crate::preprocess::CLIP_MEAN,
+            std: crate::preprocess::CLIP_STD,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BundleFiles {
+    pub encoder: String,
+    pub weights: String,
+    pub tokenizer: String,
+}
+
+impl Default for BundleFiles {
+    fn default() -> Self {
+        BundleFiles {
+            encoder: "clip_image.pt".into(),
+            weights: "model.safetensors".into(),
+            tokenizer: "tokenizer.json".into(),
+        }
+    }
+}
+
+/// The manifest, `clipcap.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub name: String,
+    pub mapper: MapperConfig,
+    pub gpt2: Gpt2Config,
+    #[serde(default)]
+    pub image: ImageSpec,
+    #[serde(default)]
+    pub files: BundleFiles,
+    /// Generation stops after any of these; `"."` for the released ClipCap weights (it is
+    /// encoded and its first token used, as the original does), `"<|endoftext|>"` for ours.
+    pub stop_tokens: Vec<String>,
+    #[serde(default)]
+    pub generation: GenerationDefaults,
+    /// Where the weights came from (free-form: source checkpoint, training run, dataset…).
+    #[serde(default)]
+    pub provenance: BTreeMap<String, serde_json::Value>,
+}
+
+impl Manifest {
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading bundle manifest {}", path.display()))?;
+        let m: Manifest = serde_json::from_str(&text)
+            .with_context(|| format!("parsing bundle manifest {}", path.display()))?;
+        if m.format != FORMAT {
+            bail!("{}: format is {:?}, expected {FORMAT:?}", path.display(), m.format);
+        }
+        if m.version != FORMAT_VERSION {
+            bail!(
+                "{}: bundle format version {} is not supported (this build reads {FORMAT_VERSION})",
+                path.display(),
+                m.version
+            );
+        }
+        m.gpt2
+            .validate()
+            .with_context(|| format!("{}: gpt2", path.display()))?;
+        if m.stop_tokens.is_empty() {
+            bail!("{}: stop_tokens is empty", path.display());
+        }
+        Ok(m)
+    }
+
+    /// Writes the manifest atomically (temp file + rename).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)?;
+        crate::fsutil::write_atomic(&dir.join(MANIFEST), text.as_bytes())
+    }
+}
+
+/// The trainable part of a bundle: mapper + GPT-2 in one `VarStore`, with ClipCap's names.
+pub struct CaptionNet {
+    pub vs: nn::VarStore,
+    pub gpt: Gpt2,
+    pub mapper: Mapper,
+}
+
+impl CaptionNet {
+    /// Fresh (randomly initialised) variables.
+    pub fn new(gpt2: &Gpt2Config, mapper: &MapperConfig, device: Device) -> Result<Self> {
+        let vs = nn::VarStore::new(device);
+        let gpt = Gpt2::new(vs.root() / "gpt", gpt2)?;
+        let mapper = Mapper::new(vs.root() / "clip_project", mapper, gpt2.n_embd)?;
+        Ok(CaptionNet { vs, gpt, mapper })
+    }
+
+    /// Loads `clip_project.*` and `gpt.*` tensors from a bundle weights file, strictly.
+    pub fn load_weights(&mut self, file: &Path) -> Result<()> {
+        let mut named = BTreeMap::new();
+        for (name, t) in weights::read_safetensors(file)? {
+            if name.starts_with("clip_project.") {
+                named.insert(name, t);
+            } else if let Some(v) = weights::gpt2_var_name(&name, "gpt.", "gpt.") {
+                named.insert(v, t);
+            } else {
+                bail!("{}: unexpected tensor {name}", file.display());
+            }
+        }
+        weights::untie_check(&mut named, "gpt.", file)?;
+        weights::copy_into(&self.vs, "clip_project.", &named, file)?;
+        weights::copy_into(&self.vs, "gpt.", &named, file)
+    }
+
+    /// Saves every variable (f32) to a safetensors file atomically.
+    pub fn save_weights(&self, file: &Path) -> Result<()> {
+        let tmp = crate::fsutil::temp_path(file);
+        let vars = self.vs.variables();
+        let named: Vec<(String, Tensor)> = vars
+            .iter()
+            .map(|(n, t)| (n.clone(), t.to_kind(Kind::Float).to_device(Device::Cpu)))
+            .collect();
+        Tensor::write_safetensors(&named, &tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        crate::fsutil::rename_durable(&tmp, file)
+    }
+
+    /// Prefix embeddings for CLIP embeddings `[B, D]`, in GPT-2's dtype.
+    pub fn prefix(&self, clip: &Tensor) -> Tensor {
+        self.mapper
+            .forward(&clip.to_device(self.gpt.device()).to_kind(self.gpt.kind()))
+    }
+}
+
+/// A loaded bundle, ready to caption on one device.
+pub struct Bundle {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub encoder: ImageEncoder,
+    pub net: CaptionNet,
+    pub tokenizer: Tokenizer,
+    /// Token ids that end a caption.
+    pub stop_ids: Vec<i64>,
+    pub device: Device,
+    pub kind: Kind,
+}
+
+impl Bundle {
+    /// Loads and validates a bundle directory. `kind` is the compute dtype (f32 on CPU; f16 or
+    /// bf16 allowed on CUDA).
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let manifest = Manifest::read(dir)?;
+        let files = &manifest.files;
+        let tok_path = dir.join(&files.tokenizer);
+        let tokenizer = Tokenizer::from_file(&tok_path)
+            .map_err(|e| anyhow::anyhow!("loading tokenizer {}: {e}", tok_path.display()))?;
+        let vocab = tokenizer.get_vocab_size(true) as i64;
+        if vocab > manifest.gpt2.vocab_size {
+            bail!(
+                "{}: tokenizer has {vocab} tokens but gpt2.vocab_size is {}",
+                tok_path.display(),
+                manifest.gpt2.vocab_size
+            );
+        }
+        let stop_ids = stop_token_ids(&tokenizer, &manifest.stop_tokens)
+            .with_context(|| format!("{}: stop_tokens", dir.join(MANIFEST).display()))?;
+
+        let enc_path = dir.join(&files.encoder);
+        let encoder = ImageEncoder::load(&enc_path, manifest.image.size, device, kind)?;
+        if encoder.dim != manifest.mapper.prefix_dim {
+            bail!(
+                "{}: the encoder outputs {} values but mapper.prefix_dim is {}",
+                enc_path.display(),
+                encoder.dim,
+                manifest.mapper.prefix_dim
+            );
+        }
+        let mut net = CaptionNet::new(&manifest.gpt2, &manifest.mapper, device)?;
+        net.load_weights(&dir.join(&files.weights))?;
+        net.vs.freeze();
+        if kind != Kind::Float {
+            net.vs.set_kind(kind);
+        }
+        Ok(Bundle {
+            dir: dir.to_path_buf(),
+            manifest,
+            encoder,
+            net,
+            tokenizer,
+            stop_ids,
+            device,
+            kind,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.manifest.name
+    }
+
+    /// Decodes generated ids to text (special tokens such as `<|endoftext|>` dropped).
+    pub fn decode(&self, ids: &[i64]) -> String {
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        self.tokenizer.decode(&ids, true).unwrap_or_default()
+    }
+}
+
+/// Resolves stop tokens: a special/added token by its id, anything else by the first token of
+/// its encoding (ClipCap's `tokenizer.encode(stop_token)[0]`).
+pub fn stop_token_ids(tok: &Tokenizer, stops: &[String]) -> Result<Vec<i64>> {
+    let mut ids = vec![];
+    for s in stops {
+        if let Some(id) = tok.token_to_id(s) {
+            if tok.get_added_vocabulary().is_special_token(s) || s.starts_with("<|") {
+                ids.push(id as i64);
+                continue;
+            }
+        }
+        let enc = tok
+            .encode(s.as_str(), false)
+            .map_err(|e| anyhow::anyhow!("encoding stop token {s:?}: {e}"))?;
+        match enc.get_ids().first() {
+            Some(&id) => ids.push(id as i64),
+            None => bail!("stop token {s:?} encodes to nothing"),
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}

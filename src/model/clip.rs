@@ -1,0 +1,73 @@
+//! CLIP's image tower, loaded as TorchScript.
+//!
+//! OpenAI's JIT archives expose `encode_image`; exported image towers (scripts/export_clip.py)
+//! and our tiny test encoders expose `forward`. The embedding width is read from the module by
+//! running it once, never assumed.
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use tch::{CModule, Device, Kind, Tensor};
+
+#[derive(Debug)]
+pub struct ImageEncoder {
+    module: CModule,
+    use_encode_image: bool,
+    /// Embedding width D (512 for ViT-B/32, 640 for RN50x4, 768 for ViT-L/14).
+    pub dim: i64,
+    /// Input side length the module expects (224 for most CLIP models).
+    pub image_size: i64,
+    pub device: Device,
+    pub kind: Kind,
+}
+
+impl ImageEncoder {
+    /// Loads `path` onto `device`, casts it to `kind` (f32, or f16/bf16 on a GPU) and probes it.
+    pub fn load(path: &Path, image_size: i64, device: Device, kind: Kind) -> Result<Self> {
+        let mut module = CModule::load_on_device(path, device)
+            .with_context(|| format!("loading TorchScript image encoder {}", path.display()))?;
+        module.set_eval();
+        if kind != Kind::Float {
+            module.to(device, kind, false);
+        }
+        let probe = Tensor::zeros([1, 3, image_size, image_size], (kind, device));
+        let _g = tch::no_grad_guard();
+        let (use_encode_image, out) = match module.method_ts("encode_image", &[&probe]) {
+            Ok(out) => (true, out),
+            Err(_) => (
+                false,
+                module.forward_ts(&[&probe]).with_context(|| {
+                    format!(
+                        "{}: neither encode_image nor forward accepts a [1, 3, {image_size}, {image_size}] image",
+                        path.display()
+                    )
+                })?,
+            ),
+        };
+        let size = out.size();
+        if size.len() != 2 || size[0] != 1 {
+            bail!(
+                "{}: the encoder returned shape {size:?}, expected [1, D]",
+                path.display()
+            );
+        }
+        Ok(ImageEncoder {
+            module,
+            use_encode_image,
+            dim: size[1],
+            image_size,
+            device,
+            kind,
+        })
+    }
+
+    /// Normalized pixels `[B, 3, S, S]` (f32, any device) to embeddings `[B, D]` in f32.
+    pub fn encode(&self, pixels: &Tensor) -> Result<Tensor> {
+        let x = pixels.to_device(self.device).to_kind(self.kind);
+        let _g = tch::no_grad_guard();
+        let out = if self.use_encode_image {
+            self.module.method_ts("encode_image", &[&x])?
+        } else {
+            self.module.forward_ts(&[&x])?
+        };
+        Ok(out.to_kind(Kind::Float))
+    }
+}

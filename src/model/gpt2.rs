@@ -1,0 +1,524 @@
+//! GPT-2 (Radford et al. 2019) in tch, shaped like Hugging Face's `GPT2LMHeadModel` so its
+//! safetensors load as they are.
+//!
+//! ClipCap feeds GPT-2 a prefix of *embeddings*, so the model takes input embeddings; token ids
+//! go through [`Gpt2::embed`]. Incremental decoding uses an explicit [`KvCache`] whose rows may
+//! have different lengths (left padding, tracked by a per-row validity mask and position
+//! counter), be gathered (beam search), dropped (finished requests) or joined by new rows
+//! (continuous batching).
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use tch::{nn, Device, Kind, Tensor};
+
+/// The fields of a Hugging Face GPT-2 `config.json` that shape the network.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Gpt2Config {
+    pub vocab_size: i64,
+    pub n_positions: i64,
+    pub n_embd: i64,
+    pub n_layer: i64,
+    pub n_head: i64,
+    #[serde(default = "default_eps")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default = "default_activation")]
+    pub activation_function: String,
+    /// MLP width; `None` means 4 × n_embd, as in HF.
+    #[serde(default)]
+    pub n_inner: Option<i64>,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_activation() -> String {
+    "gelu_new".into()
+}
+
+impl Gpt2Config {
+    /// GPT-2 small (124M), the model the released ClipCap weights use.
+    pub fn gpt2_small() -> Self {
+        Gpt2Config {
+            vocab_size: 50257,
+            n_positions: 1024,
+            n_embd: 768,
+            n_layer: 12,
+            n_head: 12,
+            layer_norm_epsilon: 1e-5,
+            activation_function: "gelu_new".into(),
+            n_inner: None,
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading GPT-2 config {}", path.display()))?;
+        let cfg: Self = serde_json::from_str(&text)
+            .with_context(|| format!("parsing GPT-2 config {}", path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("in GPT-2 config {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.n_embd <= 0 || self.n_head <= 0 || self.n_embd % self.n_head != 0 {
+            bail!(
+                "n_embd ({}) must be a positive multiple of n_head ({})",
+                self.n_embd,
+                self.n_head
+            );
+        }
+        if self.n_layer <= 0 || self.vocab_size <= 0 || self.n_positions <= 0 {
+            bail!("n_layer, vocab_size and n_positions must be positive");
+        }
+        Activation::parse(&self.activation_function)?;
+        Ok(())
+    }
+
+    pub fn head_dim(&self) -> i64 {
+        self.n_embd / self.n_head
+    }
+
+    fn inner(&self) -> i64 {
+        self.n_inner.unwrap_or(4 * self.n_embd)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Activation {
+    GeluTanh,
+    GeluExact,
+    Relu,
+}
+
+impl Activation {
+    fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "gelu" => Activation::GeluExact,
+            "relu" => Activation::Relu,
+            other => bail!("unsupported activation_function {other:?}"),
+        })
+    }
+
+    fn apply(self, x: &Tensor) -> Tensor {
+        match self {
+            Activation::GeluTanh => x.gelu("tanh"),
+            Activation::GeluExact => x.gelu("none"),
+            Activation::Relu => x.relu(),
+        }
+    }
+}
+
+/// HF's `Conv1D`: a linear layer whose weight is stored `[in, out]`. Kept in that layout so the
+/// checkpoint loads without a transpose, and applied with one fused `addmm`.
+#[derive(Debug)]
+struct Conv1D {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv1D {
+    fn new(p: nn::Path, n_in: i64, n_out: i64) -> Self {
+        let weight = p.var(
+            "weight",
+            &[n_in, n_out],
+            nn::Init::Randn {
+                mean: 0.,
+                stdev: 0.02,
+            },
+        );
+        let bias = p.var("bias", &[n_out], nn::Init::Const(0.));
+        Conv1D { weight, bias }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let mut shape = x.size();
+        let n_in = *shape.last().unwrap();
+        let out = self.bias.addmm(&x.reshape([-1, n_in]), &self.weight);
+        *shape.last_mut().unwrap() = self.weight.size()[1];
+        out.reshape(shape)
+    }
+}
+
+#[derive(Debug)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn new(p: nn::Path, dim: i64, eps: f64) -> Self {
+        LayerNorm {
+            weight: p.var("weight", &[dim], nn::Init::Const(1.)),
+            bias: p.var("bias", &[dim], nn::Init::Const(0.)),
+            eps,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let dim = *x.size().last().unwrap();
+        x.layer_norm([dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+#[derive(Debug)]
+struct Block {
+    ln_1: LayerNorm,
+    c_attn: Conv1D,
+    attn_proj: Conv1D,
+    ln_2: LayerNorm,
+    c_fc: Conv1D,
+    mlp_proj: Conv1D,
+}
+
+impl Block {
+    fn new(p: nn::Path, cfg: &Gpt2Config) -> Self {
+        let e = cfg.n_embd;
+        let attn = &p / "attn";
+        let mlp = &p / "mlp";
+        Block {
+            ln_1: LayerNorm::new(&p / "ln_1", e, cfg.layer_norm_epsilon),
+            c_attn: Conv1D::new(&attn / "c_attn", e, 3 * e),
+            attn_proj: Conv1D::new(&attn / "c_proj", e, e),
+            ln_2: LayerNorm::new(&p / "ln_2", e, cfg.layer_norm_epsilon),
+            c_fc: Conv1D::new(&mlp / "c_fc", e, cfg.inner()),
+            mlp_proj: Conv1D::new(&mlp / "c_proj", cfg.inner(), e),
+        }
+    }
+}
+
+/// What attention may look at during one forward call.
+enum AttnMask {
+    /// Every cached key is valid and the new tokens are causal among themselves.
+    None,
+    Causal,
+    /// Explicit `[B, 1, T, S]` boolean mask (true = may attend).
+    Explicit(Tensor),
+}
+
+/// GPT-2 with its language-model head tied to the token embedding.
+#[derive(Debug)]
+pub struct Gpt2 {
+    pub cfg: Gpt2Config,
+    act: Activation,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+}
+
+impl Gpt2 {
+    /// Creates the variables under `p` with `GPT2LMHeadModel` names: `p/transformer/wte/weight`,
+    /// `p/transformer/h/0/attn/c_attn/weight`, … (`lm_head` is tied to `wte`).
+    pub fn new(p: nn::Path, cfg: &Gpt2Config) -> Result<Self> {
+        cfg.validate()?;
+        let t = &p / "transformer";
+        let init = nn::Init::Randn {
+            mean: 0.,
+            stdev: 0.02,
+        };
+        let wte = (&t / "wte").var("weight", &[cfg.vocab_size, cfg.n_embd], init);
+        let wpe = (&t / "wpe").var("weight", &[cfg.n_positions, cfg.n_embd], init);
+        let h = &t / "h";
+        let blocks = (0..cfg.n_layer).map(|i| Block::new(&h / i, cfg)).collect();
+        let ln_f = LayerNorm::new(&t / "ln_f", cfg.n_embd, cfg.layer_norm_epsilon);
+        Ok(Gpt2 {
+            cfg: cfg.clone(),
+            act: Activation::parse(&cfg.activation_function)?,
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.wte.device()
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.wte.kind()
+    }
+
+    /// Token ids `[B, T]` to input embeddings `[B, T, E]`.
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.wte, ids, -1, false, false)
+    }
+
+    /// Hidden states `[.., E]` to vocabulary logits `[.., V]` (tied head).
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        hidden.matmul(&self.wte.tr())
+    }
+
+    /// Runs `embeds` `[B, T, E]` after what `cache` already holds and appends their keys and
+    /// values to it. `valid` `[B, T]` (bool) marks real tokens; `None` means all are real.
+    /// Returns the final hidden states `[B, T, E]` (after `ln_f`).
+    pub fn forward(&self, embeds: &Tensor, valid: Option<&Tensor>, cache: &mut KvCache) -> Tensor {
+        let (b, t, e) = embeds.size3().expect("embeds must be [B, T, E]");
+        assert_eq!(b, cache.rows(), "cache rows and batch size differ");
+        assert_eq!(e, self.cfg.n_embd, "embedding width differs from n_embd");
+        let device = embeds.device();
+        let valid = match valid {
+            Some(v) => {
+                let v = v.to_kind(Kind::Bool);
+                // One host read per prefill (never per decoded token): does any row pad?
+                if !bool::try_from(v.all()).unwrap_or(false) {
+                    cache.padded = true;
+                }
+                v
+            }
+            None => Tensor::ones([b, t], (Kind::Bool, device)),
+        };
+        cache.reserve(t);
+        // Position ids count only real tokens, so left padding does not shift them.
+        let counts = valid.to_kind(Kind::Int64).cumsum(1, Kind::Int64);
+        let positions = (cache.next_pos.unsqueeze(1) + &counts - 1)
+            .clamp(0, self.cfg.n_positions - 1);
+        let _ = cache.next_pos.g_add_(&counts.select(1, t - 1));
+
+        let start = cache.len;
+        let _ = cache.valid.narrow(1, start, t).copy_(&valid);
+        let total = start + t;
+        let causal_from = |start: i64| {
+            let q = Tensor::arange_start(start, total, (Kind::Int64, device)).view([t, 1]);
+            let k = Tensor::arange(total, (Kind::Int64, device)).view([1, total]);
+            (k.le_tensor(&q).view([1, 1, t, total]), k.eq_tensor(&q).view([1, 1, t, total]))
+        };
+        let mask = if cache.padded {
+            let keys = cache.valid.narrow(1, 0, total).view([b, 1, 1, total]);
+            let (causal, diag) = causal_from(start);
+            // A query may always see itself, so fully padded rows stay finite (no NaN).
+            AttnMask::Explicit(keys.logical_and(&causal).logical_or(&diag))
+        } else if t == 1 {
+            AttnMask::None
+        } else if start == 0 {
+            AttnMask::Causal
+        } else {
+            AttnMask::Explicit(causal_from(start).0)
+        };
+
+        let mut x = embeds + self.wpe.index_select(0, &positions.view([-1])).view([b, t, e]);
+        let (h, d) = (self.cfg.n_head, self.cfg.head_dim());
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let qkv = blk.c_attn.forward(&blk.ln_1.forward(&x));
+            let parts = qkv.split(e, 2);
+            let heads = |t_: &Tensor| t_.view([b, t, h, d]).transpose(1, 2);
+            let (q, k, v) = (heads(&parts[0]), heads(&parts[1]), heads(&parts[2]));
+            let _ = cache.k[i].narrow(2, start, t).copy_(&k);
+            let _ = cache.v[i].narrow(2, start, t).copy_(&v);
+            let keys = cache.k[i].narrow(2, 0, total);
+            let values = cache.v[i].narrow(2, 0, total);
+            let a = match &mask {
+                AttnMask::None => Tensor::scaled_dot_product_attention::<Tensor>(
+                    &q, &keys, &values, None, 0., false, None, false,
+                ),
+                AttnMask::Causal => Tensor::scaled_dot_product_attention::<Tensor>(
+                    &q, &keys, &values, None, 0., true, None, false,
+                ),
+                AttnMask::Explicit(m) => Tensor::scaled_dot_product_attention(
+                    &q,
+                    &keys,
+                    &values,
+                    Some(m),
+                    0.,
+                    false,
+                    None,
+                    false,
+                ),
+            };
+            let a = a.transpose(1, 2).reshape([b, t, e]);
+            x = x + blk.attn_proj.forward(&a);
+            let m = blk.c_fc.forward(&blk.ln_2.forward(&x));
+            x = x + blk.mlp_proj.forward(&self.act.apply(&m));
+        }
+        cache.len = total;
+        self.ln_f.forward(&x)
+    }
+
+    /// Full-sequence forward without keeping a cache (training, scoring).
+    pub fn forward_full(&self, embeds: &Tensor, valid: Option<&Tensor>) -> Tensor {
+        let (b, t, _) = embeds.size3().expect("embeds must be [B, T, E]");
+        let mut cache = KvCache::new(&self.cfg, b, t, embeds.device(), embeds.kind());
+        self.forward(embeds, valid, &mut cache)
+    }
+
+    /// A fresh cache for `rows` sequences of up to `capacity` tokens, on this model's device.
+    pub fn new_cache(&self, rows: i64, capacity: i64) -> KvCache {
+        KvCache::new(&self.cfg, rows, capacity, self.device(), self.kind())
+    }
+}
+
+/// Keys and values of every layer for a batch of rows, in preallocated `[B, H, cap, D]`
+/// buffers written in place (no per-step concatenation).
+///
+/// Rows are right-aligned: all share the column count `len`, and a row that joined later or
+/// was left-padded has invalid leading columns (`valid` false). `next_pos` is each row's next
+/// position id.
+#[derive(Debug)]
+pub struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    valid: Tensor,
+    next_pos: Tensor,
+    len: i64,
+    /// Whether any row has invalid columns, so attention needs an explicit mask.
+    padded: bool,
+}
+
+impl KvCache {
+    pub fn new(cfg: &Gpt2Config, rows: i64, capacity: i64, device: Device, kind: Kind) -> Self {
+        let shape = [rows, cfg.n_head, capacity.max(1), cfg.head_dim()];
+        let layers = cfg.n_layer as usize;
+        KvCache {
+            k: (0..layers)
+                .map(|_| Tensor::zeros(shape, (kind, device)))
+                .collect(),
+            v: (0..layers)
+                .map(|_| Tensor::zeros(shape, (kind, device)))
+                .collect(),
+            valid: Tensor::zeros([rows, capacity.max(1)], (Kind::Bool, device)),
+            next_pos: Tensor::zeros([rows], (Kind::Int64, device)),
+            len: 0,
+            padded: false,
+        }
+    }
+
+    pub fn rows(&self) -> i64 {
+        self.valid.size()[0]
+    }
+
+    /// Columns in use (the longest row's length).
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> i64 {
+        self.valid.size()[1]
+    }
+
+    /// Keeps rows `idx` (an Int64 tensor on the cache's device, repeats allowed), in that order:
+    /// beam reordering and dropping finished rows.
+    pub fn select_rows(&mut self, idx: &Tensor) {
+        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
+            *t = t.index_select(0, idx);
+        }
+        self.valid = self.valid.index_select(0, idx);
+        self.next_pos = self.next_pos.index_select(0, idx);
+    }
+
+    /// Appends the rows of `other` below ours, right-aligning the shorter side with invalid
+    /// leading columns. Used when new requests join a running decode.
+    pub fn append_rows(&mut self, other: KvCache) {
+        let len = self.len.max(other.len);
+        let cap = self.capacity().max(other.capacity()).max(len);
+        let mine = self.realigned(len, cap);
+        let theirs = other.realigned(len, cap);
+        let padded = self.padded || other.padded || self.len != other.len;
+        for (i, (a, b)) in mine.k.iter().zip(theirs.k.iter()).enumerate() {
+            self.k[i] = Tensor::cat(&[a, b], 0);
+        }
+        for (i, (a, b)) in mine.v.iter().zip(theirs.v.iter()).enumerate() {
+            self.v[i] = Tensor::cat(&[a, b], 0);
+        }
+        self.valid = Tensor::cat(&[&mine.valid, &theirs.valid], 0);
+        self.next_pos = Tensor::cat(&[&mine.next_pos, &theirs.next_pos], 0);
+        self.len = len;
+        self.padded = padded;
+    }
+
+    /// A copy whose used columns end at `len` in a buffer of `cap` columns.
+    fn realigned(&self, len: i64, cap: i64) -> KvCache {
+        let shift = len - self.len;
+        if shift == 0 && cap == self.capacity() {
+            return KvCache {
+                k: self.k.iter().map(|t| t.shallow_clone()).collect(),
+                v: self.v.iter().map(|t| t.shallow_clone()).collect(),
+                valid: self.valid.shallow_clone(),
+                next_pos: self.next_pos.shallow_clone(),
+                len,
+                padded: self.padded,
+            };
+        }
+        let move_cols = |t: &Tensor, dim: i64| {
+            let mut shape = t.size();
+            shape[dim as usize] = cap;
+            let out = Tensor::zeros(shape, (t.kind(), t.device()));
+            if self.len > 0 {
+                let _ = out
+                    .narrow(dim, shift, self.len)
+                    .copy_(&t.narrow(dim, 0, self.len));
+            }
+            out
+        };
+        KvCache {
+            k: self.k.iter().map(|t| move_cols(t, 2)).collect(),
+            v: self.v.iter().map(|t| move_cols(t, 2)).collect(),
+            valid: move_cols(&self.valid, 1),
+            next_pos: self.next_pos.shallow_clone(),
+            len,
+            padded: self.padded || shift > 0,
+        }
+    }
+
+    /// Makes room for `extra` more columns: first by dropping leading columns no row uses any
+    /// more (rows that left), else by doubling the buffers.
+    fn reserve(&mut self, extra: i64) {
+        if self.len + extra <= self.capacity() {
+            return;
+        }
+        let unused = if self.len == 0 || self.rows() == 0 {
+            self.len
+        } else {
+            // Leading columns invalid for every row; one host read, only when the buffer is full.
+            let any = self.valid.narrow(1, 0, self.len).any_dim(0, false);
+            let first = any.to_kind(Kind::Int64).argmax(0, false);
+            let has = bool::try_from(any.any()).unwrap_or(false);
+            if has {
+                i64::try_from(first).unwrap_or(0)
+            } else {
+                self.len
+            }
+        };
+        let keep = self.len - unused;
+        let cap = (keep + extra).max(self.capacity()).max(2 * (keep + extra));
+        let shift_left = |t: &Tensor, dim: i64| {
+            let mut shape = t.size();
+            shape[dim as usize] = cap;
+            let out = Tensor::zeros(shape, (t.kind(), t.device()));
+            if keep > 0 {
+                let _ = out
+                    .narrow(dim, 0, keep)
+                    .copy_(&t.narrow(dim, unused, keep));
+            }
+            out
+        };
+        self.k = self.k.iter().map(|t| shift_left(t, 2)).collect();
+        self.v = self.v.iter().map(|t| shift_left(t, 2)).collect();
+        self.valid = shift_left(&self.valid, 1);
+        self.len = keep;
+    }
+}
+
+/// A GPT-2 that owns its variables (for inference and tests).
+pub struct Gpt2Model {
+    pub vs: nn::VarStore,
+    pub gpt: Gpt2,
+}
+
+impl Gpt2Model {
+    /// Loads a Hugging Face GPT-2 (`config.json` + `model.safetensors`) from a folder.
+    pub fn load_hf(dir: &Path, device: Device) -> Result<Self> {
+        let cfg = Gpt2Config::from_file(&dir.join("config.json"))?;
+        let mut vs = nn::VarStore::new(device);
+        let gpt = Gpt2::new(vs.root() / "gpt", &cfg)?;
+        let file = dir.join("model.safetensors");
+        crate::model::weights::load_gpt2_safetensors(&mut vs, &file, "", "gpt.")?;
+        Ok(Gpt2Model { vs, gpt })
+    }
+}

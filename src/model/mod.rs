@@ -1,0 +1,7 @@
+//! The networks: CLIP's image tower (TorchScript), the prefix mappers, GPT-2, and the bundle
+//! that ties them together.
+pub mod bundle;
+pub mod clip;
+pub mod gpt2;
+pub mod mapper;
+pub mod weights;

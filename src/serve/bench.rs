@@ -1,0 +1,181 @@
+//! `clipcap bench-http`: a bounded load generator against a running server (loopback only in
+//! our tests). For each concurrency level it sends a fixed number of single-image requests and
+//! reports images/s and p50/p99 latency; optionally it first times N sequential CLI runs
+//! (`clipcap caption`, one process per image) as the baseline, and prints ratios.
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Server base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Image files to send (cycled).
+    #[arg(long = "image", required = true)]
+    pub images: Vec<PathBuf>,
+    /// Concurrency levels, comma-separated.
+    #[arg(long, default_value = "1,2,4,8,16,32,64", value_delimiter = ',')]
+    pub concurrency: Vec<usize>,
+    /// Requests per level.
+    #[arg(long, default_value_t = 64)]
+    pub requests: usize,
+    /// Extra query string for /caption (e.g. "strategy=greedy").
+    #[arg(long, default_value = "")]
+    pub query: String,
+    /// Also time this many sequential `clipcap caption` runs (one image each) as the baseline.
+    #[arg(long = "cli-baseline", default_value_t = 0)]
+    pub cli_baseline: usize,
+    /// Bundle for the CLI baseline.
+    #[arg(long = "cli-model", default_value = "models/demo")]
+    pub cli_model: PathBuf,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Give up on one request after this many seconds.
+    #[arg(long = "timeout-s", default_value_t = 120)]
+    pub timeout_s: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct LevelResult {
+    pub concurrency: usize,
+    pub requests: usize,
+    pub errors: usize,
+    pub seconds: f64,
+    pub images_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let images: Vec<Vec<u8>> = a
+        .images
+        .iter()
+        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+        .collect::<Result<_>>()?;
+    let mut baseline = None;
+    if a.cli_baseline > 0 {
+        let exe = std::env::current_exe()?;
+        let t0 = Instant::now();
+        for i in 0..a.cli_baseline {
+            let img = &a.images[i % a.images.len()];
+            let out = std::process::Command::new(&exe)
+                .args(["caption", "--model"])
+                .arg(&a.cli_model)
+                .arg(img)
+                .output()?;
+            if !out.status.success() {
+                bail!("CLI baseline failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let ips = a.cli_baseline as f64 / secs;
+        println!(
+            "baseline: {} sequential `clipcap caption` runs (one image each): {secs:.2} s, {ips:.2} images/s",
+            a.cli_baseline
+        );
+        baseline = Some(ips);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let results = rt.block_on(run_levels(&a, Arc::new(images)))?;
+    println!("| concurrency | requests | errors | images/s | p50 ms | p99 ms |{}", if baseline.is_some() { " vs CLI |" } else { "" });
+    println!("|---|---|---|---|---|---|{}", if baseline.is_some() { "---|" } else { "" });
+    for r in &results {
+        let ratio = baseline
+            .map(|b| format!(" {:.1}x |", r.images_per_s / b))
+            .unwrap_or_default();
+        println!(
+            "| {} | {} | {} | {:.2} | {:.1} | {:.1} |{ratio}",
+            r.concurrency, r.requests, r.errors, r.images_per_s, r.p50_ms, r.p99_ms
+        );
+    }
+    if let Some(path) = &a.out {
+        let v = serde_json::json!({"cli_baseline_images_per_s": baseline, "levels": results});
+        crate::fsutil::write_atomic(path, serde_json::to_string_pretty(&v)?.as_bytes())?;
+    }
+    Ok(())
+}
+
+async fn run_levels(a: &BenchArgs, images: Arc<Vec<Vec<u8>>>) -> Result<Vec<LevelResult>> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(a.timeout_s))
+        .pool_max_idle_per_host(256)
+        .build()?;
+    let url = if a.query.is_empty() {
+        format!("{}/caption", a.url.trim_end_matches('/'))
+    } else {
+        format!("{}/caption?{}", a.url.trim_end_matches('/'), a.query)
+    };
+    // One warm-up request so model start-up costs are not measured.
+    send(&client, &url, images[0].clone()).await?;
+    let mut out = vec![];
+    for &c in &a.concurrency {
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let t0 = Instant::now();
+        let mut tasks = vec![];
+        for _ in 0..c.max(1) {
+            let (client, url, images, next) = (client.clone(), url.clone(), images.clone(), next.clone());
+            let total = a.requests;
+            tasks.push(tokio::spawn(async move {
+                let mut lat = vec![];
+                let mut errors = 0;
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= total {
+                        break;
+                    }
+                    let t = Instant::now();
+                    match send(&client, &url, images[i % images.len()].clone()).await {
+                        Ok(()) => lat.push(t.elapsed().as_secs_f64() * 1e3),
+                        Err(_) => errors += 1,
+                    }
+                }
+                (lat, errors)
+            }));
+        }
+        let mut lat = vec![];
+        let mut errors = 0;
+        for t in tasks {
+            let (l, e) = t.await?;
+            lat.extend(l);
+            errors += e;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
+        out.push(LevelResult {
+            concurrency: c,
+            requests: a.requests,
+            errors,
+            seconds: secs,
+            images_per_s: lat.len() as f64 / secs,
+            p50_ms: percentile(&lat, 50.0),
+            p99_ms: percentile(&lat, 99.0),
+        });
+    }
+    Ok(out)
+}
+
+async fn send(client: &reqwest::Client, url: &str, image: Vec<u8>) -> Result<()> {
+    let r = client
+        .post(url)
+        .header("content-type", "image/png")
+        .body(image)
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("status {}", r.status());
+    }
+    r.bytes().await?;
+    Ok(())
+}

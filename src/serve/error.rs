@@ -1,0 +1,126 @@
+//! Every error the API returns, mapped to an HTTP status and a JSON body in one place.
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request cannot be parsed (bad JSON, multipart, base64, no image).
+    #[error("{0}")]
+    Malformed(String),
+    /// 401: missing or wrong credentials.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 404: no such route or resource.
+    #[error("{0}")]
+    NotFound(String),
+    /// 405.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// 409: the resource is in a state that forbids this (e.g. resuming a finished job).
+    #[error("{0}")]
+    Conflict(String),
+    /// 413: body, image count or pixel count over a limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// 415: a content type we do not take.
+    #[error("{0}")]
+    UnsupportedMedia(String),
+    /// 422: a well-formed request with a bad option (field named) or an undecodable image.
+    #[error("{field}: {message}")]
+    InvalidOption { field: String, message: String },
+    #[error("{0}")]
+    InvalidImage(String),
+    /// 429: too many requests in flight.
+    #[error("{0}")]
+    TooManyRequests(String),
+    /// 503: queue full, shutting down, or no model loaded.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 504: the request's deadline passed.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// 403: admin routes are disabled (no token configured).
+    #[error("{0}")]
+    Forbidden(String),
+    /// 500: a bug or an inference failure; logged with details.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Malformed(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMedia(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::InvalidOption { .. } | ApiError::InvalidImage(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Machine-readable error type.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ApiError::Malformed(_) => "malformed_request",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::TooLarge(_) => "too_large",
+            ApiError::UnsupportedMedia(_) => "unsupported_media_type",
+            ApiError::InvalidOption { .. } => "invalid_option",
+            ApiError::InvalidImage(_) => "invalid_image",
+            ApiError::TooManyRequests(_) => "too_many_requests",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::DeadlineExceeded(_) => "deadline_exceeded",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    pub fn option(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError::InvalidOption {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+            tracing::error!(error = %self, "request failed");
+        }
+        let mut body = json!({"error": self.to_string(), "type": self.kind()});
+        if let ApiError::InvalidOption { field, .. } = &self {
+            body["field"] = json!(field);
+        }
+        let mut resp = (status, axum::Json(body)).into_response();
+        if matches!(
+            self,
+            ApiError::TooManyRequests(_) | ApiError::Unavailable(_)
+        ) {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if matches!(self, ApiError::Unauthorized(_)) {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
+    }
+}

@@ -1,0 +1,286 @@
+//! Turning an HTTP request into images + decoding options, or a precise 4xx.
+//!
+//! Three body forms: `multipart/form-data` (field `image`, repeatable; other fields are
+//! options), a raw image (`Content-Type: image/*` or `application/octet-stream`), and JSON
+//! `{"image": "<base64>"}` / `{"images": [...]}` with options as fields. Options may also come
+//! as query parameters; body fields win.
+use crate::generate::{GenOptions, Strategy};
+use crate::serve::error::ApiError;
+use base64::Engine;
+use bytes::Bytes;
+use serde_json::Value;
+
+/// Options as the client wrote them, before the model's defaults are applied.
+#[derive(Debug, Default, Clone)]
+pub struct RawOptions {
+    pub model: Option<String>,
+    fields: Vec<(String, String)>,
+}
+
+/// The option names a request may use.
+pub const OPTION_NAMES: &[&str] = &[
+    "model",
+    "strategy",
+    "beam_size",
+    "max_tokens",
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "repetition_penalty",
+    "no_repeat_ngram",
+];
+
+impl RawOptions {
+    /// Records one option given as text (query, form field, or a JSON scalar).
+    pub fn set(&mut self, name: &str, value: String) -> Result<(), ApiError> {
+        if !OPTION_NAMES.contains(&name) {
+            return Err(ApiError::option(
+                name,
+                format!("unknown option; allowed: {}", OPTION_NAMES.join(", ")),
+            ));
+        }
+        if name == "model" {
+            self.model = Some(value);
+        } else {
+            self.fields.retain(|(k, _)| k != name);
+            self.fields.push((name.to_string(), value));
+        }
+        Ok(())
+    }
+
+    /// The model's defaults with these options applied and validated.
+    pub fn resolve(&self, defaults: &GenOptions) -> Result<GenOptions, ApiError> {
+        let mut o = defaults.clone();
+        // A sampling seed should not leak from one request into the next.
+        let mut n_given = false;
+        for (k, v) in &self.fields {
+            let v = v.trim();
+            fn num<T: std::str::FromStr>(k: &str, v: &str, what: &str) -> Result<T, ApiError> {
+                v.parse()
+                    .map_err(|_| ApiError::option(k, format!("must be {what}, got {v:?}")))
+            }
+            match k.as_str() {
+                "strategy" => {
+                    o.strategy = v
+                        .parse::<Strategy>()
+                        .map_err(|_| ApiError::option(k, "must be one of beam, greedy, sample"))?
+                }
+                "beam_size" => o.beam_size = num(k, v, "an integer")?,
+                "max_tokens" => o.max_tokens = num(k, v, "an integer")?,
+                "n" => {
+                    o.n_best = num(k, v, "an integer")?;
+                    n_given = true;
+                }
+                "temperature" => o.temperature = num(k, v, "a number")?,
+                "top_p" => o.top_p = num(k, v, "a number")?,
+                "top_k" => o.top_k = num(k, v, "an integer")?,
+                "seed" => o.seed = Some(num(k, v, "a non-negative integer")?),
+                "repetition_penalty" => o.repetition_penalty = num(k, v, "a number")?,
+                "no_repeat_ngram" => o.no_repeat_ngram = num(k, v, "an integer")?,
+                _ => unreachable!("checked in set"),
+            }
+        }
+        if !n_given {
+            o.n_best = o.n_best.min(match o.strategy {
+                Strategy::Greedy => 1,
+                Strategy::Beam => o.beam_size,
+                Strategy::Sample => o.n_best,
+            });
+        }
+        o.validate()
+            .map_err(|e| ApiError::option(if e.field == "n_best" { "n" } else { e.field }, e.message))?;
+        Ok(o)
+    }
+}
+
+/// A parsed /caption request.
+#[derive(Debug)]
+pub struct CaptionRequest {
+    pub images: Vec<Bytes>,
+    pub options: RawOptions,
+}
+
+/// Parses query options (`a=1&b=2`).
+pub fn parse_query(query: Option<&str>, opts: &mut RawOptions) -> Result<(), ApiError> {
+    let Some(q) = query else { return Ok(()) };
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q)
+        .map_err(|e| ApiError::Malformed(format!("bad query string: {e}")))?;
+    for (k, v) in pairs {
+        opts.set(&k, v)?;
+    }
+    Ok(())
+}
+
+/// Parses the body according to its content type.
+pub async fn parse_body(
+    content_type: Option<&str>,
+    body: Bytes,
+    max_images: usize,
+    opts: &mut RawOptions,
+) -> Result<Vec<Bytes>, ApiError> {
+    let Some(ct) = content_type else {
+        return Err(ApiError::UnsupportedMedia(
+            "missing Content-Type; send multipart/form-data, image/*, or application/json".into(),
+        ));
+    };
+    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let images = if mime == "multipart/form-data" {
+        parse_multipart(ct, body, max_images, opts).await?
+    } else if mime.starts_with("image/") || mime == "application/octet-stream" {
+        vec![body]
+    } else if mime == "application/json" || mime.ends_with("+json") {
+        parse_json(&body, max_images, opts)?
+    } else {
+        return Err(ApiError::UnsupportedMedia(format!(
+            "unsupported Content-Type {mime:?}; send multipart/form-data, image/*, or application/json"
+        )));
+    };
+    if images.is_empty() {
+        return Err(ApiError::Malformed("no image in the request".into()));
+    }
+    if images.len() > max_images {
+        return Err(ApiError::TooLarge(format!(
+            "{} images in one request; at most {max_images}",
+            images.len()
+        )));
+    }
+    if let Some(i) = images.iter().position(|b| b.is_empty()) {
+        return Err(ApiError::Malformed(format!("image {i} is empty")));
+    }
+    Ok(images)
+}
+
+async fn parse_multipart(
+    content_type: &str,
+    body: Bytes,
+    max_images: usize,
+    opts: &mut RawOptions,
+) -> Result<Vec<Bytes>, ApiError> {
+    let boundary = multer::parse_boundary(content_type)
+        .map_err(|e| ApiError::Malformed(format!("bad multipart Content-Type: {e}")))?;
+    let stream = futures_util::stream::once(async move { Ok::<Bytes, std::io::Error>(body) });
+    let mut mp = multer::Multipart::new(stream, boundary);
+    let mut images = vec![];
+    loop {
+        let field = match mp.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => return Err(ApiError::Malformed(format!("bad multipart body: {e}"))),
+        };
+        let name = field.name().unwrap_or("").to_string();
+        let data = field
+            .bytes()
+            .await
+            .map_err(|e| ApiError::Malformed(format!("bad multipart field {name:?}: {e}")))?;
+        if matches!(name.as_str(), "image" | "images" | "image[]" | "file") {
+            if images.len() >= max_images {
+                return Err(ApiError::TooLarge(format!(
+                    "more than {max_images} images in one request"
+                )));
+            }
+            images.push(data);
+        } else {
+            let text = String::from_utf8(data.to_vec())
+                .map_err(|_| ApiError::option(name.clone(), "must be UTF-8 text"))?;
+            opts.set(&name, text)?;
+        }
+    }
+    Ok(images)
+}
+
+fn parse_json(body: &[u8], max_images: usize, opts: &mut RawOptions) -> Result<Vec<Bytes>, ApiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::Malformed(format!("invalid JSON: {e}")))?;
+    let Value::Object(map) = v else {
+        return Err(ApiError::Malformed("the JSON body must be an object".into()));
+    };
+    let mut images = vec![];
+    for (k, v) in map {
+        match k.as_str() {
+            "image" => images.push(decode_b64(&v, "image")?),
+            "images" => {
+                let Value::Array(list) = v else {
+                    return Err(ApiError::Malformed("images must be an array of base64 strings".into()));
+                };
+                if list.len() > max_images {
+                    return Err(ApiError::TooLarge(format!(
+                        "{} images in one request; at most {max_images}",
+                        list.len()
+                    )));
+                }
+                for (i, item) in list.iter().enumerate() {
+                    images.push(decode_b64(item, &format!("images[{i}]"))?);
+                }
+            }
+            _ => {
+                let text = match v {
+                    Value::String(s) => s,
+                    Value::Number(n) => n.to_string(),
+                    Value::Bool(b) => b.to_string(),
+                    Value::Null => continue,
+                    _ => return Err(ApiError::option(k, "must be a string or a number")),
+                };
+                opts.set(&k, text)?;
+            }
+        }
+    }
+    Ok(images)
+}
+
+fn decode_b64(v: &Value, what: &str) -> Result<Bytes, ApiError> {
+    let Value::String(s) = v else {
+        return Err(ApiError::Malformed(format!("{what} must be a base64 string")));
+    };
+    // Accept data URLs as browsers produce them.
+    let s = match s.strip_prefix("data:") {
+        Some(rest) => rest.split_once(',').map(|(_, d)| d).unwrap_or(""),
+        None => s.as_str(),
+    };
+    let clean: String = s.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(clean.as_bytes())
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE.decode(clean.as_bytes()))
+        .map(Bytes::from)
+        .map_err(|e| ApiError::Malformed(format!("{what} is not valid base64: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_name_the_field_and_range() {
+        let mut o = RawOptions::default();
+        o.set("beam_size", "0".into()).unwrap();
+        let e = o.resolve(&GenOptions::default()).unwrap_err();
+        assert!(matches!(&e, ApiError::InvalidOption { field, message } if field == "beam_size" && message.contains("between 1 and 16")), "{e:?}");
+        let mut o = RawOptions::default();
+        o.set("temperature", "hot".into()).unwrap();
+        let e = o.resolve(&GenOptions::default()).unwrap_err().to_string();
+        assert!(e.starts_with("temperature:"), "{e}");
+        let mut o = RawOptions::default();
+        assert!(o.set("beams", "3".into()).unwrap_err().to_string().contains("unknown option"));
+    }
+
+    #[test]
+    fn n_follows_the_strategy() {
+        let mut o = RawOptions::default();
+        o.set("strategy", "greedy".into()).unwrap();
+        let r = o.resolve(&GenOptions { n_best: 3, ..Default::default() }).unwrap();
+        assert_eq!((r.strategy, r.n_best), (Strategy::Greedy, 1));
+        o.set("n", "2".into()).unwrap();
+        assert_eq!(o.resolve(&GenOptions::default()).unwrap_err().to_string(), "n: must be 1 for greedy decoding");
+    }
+
+    #[test]
+    fn base64_and_data_urls() {
+        let mut o = RawOptions::default();
+        let imgs = parse_json(br#"{"image": "data:image/png;base64,aGVsbG8=", "beam_size": 3}"#, 4, &mut o).unwrap();
+        assert_eq!(&imgs[0][..], b"hello");
+        assert_eq!(o.resolve(&GenOptions::default()).unwrap().beam_size, 3);
+        assert!(matches!(parse_json(br#"{"image": "%%%"}"#, 4, &mut o), Err(ApiError::Malformed(_))));
+        assert!(matches!(parse_json(b"[1]", 4, &mut o), Err(ApiError::Malformed(_))));
+    }
+}

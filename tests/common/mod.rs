@@ -1,0 +1,153 @@
+//! Shared helpers for integration tests.
+#![allow(dead_code)]
+use std::path::PathBuf;
+
+/// The project's Python (venv with torch, transformers, tiktoken, PIL, pycocoevalcap), used to
+/// compute reference outputs. `scripts/test.sh` exports CLIPCAP_PYTHON; the fallback matches
+/// `scripts/venv.sh`'s default location.
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("CLIPCAP_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = std::env::var("CLIPCAP_VENV").map(PathBuf::from).unwrap_or_else(|_| {
+        let cache = std::env::var("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"));
+        cache.join("clipcap/venv-torch-2.11.0")
+    });
+    venv.join("bin/python")
+}
+
+/// Root of the repository (tests run with the package root as working directory).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs a project Python script with arguments and panics with its stderr on failure.
+pub fn run_python(args: &[&str]) -> String {
+    let out = std::process::Command::new(python())
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("cannot start the project python (run scripts/venv.sh)");
+    if !out.status.success() {
+        panic!(
+            "python {:?} failed:\n{}",
+            args,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Makes a random test bundle with scripts/make_test_bundle.py (`extra` are its flags).
+pub fn make_bundle(dir: &std::path::Path, extra: &[&str]) {
+    let mut args = vec!["scripts/make_test_bundle.py", "--out", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    run_python(&args);
+}
+
+/// A PNG of `w`×`h` with a gradient and a square, deterministic for `seed`.
+pub fn png(w: u32, h: u32, seed: u8) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        let inside = x > w / 4 && x < w / 2 && y > h / 4 && y < h / 2;
+        if inside {
+            image::Rgb([seed.wrapping_mul(37), 200, 30])
+        } else {
+            image::Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, seed])
+        }
+    });
+    let mut out = std::io::Cursor::new(vec![]);
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// A running `clipcap serve` on a free loopback port; killed on drop.
+pub struct Server {
+    pub child: std::process::Child,
+    pub url: String,
+    pub stderr_path: PathBuf,
+}
+
+impl Server {
+    /// Starts the server with extra args and `CLIPCAP_*` env, and waits until /ready is 200.
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Server {
+        use std::io::BufRead;
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let stderr_path = log.path().to_path_buf();
+        let (_f, stderr_path) = log.keep().map(|(f, p)| (f, p)).unwrap_or_else(|_| panic!("log"));
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_clipcap"));
+        cmd.arg("serve")
+            .args(["--bind", "127.0.0.1:0", "--device", "cpu"])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_path).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("starting clipcap serve");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let url = loop {
+            match lines.next() {
+                Some(Ok(l)) => {
+                    if let Some(u) = l.strip_prefix("clipcap listening on ") {
+                        break u.trim().to_string();
+                    }
+                }
+                _ => panic!(
+                    "server exited before listening:\n{}",
+                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                ),
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let s = Server { child, url, stderr_path };
+        let client = reqwest::blocking::Client::new();
+        let t0 = std::time::Instant::now();
+        loop {
+            if let Ok(r) = client.get(format!("{}/ready", s.url)).send() {
+                if r.status().is_success() {
+                    break;
+                }
+            }
+            if t0.elapsed().as_secs() > 120 {
+                panic!("server not ready:\n{}", s.log());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        s
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// A metric's value from /metrics (first sample whose line starts with `prefix`).
+    pub fn metric(&self, prefix: &str) -> Option<f64> {
+        let text = reqwest::blocking::get(format!("{}/metrics", self.url))
+            .ok()?
+            .text()
+            .ok()?;
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.stderr_path);
+    }
+}
