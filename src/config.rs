@@ -127,7 +127,7 @@ impl Config {
     pub fn to_masked_toml(&self) -> String {
         let mut v = Value::try_from(self).expect("config serializes");
         if let Value::Table(t) = &mut v {
-            for section in t.values_mut() {
+            for (_, section) in t.iter_mut() {
                 if let Value::Table(s) = section {
                     for key in SECRETS {
                         if let Some(Value::String(x)) = s.get_mut(*key) {
@@ -167,7 +167,8 @@ fn merge(base: &mut Table, user: &Table) -> Result<()> {
 
 fn find_key<'a>(table: &'a mut Table, key: &str) -> Option<&'a mut Value> {
     table
-        .values_mut()
+        .iter_mut()
+        .map(|(_, v)| v)
         .filter_map(|s| match s {
             Value::Table(t) => Some(t),
             _ => None,

@@ -494,11 +494,11 @@ fn adjust_logits(opts: &GenOptions, logits: &Tensor, history: &Tensor) -> Tensor
             heads.eq_tensor(&tail).all_dim(2, false)
         };
         let inf = f64::INFINITY;
-        let vals = matched
-            .where_scalarother(&Tensor::full([1], -inf, (Kind::Float, l.device())), inf)
-            .to_kind(Kind::Float);
+        // -inf where a window matched (ban), +inf elsewhere (no effect under `minimum`).
+        let vals = Tensor::full(matched.size(), inf, (Kind::Float, l.device()))
+            .masked_fill(&matched, f64::NEG_INFINITY);
         let ban = Tensor::full([rows, l.size()[1]], inf, (Kind::Float, l.device()))
-            .scatter_reduce(1, &ban_tok, &vals, "amin", true);
+            .scatter_reduce(1, &ban_tok, &vals, "amin");
         l = l.minimum(&ban);
     }
     l
@@ -513,7 +513,7 @@ fn first_beam_step(c: &mut Cohort, logits: &Tensor, stop: &Tensor) {
     c.scores = scores;
     c.tokens = tok.unsqueeze(-1);
     c.lengths = c.scores.ones_like();
-    c.stopped = tok.isin(stop, false, false);
+    c.stopped = Tensor::isin(&tok, stop, false, false);
     c.last = tok.view([-1]);
     c.steps = 1;
 }
@@ -539,7 +539,7 @@ fn beam_step(c: &mut Cohort, logits: &Tensor, stop: &Tensor) -> Tensor {
     c.scores = &best * &c.lengths;
     let hist = c.tokens.gather(1, &src.unsqueeze(-1).expand([n, k, c.steps], false), false);
     c.tokens = Tensor::cat(&[hist, tok.unsqueeze(-1)], 2);
-    c.stopped = c.stopped.gather(1, &src, false).logical_or(&tok.isin(stop, false, false));
+    c.stopped = c.stopped.gather(1, &src, false).logical_or(&Tensor::isin(&tok, stop, false, false));
     c.last = tok.view([-1]);
     c.steps += 1;
     (Tensor::arange(n, (Kind::Int64, src.device())).unsqueeze(1) * k + src).view([-1])
@@ -562,7 +562,7 @@ fn pick_step(c: &mut Cohort, logits: &Tensor, stop: &Tensor) {
     c.scores = &c.scores + (gained.nan_to_num(0.0, None, None) * &run_f).view([n, k]);
     c.lengths = &c.lengths + run_f.view([n, k]);
     let tok2 = tok.view([n, k]);
-    c.stopped = c.stopped.logical_or(&tok2.isin(stop, false, false));
+    c.stopped = c.stopped.logical_or(&Tensor::isin(&tok2, stop, false, false));
     c.tokens = Tensor::cat(&[&c.tokens, &tok2.unsqueeze(-1)], 2);
     c.last = tok;
     c.steps += 1;
