@@ -135,7 +135,7 @@ def main():
     cfg = GPT2Config(vocab_size=50257, n_positions=64, n_embd=128, n_layer=3, n_head=4)
     model = ClipCaptionModel(cfg, 10, 10, 512, 8, "mlp")
     sd = {k: v.contiguous() for k, v in model.state_dict().items()
-          if not k.endswith(("attn.bias", "attn.masked_bias")) and k != "gpt.lm_head.weight"}
+          if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "gpt.lm_head.weight"}
     save_file(sd, os.path.join(args.out, "model.safetensors"))
     manifest = {
         "format": "clipcap-bundle", "version": 1, "name": "demo-base",

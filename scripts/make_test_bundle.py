@@ -118,7 +118,7 @@ def main():
             if name.endswith("bias") or ".ln_" in name:
                 p.add_(torch.randn_like(p) * 0.05)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()
-          if not k.endswith(("attn.bias", "attn.masked_bias")) and k != "gpt.lm_head.weight"}
+          if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "gpt.lm_head.weight"}
     save_file(sd, os.path.join(args.out, "model.safetensors"))
 
     visual = TinyEncoder(clip_dim) if args.encoder == "tiny" else ViTB32(clip_dim)

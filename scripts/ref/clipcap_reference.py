@@ -209,7 +209,7 @@ def load_bundle_model(bundle):
     sd = load_file(os.path.join(bundle, man["files"]["weights"]))
     sd["gpt.lm_head.weight"] = sd["gpt.transformer.wte.weight"]
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.endswith(("attn.bias", "attn.masked_bias"))]
+    missing = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias"))]
     assert not missing and not unexpected, (missing, unexpected)
     return model.eval(), man
 
