@@ -122,6 +122,19 @@ fn decode_known_format(
     format: ImageFormat,
     max_pixels: u64,
 ) -> Result<RgbImage, ImageError> {
+    // A bare header sniff first: a decoder may want more than the header (PNG reads up to the
+    // first IDAT) before it reports dimensions, and a bomb must be refused as too large, not as
+    // undecodable.
+    if let Ok(size) = imagesize::blob_size(bytes) {
+        let (w, h) = (size.width as u64, size.height as u64);
+        if w.saturating_mul(h) > max_pixels {
+            return Err(ImageError::TooLarge {
+                width: w.min(u32::MAX as u64) as u32,
+                height: h.min(u32::MAX as u64) as u32,
+                max_pixels,
+            });
+        }
+    }
     let mut limits = Limits::default();
     limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(ALLOC_SLACK));
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);

@@ -459,7 +459,19 @@ impl Worker {
             batch.push(self.pending.pop_front().unwrap());
         }
         // Jobs cancelled while queued are dropped here.
-        batch.retain(|j| !j.cancel.load(Ordering::Relaxed));
+        let metrics = &self.shared.metrics;
+        let now = Instant::now();
+        batch.retain(|j| {
+            let outcome = if j.deadline.is_some_and(|d| now >= d) {
+                "deadline"
+            } else if j.cancel.load(Ordering::Relaxed) || j.reply.is_closed() {
+                "cancelled"
+            } else {
+                return true;
+            };
+            metrics.images.with_label_values(&[&j.model, outcome]).inc_by(j.pixels.len() as u64);
+            false
+        });
         let mut by_model: Vec<(Arc<Bundle>, Vec<CaptionJob>)> = vec![];
         for job in batch {
             let Some(model) = self.models.get(&job.model).cloned() else {
@@ -651,16 +663,25 @@ impl Worker {
                 )));
             }
         }
-        // Queued jobs past their deadline never start.
+        // Queued jobs past their deadline, or whose client left, never start.
         let mut kept = VecDeque::new();
-        for job in self.pending.drain(..) {
-            if job.deadline.is_some_and(|d| now >= d) {
-                let _ = job.reply.send(Err(ApiError::DeadlineExceeded(
-                    "the request's deadline passed while it was queued".into(),
-                )));
-            } else if !job.cancel.load(Ordering::Relaxed) && !job.reply.is_closed() {
+        for job in std::mem::take(&mut self.pending) {
+            let outcome = if job.deadline.is_some_and(|d| now >= d) {
+                "deadline"
+            } else if job.cancel.load(Ordering::Relaxed) || job.reply.is_closed() {
+                "cancelled"
+            } else {
                 kept.push_back(job);
-            }
+                continue;
+            };
+            self.shared
+                .metrics
+                .images
+                .with_label_values(&[&job.model, outcome])
+                .inc_by(job.pixels.len() as u64);
+            let _ = job.reply.send(Err(ApiError::DeadlineExceeded(
+                "the request's deadline passed while it was queued".into(),
+            )));
         }
         self.pending = kept;
     }

@@ -94,7 +94,8 @@ pub struct JobManager {
     dir: PathBuf,
     inner: Mutex<Inner>,
     wake: Condvar,
-    state: OnceLock<crate::serve::AppState>,
+    /// Needed to activate trained bundles; cleared on shutdown (it holds the worker's queue).
+    state: Mutex<Option<crate::serve::AppState>>,
     runtime: OnceLock<tokio::runtime::Handle>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -137,7 +138,7 @@ impl JobManager {
                 stopping: false,
             }),
             wake: Condvar::new(),
-            state: OnceLock::new(),
+            state: Mutex::new(None),
             runtime: OnceLock::new(),
             thread: Mutex::new(None),
         });
@@ -147,7 +148,7 @@ impl JobManager {
 
     /// Starts the training thread (needs the app state to activate trained bundles).
     pub fn attach(self: &Arc<Self>, state: crate::serve::AppState) {
-        let _ = self.state.set(state);
+        *self.state.lock().unwrap() = Some(state);
         if let Ok(h) = tokio::runtime::Handle::try_current() {
             let _ = self.runtime.set(h);
         }
@@ -173,6 +174,7 @@ impl JobManager {
         if let Some(t) = self.thread.lock().unwrap().take() {
             let _ = t.join();
         }
+        self.state.lock().unwrap().take();
     }
 
     pub fn data_root(&self) -> PathBuf {
@@ -406,7 +408,8 @@ impl JobManager {
 
     /// Installs the trained bundle in the inference worker under `name`.
     fn activate(&self, name: &str, dir: &Path) -> bool {
-        let (Some(state), Some(rt)) = (self.state.get(), self.runtime.get()) else { return false };
+        let state = self.state.lock().unwrap().clone();
+        let (Some(state), Some(rt)) = (state, self.runtime.get()) else { return false };
         match rt.block_on(state.install_bundle(name, dir, false)) {
             Ok(info) => {
                 tracing::info!(model = %info.name, version = info.version, "trained bundle activated");
