@@ -4,18 +4,18 @@
 #   docker build -t clipcap .
 #   docker run --gpus all -p 8080:8080 -v $PWD/models:/app/models clipcap
 ARG TORCH_VERSION=2.11.0
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cu130
 
 FROM nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04 AS torch
 ARG TORCH_VERSION
-ARG TORCH_INDEX
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/torch \
- && /opt/torch/bin/pip install --no-cache-dir "torch==${TORCH_VERSION}" --extra-index-url "${TORCH_INDEX}"
+ && /opt/torch/bin/pip install --no-cache-dir "torch==${TORCH_VERSION}"
 
 FROM torch AS builder
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential curl pkg-config \
  && rm -rf /var/lib/apt/lists/*
@@ -42,8 +42,8 @@ ENV LD_LIBRARY_PATH=/opt/torch/lib/python3.12/site-packages/torch/lib \
     CLIPCAP_MODELS=demo=/app/models/demo
 WORKDIR /app
 COPY --chown=clipcap:clipcap config config
-USER clipcap
+USER 10001
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-  CMD curl -fsS http://127.0.0.1:8080/ready || exit 1
+  CMD ["curl", "-fsS", "http://127.0.0.1:8080/ready"]
 ENTRYPOINT ["clipcap", "serve"]

@@ -1,0 +1,276 @@
+//! Training end to end: `clipcap prepare` (resumable, skips bad images) and the admin job API
+//! over HTTP — the loss falls, the trained bundle is served without a restart and captions its
+//! training images with their reference captions, cancel/resume work, a server killed mid-job
+//! loses nothing, and bad job specs get 4xx with the field named.
+mod common;
+
+use common::Server;
+use reqwest::blocking::Client;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_clipcap");
+const TOKEN: &str = "train-token";
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    base: PathBuf,
+    /// (image path, its caption) of the training set.
+    pairs: Vec<(PathBuf, String)>,
+}
+
+fn run(args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "clipcap {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A tiny base bundle, 16 synthetic images with one caption each (JSON lines, plus one
+/// unreadable image), prepared into `data/ds`.
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let base = root.join("base");
+    common::make_bundle(&base, &["--size", "tiny", "--seed", "31"]);
+    let synth = root.join("synth");
+    run(&["synth", "--out", synth.to_str().unwrap(), "--images", "16", "--seed", "3"]);
+    let coco: Value = serde_json::from_str(
+        &std::fs::read_to_string(synth.join("annotations/captions_synth.json")).unwrap(),
+    )
+    .unwrap();
+    let mut pairs = vec![];
+    let mut lines = String::new();
+    for img in coco["images"].as_array().unwrap() {
+        let id = &img["id"];
+        let caption = coco["annotations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| &a["image_id"] == id)
+            .unwrap()["caption"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let rel = format!("images/{}", img["file_name"].as_str().unwrap());
+        lines.push_str(&json!({"image": rel, "caption": caption, "split": "train"}).to_string());
+        lines.push('\n');
+        pairs.push((synth.join(&rel), caption));
+    }
+    std::fs::write(synth.join("images/broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    lines.push_str(&json!({"image": "images/broken.png", "caption": "broken", "split": "train"}).to_string());
+    lines.push('\n');
+    std::fs::write(synth.join("train.jsonl"), lines).unwrap();
+    let data = root.join("data/ds");
+    let out = run(&[
+        "prepare", "--model", base.to_str().unwrap(), "--jsonl", synth.join("train.jsonl").to_str().unwrap(),
+        "--out", data.to_str().unwrap(), "--chunk-size", "5", "--quiet",
+    ]);
+    assert!(out.contains("prepared 16 images, 16 captions"), "{out}");
+    assert!(out.contains("1 skipped"), "{out}");
+    Fixture { _dir: dir, root, base, pairs }
+}
+
+fn server(f: &Fixture) -> Server {
+    let model = format!("tiny={}", f.base.display());
+    Server::start(
+        &["--model", &model, "--data-root", f.root.join("data").to_str().unwrap()],
+        &[
+            ("CLIPCAP_ADMIN_TOKEN", TOKEN),
+            ("CLIPCAP_JOBS_DIR", f.root.join("jobs").to_str().unwrap()),
+            ("CLIPCAP_BUNDLES_DIR", f.root.join("models").to_str().unwrap()),
+        ],
+    )
+}
+
+fn client() -> Client {
+    Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
+}
+
+fn job(s: &Server, id: &str) -> Value {
+    client()
+        .get(format!("{}/train/{id}", s.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap()
+}
+
+fn wait_for(s: &Server, id: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let j = job(s, id);
+        if pred(&j) {
+            return j;
+        }
+        assert!(
+            t0.elapsed().as_secs() < secs,
+            "job {id} stuck: {}\n{}",
+            serde_json::to_string_pretty(&j).unwrap(),
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn start_job(s: &Server, body: Value) -> String {
+    let r = client().post(format!("{}/train", s.url)).bearer_auth(TOKEN).json(&body).send().unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().unwrap());
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["status_url"], format!("/train/{}", v["id"].as_str().unwrap()));
+    v["id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn prepare_resumes_from_finished_chunks() {
+    let f = fixture();
+    let data = f.root.join("data/ds");
+    // Interrupted run: the final files and the last chunk are gone, earlier chunks remain.
+    std::fs::remove_file(data.join("embeddings.safetensors")).unwrap();
+    std::fs::remove_file(data.join("chunks/chunk_000003.safetensors")).unwrap();
+    let out = run(&[
+        "prepare", "--model", f.base.to_str().unwrap(), "--jsonl",
+        f.root.join("synth/train.jsonl").to_str().unwrap(), "--out", data.to_str().unwrap(),
+        "--chunk-size", "5", "--quiet",
+    ]);
+    assert!(out.contains("(4 chunks, 3 resumed, 1 skipped)"), "{out}");
+    let meta: Value = serde_json::from_str(&std::fs::read_to_string(data.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["images"], 16);
+    assert_eq!(meta["embedding_dim"], 32);
+    assert!(meta["skipped"][0]["path"].as_str().unwrap().ends_with("broken.png"));
+    assert_eq!(meta["encoder_sha256"].as_str().unwrap().len(), 64);
+}
+
+#[test]
+fn a_trained_bundle_is_served_and_captions_its_training_images() {
+    let f = fixture();
+    let s = server(&f);
+    let id = start_job(
+        &s,
+        json!({"dataset": "ds", "output": "trained", "activate": true, "epochs": 60, "batch_size": 8,
+               "lr": 0.003, "warmup": 10, "seed": 1}),
+    );
+    let j = wait_for(&s, &id, 600, |j| j["state"] != "queued" && j["state"] != "running");
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["activated"], true);
+    let hist = j["loss_history"].as_array().unwrap();
+    let first = hist.first().unwrap()["loss"].as_f64().unwrap();
+    let last = hist.last().unwrap()["loss"].as_f64().unwrap();
+    println!("loss {first:.3} -> {last:.3} over {} points", hist.len());
+    assert!(last < first / 5.0, "loss did not fall: {first} -> {last}");
+    assert_eq!(j["step"], j["total_steps"]);
+    // Served without a restart, under its output name.
+    let mut exact = 0;
+    for (path, caption) in &f.pairs {
+        let v: Value = client()
+            .post(format!("{}/caption?model=trained&strategy=greedy&max_tokens=30", s.url))
+            .header("content-type", "image/png")
+            .body(std::fs::read(path).unwrap())
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        assert_eq!(v["model"], "trained");
+        let got = v["results"][0]["caption"].as_str().unwrap();
+        exact += (got.trim() == caption.trim()) as usize;
+    }
+    println!("{exact}/{} training images captioned with their exact reference", f.pairs.len());
+    assert!(exact * 10 >= f.pairs.len() * 8, "only {exact}/{} exact", f.pairs.len());
+    let svg = client().get(format!("{}/train/{id}/loss.svg", s.url)).bearer_auth(TOKEN).send().unwrap();
+    assert_eq!(svg.headers()["content-type"], "image/svg+xml");
+    assert!(svg.text().unwrap().contains("<polyline"));
+    let list: Value = client().get(format!("{}/train", s.url)).bearer_auth(TOKEN).send().unwrap().json().unwrap();
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
+    assert!(s.metric("clipcap_train_jobs{state=\"succeeded\"}").unwrap() >= 1.0);
+    // The bundle on disk is complete.
+    let b = f.root.join("models/trained");
+    for file in ["clipcap.json", "clip_image.pt", "model.safetensors", "tokenizer.json"] {
+        assert!(b.join(file).exists(), "{file}");
+    }
+}
+
+#[test]
+fn cancel_resume_and_restart_mid_job() {
+    let f = fixture();
+    let mut s = server(&f);
+    let body = json!({"dataset": "ds", "output": "long", "epochs": 400, "batch_size": 8, "lr": 0.001,
+                      "warmup": 0, "save_every": 4});
+    let id = start_job(&s, body);
+    wait_for(&s, &id, 120, |j| j["step"].as_i64().unwrap_or(0) >= 6);
+    let r = client().delete(format!("{}/train/{id}", s.url)).bearer_auth(TOKEN).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let j = wait_for(&s, &id, 60, |j| j["state"] == "cancelled");
+    let cancelled_at = j["step"].as_i64().unwrap();
+    // Finished jobs cannot be cancelled again; unknown ones are 404.
+    let r = client().delete(format!("{}/train/{id}", s.url)).bearer_auth(TOKEN).send().unwrap();
+    assert_eq!(r.status(), 409);
+    let r = client().delete(format!("{}/train/nope", s.url)).bearer_auth(TOKEN).send().unwrap();
+    assert_eq!(r.status(), 404);
+    // Resume continues from the checkpoint, not from step 0.
+    let r = client().post(format!("{}/train/{id}/resume", s.url)).bearer_auth(TOKEN).send().unwrap();
+    assert_eq!(r.status(), 202);
+    let j = wait_for(&s, &id, 120, |j| j["state"] == "running" && j["step"].as_i64().unwrap() > cancelled_at + 8);
+    assert!(j["runs"].as_i64().unwrap() == 2);
+    // Kill the server mid-job (no graceful shutdown), start it again.
+    let before_kill = j["loss_history"].as_array().unwrap().len();
+    s.child.kill().unwrap();
+    s.child.wait().unwrap();
+    let s2 = server(&f);
+    let j = job(&s2, &id);
+    assert_eq!(j["state"], "interrupted", "{j}");
+    let r = client().post(format!("{}/train/{id}/resume", s2.url)).bearer_auth(TOKEN).send().unwrap();
+    assert_eq!(r.status(), 202);
+    let j = wait_for(&s2, &id, 120, |j| j["state"] == "running" && j["runs"] == 3 && j["step"].as_i64().unwrap() > 0);
+    // Work saved before the kill is still there (checkpoints every 4 steps).
+    let hist = j["loss_history"].as_array().unwrap();
+    assert!(hist.len() + 4 >= before_kill, "history lost: {} points after, {before_kill} before", hist.len());
+    assert!(j["step"].as_i64().unwrap() >= cancelled_at, "resumed from the checkpoint, not from 0: {j}");
+    let r = client().delete(format!("{}/train/{id}", s2.url)).bearer_auth(TOKEN).send().unwrap();
+    assert_eq!(r.status(), 200);
+    wait_for(&s2, &id, 60, |j| j["state"] == "cancelled");
+}
+
+#[test]
+fn bad_job_specs_get_4xx_naming_the_field() {
+    let f = fixture();
+    // A symlink inside the data root that leads out of it.
+    std::os::unix::fs::symlink(f.root.join("synth"), f.root.join("data/escape")).unwrap();
+    let s = server(&f);
+    let c = client();
+    let url = format!("{}/train", s.url);
+    let r = c.post(&url).json(&json!({"dataset": "ds", "output": "x"})).send().unwrap();
+    assert_eq!(r.status(), 401);
+    let r = c.post(&url).bearer_auth(TOKEN).header("content-type", "application/json").body("{").send().unwrap();
+    assert_eq!(r.status(), 400);
+    for (body, field) in [
+        (json!({"dataset": "../synth", "output": "x"}), "dataset"),
+        (json!({"dataset": "/etc", "output": "x"}), "dataset"),
+        (json!({"dataset": "escape", "output": "x"}), "dataset"),
+        (json!({"dataset": "missing", "output": "x"}), "dataset"),
+        (json!({"dataset": "ds", "output": "../evil"}), "output"),
+        (json!({"dataset": "ds", "output": "x", "epochs": 0}), "epochs"),
+        (json!({"dataset": "ds", "output": "x", "lr": 5.0}), "lr"),
+        (json!({"dataset": "ds", "output": "x", "mapping": "lstm"}), "mapping"),
+        (json!({"dataset": "ds", "output": "x", "base": "nope"}), "base"),
+        (json!({"dataset": "ds", "output": "x", "bogus": 1}), "bogus"),
+        (json!({"dataset": "ds", "output": "x", "epochs": "ten"}), "epochs"),
+    ] {
+        let r = c.post(&url).bearer_auth(TOKEN).json(&body).send().unwrap();
+        assert_eq!(r.status(), 422, "{body}");
+        let v: Value = r.json().unwrap();
+        assert_eq!(v["field"], field, "{body}: {v}");
+    }
+    let r = c.get(format!("{}/train/none", s.url)).bearer_auth(TOKEN).send().unwrap();
+    assert_eq!(r.status(), 404);
+    let r = c.post(format!("{}/train/none/resume", s.url)).bearer_auth(TOKEN).send().unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(Path::new(&f.root).join("jobs").read_dir().unwrap().next().is_none(), "no job was created");
+}

@@ -1,0 +1,100 @@
+//! One optimizer step of our trainer against PyTorch (scripts/ref/train_step_reference.py):
+//! same initial weights, same batch → the same loss (1e-5) and updated weights (1e-5), for full
+//! fine-tuning and for --only-prefix; and the same learning-rate schedule as transformers'
+//! get_linear_schedule_with_warmup.
+mod common;
+
+use clipcap::model::bundle::{CaptionNet, Manifest};
+use clipcap::train::data::Batch;
+use clipcap::train::optim::{lr_factor, AdamW, AdamWConfig};
+use clipcap::train::trainer::caption_loss;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+fn one_step(only_prefix: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle");
+    common::make_bundle(&bundle, &["--size", "tiny", "--mapping", "transformer", "--num-layers", "2", "--seed", "5"]);
+    let m = Manifest::read(&bundle).unwrap();
+    let mut net = CaptionNet::new(&m.gpt2, &m.mapper, Device::Cpu).unwrap();
+    net.load_weights(&bundle.join("model.safetensors")).unwrap();
+    // A batch of 3 captions of lengths 5, 3 and 1 (right-padded with 0).
+    let tokens = Tensor::from_slice(&[40i64, 2068, 318, 257, 13, 64, 3797, 13, 0, 0, 50256, 0, 0, 0, 0]).view([3, 5]);
+    let mask = Tensor::from_slice(&[1f32, 1., 1., 1., 1., 1., 1., 1., 0., 0., 1., 0., 0., 0., 0.]).view([3, 5]);
+    tch::manual_seed(3);
+    let clip = Tensor::randn([3, 32], (Kind::Float, Device::Cpu));
+    let batch_file = dir.path().join("batch.safetensors");
+    Tensor::write_safetensors(&[("tokens", &tokens), ("mask", &mask), ("clip", &clip)], &batch_file).unwrap();
+    let mut args = vec![
+        "scripts/ref/train_step_reference.py",
+        "--bundle", bundle.to_str().unwrap(),
+        "--batch", batch_file.to_str().unwrap(),
+        "--out", dir.path().to_str().unwrap(),
+    ];
+    if only_prefix {
+        args.push("--only-prefix");
+    }
+    common::run_python(&args);
+
+    let params: Vec<(String, Tensor)> = {
+        let mut v: Vec<_> = net
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(n, _)| !(only_prefix && n.starts_with("gpt.")))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    if only_prefix {
+        for (n, t) in net.vs.variables() {
+            if n.starts_with("gpt.") {
+                let _ = t.shallow_clone().set_requires_grad(false);
+            }
+        }
+    }
+    let before = net.vs.variables();
+    let before: std::collections::BTreeMap<String, Tensor> = before.into_iter().map(|(k, v)| (k, v.copy())).collect();
+    let mut opt = AdamW::new(AdamWConfig { lr: 1e-3, ..Default::default() }, params);
+    let batch = Batch { tokens, mask, clip };
+    let loss = caption_loss(&net, &batch);
+    opt.zero_grad();
+    loss.backward();
+    opt.step(1e-3);
+
+    let result: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("result.json")).unwrap()).unwrap();
+    let want_loss = result["loss"].as_f64().unwrap();
+    let got_loss = f64::try_from(&loss).unwrap();
+    println!("loss: ours {got_loss:.7} torch {want_loss:.7}");
+    assert!((got_loss - want_loss).abs() < 1e-5, "loss {got_loss} vs {want_loss}");
+    let after = clipcap::model::weights::read_safetensors(&Path::new(dir.path()).join("after.safetensors")).unwrap();
+    let mut worst = (0f64, String::new());
+    let mut moved = 0;
+    for (name, var) in net.vs.variables() {
+        let want = &after[&name];
+        let d = f64::try_from((&var - want).abs().max()).unwrap();
+        if d > worst.0 {
+            worst = (d, name.clone());
+        }
+        let changed = f64::try_from((&var - &before[&name]).abs().max()).unwrap() > 0.0;
+        assert_eq!(changed, !(only_prefix && name.starts_with("gpt.")), "{name} changed: {changed}");
+        moved += changed as usize;
+    }
+    println!("updated weights: max abs diff {:.2e} ({}), {moved} tensors moved", worst.0, worst.1);
+    assert!(worst.0 < 1e-5, "weights differ: {worst:?}");
+    let factors = result["lr_factors"].as_array().unwrap();
+    for (step, f) in factors.iter().enumerate() {
+        assert!((lr_factor(step as i64, 5, 20) - f.as_f64().unwrap()).abs() < 1e-12, "step {step}");
+    }
+}
+
+#[test]
+fn full_finetune_step_matches_pytorch() {
+    one_step(false);
+}
+
+#[test]
+fn only_prefix_step_matches_pytorch() {
+    one_step(true);
+}
