@@ -30,6 +30,7 @@ fn check(mapping: &str, prefix_length: &str) {
         "--clip", &format!("{d}/clip.pt"),
         "--out", out.to_str().unwrap(),
         "--mapping", mapping,
+        "--n-head", "4",
     ]);
     let bundle = Arc::new(Bundle::load(&out, Device::Cpu, Kind::Float).unwrap());
     assert_eq!(bundle.manifest.mapper.prefix_length.to_string(), prefix_length);
