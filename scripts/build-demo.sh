@@ -13,7 +13,7 @@ cargo build --bin clipcap
 BIN=target/debug/clipcap
 WORK="${CLIPCAP_DEMO_WORK:-.cache/demo}"
 IMAGES="${CLIPCAP_DEMO_IMAGES:-2000}"
-EPOCHS="${CLIPCAP_DEMO_EPOCHS:-12}"
+EPOCHS="${CLIPCAP_DEMO_EPOCHS:-5}"
 mkdir -p "$WORK"
 t0=$(date +%s)
 step() { echo "[build-demo $(( $(date +%s) - t0 ))s] $*"; }

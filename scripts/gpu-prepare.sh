@@ -7,7 +7,7 @@ cargo build --bin clipcap
 mkdir -p .gpu/images
 cp target/debug/clipcap .gpu/clipcap
 strip .gpu/clipcap 2>/dev/null || true
-[ -f .gpu/bundle-small/clipcap.json ] || "$CLIPCAP_PYTHON" scripts/make_test_bundle.py --out .gpu/bundle-small --size small --seed 0 >/dev/null
 for f in ../shared/seed/images/*.jpg; do [ -f "$f" ] && cp "$f" .gpu/images/; done
+# Then: device run with carry [".gpu"] and command: bash scripts/gpu-check.sh .gpu "$OUT"
 ls -la .gpu .gpu/images
 du -sh .gpu

@@ -476,7 +476,7 @@ fn adjust_logits(opts: &GenOptions, logits: &Tensor, history: &Tensor) -> Tensor
     if opts.repetition_penalty != 1.0 && steps > 0 {
         let p = opts.repetition_penalty;
         let seen = l.gather(1, history, false);
-        let penalized = seen.lt(0.0).where_self(&(&seen * p), &(&seen / p));
+        let penalized = (&seen * p).where_self(&seen.lt(0.0), &(&seen / p));
         l = l.scatter(1, history, &penalized);
     }
     let n = opts.no_repeat_ngram;
@@ -493,13 +493,10 @@ fn adjust_logits(opts: &GenOptions, logits: &Tensor, history: &Tensor) -> Tensor
             let tail = history.narrow(1, steps - n + 1, n - 1).unsqueeze(1);
             heads.eq_tensor(&tail).all_dim(2, false)
         };
-        let inf = f64::INFINITY;
-        // -inf where a window matched (ban), +inf elsewhere (no effect under `minimum`).
-        let vals = Tensor::full(matched.size(), inf, (Kind::Float, l.device()))
-            .masked_fill(&matched, f64::NEG_INFINITY);
-        let ban = Tensor::full([rows, l.size()[1]], inf, (Kind::Float, l.device()))
-            .scatter_reduce(1, &ban_tok, &vals, "amin");
-        l = l.minimum(&ban);
+        // Count the matching windows that would produce each token; ban those tokens.
+        let hits = Tensor::zeros([rows, l.size()[1]], (Kind::Float, l.device()))
+            .scatter_add(1, &ban_tok, &matched.to_kind(Kind::Float));
+        l = l.masked_fill(&hits.gt(0.0), f64::NEG_INFINITY);
     }
     l
 }
