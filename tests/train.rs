@@ -39,7 +39,7 @@ fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
     let base = root.join("base");
-    common::make_bundle(&base, &["--size", "tiny", "--seed", "31"]);
+    common::make_bundle(&base, &["--size", "tiny", "--seed", "31", "--wte-std", "0.02"]);
     let synth = root.join("synth");
     run(&["synth", "--out", synth.to_str().unwrap(), "--images", "16", "--seed", "3"]);
     let coco: Value = serde_json::from_str(
@@ -155,7 +155,7 @@ fn a_trained_bundle_is_served_and_captions_its_training_images() {
     let s = server(&f);
     let id = start_job(
         &s,
-        json!({"dataset": "ds", "output": "trained", "activate": true, "epochs": 60, "batch_size": 8,
+        json!({"dataset": "ds", "output": "trained", "activate": true, "epochs": 200, "batch_size": 8,
                "lr": 0.003, "warmup": 10, "seed": 1}),
     );
     let j = wait_for(&s, &id, 600, |j| j["state"] != "queued" && j["state"] != "running");
@@ -165,10 +165,11 @@ fn a_trained_bundle_is_served_and_captions_its_training_images() {
     let first = hist.first().unwrap()["loss"].as_f64().unwrap();
     let last = hist.last().unwrap()["loss"].as_f64().unwrap();
     println!("loss {first:.3} -> {last:.3} over {} points", hist.len());
-    assert!(last < first / 5.0, "loss did not fall: {first} -> {last}");
+    assert!(last < first / 10.0, "loss did not fall: {first} -> {last}");
     assert_eq!(j["step"], j["total_steps"]);
     // Served without a restart, under its output name.
     let mut exact = 0;
+    let mut overlap = 0.0;
     for (path, caption) in &f.pairs {
         let v: Value = client()
             .post(format!("{}/caption?model=trained&strategy=greedy&max_tokens=30", s.url))
@@ -181,9 +182,13 @@ fn a_trained_bundle_is_served_and_captions_its_training_images() {
         assert_eq!(v["model"], "trained");
         let got = v["results"][0]["caption"].as_str().unwrap();
         exact += (got.trim() == caption.trim()) as usize;
+        overlap += jaccard(got, caption);
     }
-    println!("{exact}/{} training images captioned with their exact reference", f.pairs.len());
-    assert!(exact * 10 >= f.pairs.len() * 8, "only {exact}/{} exact", f.pairs.len());
+    let n = f.pairs.len();
+    let overlap = overlap / n as f64;
+    println!("{exact}/{n} training images captioned with their exact reference; mean word overlap {overlap:.3}");
+    assert!(exact * 8 >= n * 5, "only {exact}/{n} exact");
+    assert!(overlap >= 0.85, "mean word overlap {overlap}");
     let svg = client().get(format!("{}/train/{id}/loss.svg", s.url)).bearer_auth(TOKEN).send().unwrap();
     assert_eq!(svg.headers()["content-type"], "image/svg+xml");
     assert!(svg.text().unwrap().contains("<polyline"));
@@ -195,6 +200,15 @@ fn a_trained_bundle_is_served_and_captions_its_training_images() {
     for file in ["clipcap.json", "clip_image.pt", "model.safetensors", "tokenizer.json"] {
         assert!(b.join(file).exists(), "{file}");
     }
+}
+
+/// Word-set Jaccard similarity of two captions.
+fn jaccard(a: &str, b: &str) -> f64 {
+    let words = |s: &str| -> std::collections::HashSet<String> {
+        s.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_lowercase).collect()
+    };
+    let (a, b) = (words(a), words(b));
+    a.intersection(&b).count() as f64 / a.union(&b).count().max(1) as f64
 }
 
 #[test]

@@ -99,14 +99,14 @@ fn dataset_dir(st: &AppState, name: &str) -> Result<std::path::PathBuf, ApiError
 }
 
 async fn start(State(st): State<AppState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
-    let req: TrainRequest = serde_json::from_slice(&body).map_err(|e| {
-        let msg = e.to_string();
-        if e.is_data() {
-            // serde names the field in its message ("unknown field `x`", "invalid type ... at line").
-            ApiError::option(field_of(&msg), msg)
-        } else {
-            ApiError::Malformed(format!("invalid JSON: {msg}"))
-        }
+    let value: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::Malformed(format!("invalid JSON: {e}")))?;
+    // The path of the offending field, for type errors as well as unknown fields.
+    let req: TrainRequest = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let msg = e.inner().to_string();
+        let field = if path == "." { field_of(&msg) } else { path };
+        ApiError::option(field, msg)
     })?;
     let data = dataset_dir(&st, &req.dataset)?;
     check_name("output", &req.output)?;
