@@ -11,9 +11,12 @@ use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 fn python() -> PathBuf {
-    std::env::var("CLIPCAP_PYTHON").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/clipcap/venv-torch-2.11.0/bin/python")
-    })
+    std::env::var("CLIPCAP_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap())
+                .join(".cache/clipcap/venv-torch-2.11.0/bin/python")
+        })
 }
 
 fn bundle_dir() -> PathBuf {

@@ -8,7 +8,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Parser, Debug)]
-#[command(name = "clipcap", version, about = "ClipCap image captioning: caption, serve, train, evaluate")]
+#[command(
+    name = "clipcap",
+    version,
+    about = "ClipCap image captioning: caption, serve, train, evaluate"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -85,11 +89,19 @@ impl DecodeArgs {
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { o.$f = v; } )* };
         }
-        set!(max_tokens, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram);
+        set!(
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            no_repeat_ngram
+        );
         if self.seed.is_some() {
             o.seed = self.seed;
         }
-        o.validate().map_err(|e| anyhow::anyhow!("--{}", e.to_string().replace('_', "-")))?;
+        o.validate()
+            .map_err(|e| anyhow::anyhow!("--{}", e.to_string().replace('_', "-")))?;
         Ok(o)
     }
 }
@@ -187,7 +199,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::BenchDecode(a) => bench_decode(a),
         Command::Info => {
             println!("clipcap {}", env!("CARGO_PKG_VERSION"));
-            println!("libtorch: {}", option_env!("CLIPCAP_LIBTORCH_LIB").unwrap_or("?"));
+            println!(
+                "libtorch: {}",
+                option_env!("CLIPCAP_LIBTORCH_LIB").unwrap_or("?")
+            );
             println!("cuda available: {}", tch::Cuda::is_available());
             println!("cuda devices: {}", tch::Cuda::device_count());
             println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
@@ -262,7 +277,10 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             .context("no tensor \"clip\"")?,
         None => {
             tch::manual_seed(0);
-            tch::Tensor::randn([a.images, bundle.encoder.dim], (tch::Kind::Float, tch::Device::Cpu))
+            tch::Tensor::randn(
+                [a.images, bundle.encoder.dim],
+                (tch::Kind::Float, tch::Device::Cpu),
+            )
         }
     };
     let n = clip.size()[0].min(a.images);
@@ -278,7 +296,11 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             let mut i = 0;
             while i < n {
                 let m = (b as i64).min(n - i);
-                let caps = crate::generate::caption_embeddings(bundle.clone(), &clip.narrow(0, i, m), &opts)?;
+                let caps = crate::generate::caption_embeddings(
+                    bundle.clone(),
+                    &clip.narrow(0, i, m),
+                    &opts,
+                )?;
                 tokens += caps.iter().map(|c| c[0].tokens.len()).sum::<usize>();
                 i += m;
             }

@@ -100,7 +100,8 @@ impl Config {
             }
         }
         for (key, value) in flags {
-            let slot = find_key(&mut table, key).with_context(|| format!("unknown setting {key}"))?;
+            let slot =
+                find_key(&mut table, key).with_context(|| format!("unknown setting {key}"))?;
             *slot = value.clone();
         }
         let cfg: Config = Value::Table(table)
@@ -240,7 +241,10 @@ mod tests {
         let env = vec![
             ("CLIPCAP_MAX_BODY_BYTES".to_string(), "7".to_string()),
             ("CLIPCAP_MODELS".to_string(), "a=x, b=y".to_string()),
-            ("CLIPCAP_CONTINUOUS_BATCHING".to_string(), "false".to_string()),
+            (
+                "CLIPCAP_CONTINUOUS_BATCHING".to_string(),
+                "false".to_string(),
+            ),
             ("OTHER".to_string(), "1".to_string()),
         ];
         let flags = [("max_batch_images", Value::Integer(9))];
@@ -271,6 +275,9 @@ mod tests {
         let c = Config::load(None, &env, &[]).unwrap();
         assert_eq!(c.auth.admin_token, "hunter2");
         let shown = c.to_masked_toml();
-        assert!(!shown.contains("hunter2") && shown.contains("***"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("***"),
+            "{shown}"
+        );
     }
 }

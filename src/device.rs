@@ -19,7 +19,10 @@ pub fn parse_device(name: &str) -> Result<Device> {
             bail!("device {name:?} asked for, but CUDA is not available in this build or host");
         }
         if i >= tch::Cuda::device_count() as usize {
-            bail!("device {name:?} asked for, but only {} CUDA device(s) exist", tch::Cuda::device_count());
+            bail!(
+                "device {name:?} asked for, but only {} CUDA device(s) exist",
+                tch::Cuda::device_count()
+            );
         }
     }
     Ok(d)

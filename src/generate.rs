@@ -245,7 +245,12 @@ impl Decoder {
 
     /// Adds images given their CLIP embeddings `[n, D]`: maps them to prefixes, runs the prefix
     /// through GPT-2 and takes the first token. Returns images already finished.
-    pub fn add(&mut self, clip: &Tensor, opts: &GenOptions, ids: Vec<u64>) -> Result<Vec<Finished>> {
+    pub fn add(
+        &mut self,
+        clip: &Tensor,
+        opts: &GenOptions,
+        ids: Vec<u64>,
+    ) -> Result<Vec<Finished>> {
         opts.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         let n = ids.len() as i64;
         if clip.size()[0] != n {
@@ -263,7 +268,8 @@ impl Decoder {
         let logits = net.gpt.logits(&h.select(1, plen - 1)).to_kind(Kind::Float);
         let device = logits.device();
         let k = opts.rows_per_image();
-        let expand = Tensor::arange(n, (Kind::Int64, device)).repeat_interleave_self_int(k, 0, None);
+        let expand =
+            Tensor::arange(n, (Kind::Int64, device)).repeat_interleave_self_int(k, 0, None);
         cache.select_rows(&expand);
         let rngs = (0..n)
             .map(|_| match opts.seed {
@@ -351,7 +357,8 @@ impl Decoder {
             })
             .collect();
         // The one host read per step: a flag per image.
-        let flags: Vec<bool> = Vec::<bool>::try_from(Tensor::cat(&flags, 0).to_device(Device::Cpu))?;
+        let flags: Vec<bool> =
+            Vec::<bool>::try_from(Tensor::cat(&flags, 0).to_device(Device::Cpu))?;
         let mut finished = vec![];
         let mut keep_rows: Vec<i64> = vec![];
         let mut removed_any = false;
@@ -369,7 +376,9 @@ impl Decoder {
                 continue;
             }
             removed_any = true;
-            let gone: Vec<i64> = (0..n as i64).filter(|&i| done[i as usize] && !c.cancelled[i as usize]).collect();
+            let gone: Vec<i64> = (0..n as i64)
+                .filter(|&i| done[i as usize] && !c.cancelled[i as usize])
+                .collect();
             if !gone.is_empty() {
                 finished.extend(finish(&model, c, &gone)?);
             }
@@ -408,7 +417,8 @@ impl Decoder {
 fn retain_images(c: &mut Cohort, kept: &[i64]) {
     let device = c.scores.device();
     let idx = Tensor::from_slice(kept).to_device(device);
-    let rows = (idx.unsqueeze(1) * c.k + Tensor::arange(c.k, (Kind::Int64, device)).unsqueeze(0)).view([-1]);
+    let rows = (idx.unsqueeze(1) * c.k + Tensor::arange(c.k, (Kind::Int64, device)).unsqueeze(0))
+        .view([-1]);
     c.last = c.last.index_select(0, &rows);
     c.tokens = c.tokens.index_select(0, &idx);
     c.scores = c.scores.index_select(0, &idx);
@@ -432,8 +442,9 @@ fn finish(model: &Bundle, c: &Cohort, gone: &[i64]) -> Result<Vec<Finished>> {
     let idx = Tensor::from_slice(gone).to_device(c.scores.device());
     let tokens = c.tokens.index_select(0, &idx).to_device(Device::Cpu);
     let lengths = c.lengths.index_select(0, &idx).to_device(Device::Cpu);
-    let final_scores = (c.scores.index_select(0, &idx) / c.lengths.index_select(0, &idx).clamp_min(1.0))
-        .to_device(Device::Cpu);
+    let final_scores = (c.scores.index_select(0, &idx)
+        / c.lengths.index_select(0, &idx).clamp_min(1.0))
+    .to_device(Device::Cpu);
     let mut out = vec![];
     for (j, &img) in gone.iter().enumerate() {
         let j = j as i64;
@@ -443,7 +454,8 @@ fn finish(model: &Bundle, c: &Cohort, gone: &[i64]) -> Result<Vec<Finished>> {
         let mut caps: Vec<Caption> = (0..c.k)
             .map(|r| {
                 let len = lens[r as usize] as i64;
-                let ids: Vec<i64> = Vec::try_from(toks.get(r).narrow(0, 0, len)).unwrap_or_default();
+                let ids: Vec<i64> =
+                    Vec::try_from(toks.get(r).narrow(0, 0, len)).unwrap_or_default();
                 Caption {
                     text: model.decode(&ids).trim().to_string(),
                     score: scores[r as usize] as f64,
@@ -453,7 +465,11 @@ fn finish(model: &Bundle, c: &Cohort, gone: &[i64]) -> Result<Vec<Finished>> {
             .collect();
         if c.opts.strategy == Strategy::Beam {
             // Descending by averaged score; stable, so equal scores keep beam order.
-            caps.sort_by(|a, b| b.score.partial_cmp(&a.score).unwrap_or(std::cmp::Ordering::Equal));
+            caps.sort_by(|a, b| {
+                b.score
+                    .partial_cmp(&a.score)
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            });
         }
         caps.truncate(c.opts.n_best as usize);
         out.push(Finished {
@@ -494,8 +510,11 @@ fn adjust_logits(opts: &GenOptions, logits: &Tensor, history: &Tensor) -> Tensor
             heads.eq_tensor(&tail).all_dim(2, false)
         };
         // Count the matching windows that would produce each token; ban those tokens.
-        let hits = Tensor::zeros([rows, l.size()[1]], (Kind::Float, l.device()))
-            .scatter_add(1, &ban_tok, &matched.to_kind(Kind::Float));
+        let hits = Tensor::zeros([rows, l.size()[1]], (Kind::Float, l.device())).scatter_add(
+            1,
+            &ban_tok,
+            &matched.to_kind(Kind::Float),
+        );
         l = l.masked_fill(&hits.gt(0.0), f64::NEG_INFINITY);
     }
     l
@@ -504,7 +523,11 @@ fn adjust_logits(opts: &GenOptions, logits: &Tensor, history: &Tensor) -> Tensor
 /// ClipCap's first beam step: the k best first tokens of each image.
 fn first_beam_step(c: &mut Cohort, logits: &Tensor, stop: &Tensor) {
     let n = c.n();
-    let l = adjust_logits(&c.opts, logits, &Tensor::zeros([n, 0], (Kind::Int64, logits.device())));
+    let l = adjust_logits(
+        &c.opts,
+        logits,
+        &Tensor::zeros([n, 0], (Kind::Int64, logits.device())),
+    );
     let logp = l.softmax(-1, Kind::Float).log();
     let (scores, tok) = logp.topk(c.k, -1, true, true);
     c.scores = scores;
@@ -525,7 +548,10 @@ fn beam_step(c: &mut Cohort, logits: &Tensor, stop: &Tensor) -> Tensor {
     // Stopped beams may only continue with token 0, at no cost.
     let frozen = Tensor::full([vocab], f64::NEG_INFINITY, (Kind::Float, logp.device()));
     let _ = frozen.get(0).fill_(0.0);
-    let logp = logp.where_self(&c.stopped.logical_not().unsqueeze(-1), &frozen.view([1, 1, vocab]));
+    let logp = logp.where_self(
+        &c.stopped.logical_not().unsqueeze(-1),
+        &frozen.view([1, 1, vocab]),
+    );
     let sums = c.scores.unsqueeze(-1) + &logp; // [n, k, V]
     let lengths = &c.lengths + c.stopped.logical_not().to_kind(Kind::Float);
     let avg = sums / lengths.unsqueeze(-1);
@@ -534,9 +560,14 @@ fn beam_step(c: &mut Cohort, logits: &Tensor, stop: &Tensor) -> Tensor {
     let tok = flat.remainder(vocab);
     c.lengths = lengths.gather(1, &src, false);
     c.scores = &best * &c.lengths;
-    let hist = c.tokens.gather(1, &src.unsqueeze(-1).expand([n, k, c.steps], false), false);
+    let hist = c
+        .tokens
+        .gather(1, &src.unsqueeze(-1).expand([n, k, c.steps], false), false);
     c.tokens = Tensor::cat(&[hist, tok.unsqueeze(-1)], 2);
-    c.stopped = c.stopped.gather(1, &src, false).logical_or(&Tensor::isin(&tok, stop, false, false));
+    c.stopped = c
+        .stopped
+        .gather(1, &src, false)
+        .logical_or(&Tensor::isin(&tok, stop, false, false));
     c.last = tok.view([-1]);
     c.steps += 1;
     (Tensor::arange(n, (Kind::Int64, src.device())).unsqueeze(1) * k + src).view([-1])
@@ -559,7 +590,9 @@ fn pick_step(c: &mut Cohort, logits: &Tensor, stop: &Tensor) {
     c.scores = &c.scores + (gained.nan_to_num(0.0, None, None) * &run_f).view([n, k]);
     c.lengths = &c.lengths + run_f.view([n, k]);
     let tok2 = tok.view([n, k]);
-    c.stopped = c.stopped.logical_or(&Tensor::isin(&tok2, stop, false, false));
+    c.stopped = c
+        .stopped
+        .logical_or(&Tensor::isin(&tok2, stop, false, false));
     c.tokens = Tensor::cat(&[&c.tokens, &tok2.unsqueeze(-1)], 2);
     c.last = tok;
     c.steps += 1;
@@ -574,7 +607,10 @@ fn sample(c: &mut Cohort, logits: &Tensor) -> Tensor {
     if c.opts.top_k > 0 && c.opts.top_k < vocab {
         let (kth, _) = l.topk(c.opts.top_k, -1, true, true);
         let thresh = kth.narrow(1, c.opts.top_k - 1, 1);
-        l = l.where_self(&l.ge_tensor(&thresh), &Tensor::full([1], f64::NEG_INFINITY, (Kind::Float, device)));
+        l = l.where_self(
+            &l.ge_tensor(&thresh),
+            &Tensor::full([1], f64::NEG_INFINITY, (Kind::Float, device)),
+        );
     }
     if c.opts.top_p < 1.0 {
         let (sorted, idx) = l.sort(-1, true);
@@ -594,11 +630,17 @@ fn sample(c: &mut Cohort, logits: &Tensor) -> Tensor {
     let u = Tensor::from_slice(&u).to_device(device).unsqueeze(1);
     let cdf = probs.cumsum(-1, Kind::Float);
     let total = cdf.narrow(1, vocab - 1, 1);
-    cdf.lt_tensor(&(u * total)).sum_dim_intlist(-1, false, Kind::Int64).clamp_max(vocab - 1)
+    cdf.lt_tensor(&(u * total))
+        .sum_dim_intlist(-1, false, Kind::Int64)
+        .clamp_max(vocab - 1)
 }
 
 /// Captions a batch of CLIP embeddings `[n, D]` with one set of options; in input order.
-pub fn caption_embeddings(model: Arc<Bundle>, clip: &Tensor, opts: &GenOptions) -> Result<Vec<Vec<Caption>>> {
+pub fn caption_embeddings(
+    model: Arc<Bundle>,
+    clip: &Tensor,
+    opts: &GenOptions,
+) -> Result<Vec<Vec<Caption>>> {
     let n = clip.size()[0] as usize;
     let mut dec = Decoder::new(model);
     let mut out: Vec<Option<Vec<Caption>>> = vec![None; n];

@@ -62,7 +62,10 @@ pub fn encode(bundle: &Bundle, pixels: &[&[f32]], batch: usize) -> Result<Tensor
         parts.push(bundle.encoder.encode(&x)?);
     }
     if parts.is_empty() {
-        return Ok(Tensor::zeros([0, bundle.encoder.dim], (Kind::Float, bundle.device)));
+        return Ok(Tensor::zeros(
+            [0, bundle.encoder.dim],
+            (Kind::Float, bundle.device),
+        ));
     }
     Ok(Tensor::cat(&parts, 0))
 }

@@ -30,10 +30,26 @@ fn page_uploads_an_image_and_shows_captions() {
     let v: Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
     let captions = v["captions"].as_array().unwrap();
     assert_eq!(captions.len(), 2, "n=2 captions shown: {v}");
-    assert!(captions.iter().all(|c| !c.as_str().unwrap().trim().is_empty()), "{v}");
-    assert!(v["scores"][0].as_str().unwrap().starts_with("score "), "{v}");
-    let timings: Vec<&str> = v["timings"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
-    assert!(timings.contains(&"total") && timings.contains(&"decode"), "{timings:?}");
+    assert!(
+        captions
+            .iter()
+            .all(|c| !c.as_str().unwrap().trim().is_empty()),
+        "{v}"
+    );
+    assert!(
+        v["scores"][0].as_str().unwrap().starts_with("score "),
+        "{v}"
+    );
+    let timings: Vec<&str> = v["timings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert!(
+        timings.contains(&"total") && timings.contains(&"decode"),
+        "{timings:?}"
+    );
     assert_eq!(v["error"], "", "{v}");
     // The same caption as the API gives for the same image and options.
     let api: Value = reqwest::blocking::Client::new()
@@ -44,6 +60,12 @@ fn page_uploads_an_image_and_shows_captions() {
         .unwrap()
         .json()
         .unwrap();
-    assert_eq!(api["results"][0]["captions"][0]["text"], captions[0].as_str().unwrap().trim());
-    assert!(std::fs::metadata(&shot).unwrap().len() > 1000, "screenshot written");
+    assert_eq!(
+        api["results"][0]["captions"][0]["text"],
+        captions[0].as_str().unwrap().trim()
+    );
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 1000,
+        "screenshot written"
+    );
 }

@@ -14,7 +14,10 @@ fn bundle_dir() -> &'static std::path::Path {
     DIR.get_or_init(|| {
         let d = tempfile::tempdir().unwrap();
         // A flat token embedding makes random GPT-2s loop on a few tokens: good for penalties.
-        common::make_bundle(d.path(), &["--size", "tiny", "--seed", "41", "--wte-std", "0.05"]);
+        common::make_bundle(
+            d.path(),
+            &["--size", "tiny", "--seed", "41", "--wte-std", "0.05"],
+        );
         d
     })
     .path()
@@ -35,21 +38,47 @@ fn repeated_bigrams(t: &[i64]) -> usize {
 #[test]
 fn no_repeat_ngram_and_repetition_penalty() {
     let (b, clip) = setup();
-    let base = GenOptions { strategy: Strategy::Greedy, max_tokens: 40, ..Default::default() };
+    let base = GenOptions {
+        strategy: Strategy::Greedy,
+        max_tokens: 40,
+        ..Default::default()
+    };
     let plain = caption_embeddings(b.clone(), &clip, &base).unwrap();
     let plain_repeats: usize = plain.iter().map(|c| repeated_bigrams(&c[0].tokens)).sum();
-    assert!(plain_repeats > 0, "the fixture should repeat itself without the option");
+    assert!(
+        plain_repeats > 0,
+        "the fixture should repeat itself without the option"
+    );
     for strategy in [Strategy::Greedy, Strategy::Beam] {
-        let o = GenOptions { strategy, no_repeat_ngram: 2, ..base.clone() };
+        let o = GenOptions {
+            strategy,
+            no_repeat_ngram: 2,
+            ..base.clone()
+        };
         let caps = caption_embeddings(b.clone(), &clip, &o).unwrap();
         for c in &caps {
-            assert_eq!(repeated_bigrams(&c[0].tokens), 0, "{strategy:?}: {:?}", c[0].tokens);
+            assert_eq!(
+                repeated_bigrams(&c[0].tokens),
+                0,
+                "{strategy:?}: {:?}",
+                c[0].tokens
+            );
         }
     }
     let distinct = |caps: &[Vec<clipcap::generate::Caption>]| -> usize {
-        caps.iter().map(|c| c[0].tokens.iter().collect::<HashSet<_>>().len()).sum()
+        caps.iter()
+            .map(|c| c[0].tokens.iter().collect::<HashSet<_>>().len())
+            .sum()
     };
-    let penalized = caption_embeddings(b.clone(), &clip, &GenOptions { repetition_penalty: 5.0, ..base.clone() }).unwrap();
+    let penalized = caption_embeddings(
+        b.clone(),
+        &clip,
+        &GenOptions {
+            repetition_penalty: 5.0,
+            ..base.clone()
+        },
+    )
+    .unwrap();
     assert!(
         distinct(&penalized) > distinct(&plain),
         "penalty should diversify tokens: {} vs {}",
@@ -61,18 +90,52 @@ fn no_repeat_ngram_and_repetition_penalty() {
 #[test]
 fn sampling_is_seeded_and_batch_independent() {
     let (b, clip) = setup();
-    let o = GenOptions { strategy: Strategy::Sample, max_tokens: 20, seed: Some(7), top_p: 0.9, n_best: 3, ..Default::default() };
+    let o = GenOptions {
+        strategy: Strategy::Sample,
+        max_tokens: 20,
+        seed: Some(7),
+        top_p: 0.9,
+        n_best: 3,
+        ..Default::default()
+    };
     let a = caption_embeddings(b.clone(), &clip, &o).unwrap();
     let again = caption_embeddings(b.clone(), &clip, &o).unwrap();
     assert_eq!(a, again, "same seed, same captions");
     assert_eq!(a[0].len(), 3, "n samples per image");
     let alone = caption_embeddings(b.clone(), &clip.narrow(0, 2, 1), &o).unwrap();
     assert_eq!(alone[0], a[2], "alone vs in a batch");
-    let other = caption_embeddings(b.clone(), &clip, &GenOptions { seed: Some(8), ..o.clone() }).unwrap();
+    let other = caption_embeddings(
+        b.clone(),
+        &clip,
+        &GenOptions {
+            seed: Some(8),
+            ..o.clone()
+        },
+    )
+    .unwrap();
     assert_ne!(a, other, "another seed, other samples");
     // top_k = 1 is greedy.
-    let k1 = caption_embeddings(b.clone(), &clip, &GenOptions { top_k: 1, top_p: 1.0, n_best: 1, ..o.clone() }).unwrap();
-    let greedy = caption_embeddings(b.clone(), &clip, &GenOptions { strategy: Strategy::Greedy, max_tokens: 20, ..Default::default() }).unwrap();
+    let k1 = caption_embeddings(
+        b.clone(),
+        &clip,
+        &GenOptions {
+            top_k: 1,
+            top_p: 1.0,
+            n_best: 1,
+            ..o.clone()
+        },
+    )
+    .unwrap();
+    let greedy = caption_embeddings(
+        b.clone(),
+        &clip,
+        &GenOptions {
+            strategy: Strategy::Greedy,
+            max_tokens: 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     for (x, y) in k1.iter().zip(&greedy) {
         assert_eq!(x[0].tokens, y[0].tokens);
     }
@@ -81,7 +144,12 @@ fn sampling_is_seeded_and_batch_independent() {
 #[test]
 fn beam_n_best_is_sorted_and_distinct() {
     let (b, clip) = setup();
-    let o = GenOptions { beam_size: 4, n_best: 4, max_tokens: 15, ..Default::default() };
+    let o = GenOptions {
+        beam_size: 4,
+        n_best: 4,
+        max_tokens: 15,
+        ..Default::default()
+    };
     for caps in caption_embeddings(b, &clip, &o).unwrap() {
         assert_eq!(caps.len(), 4);
         assert!(caps.windows(2).all(|w| w[0].score >= w[1].score));
@@ -100,19 +168,35 @@ fn caption_cli_prints_captions_and_clear_errors() {
     let bin = env!("CARGO_BIN_EXE_clipcap");
     let model = bundle_dir().to_str().unwrap();
     let out = std::process::Command::new(bin)
-        .args(["caption", "--model", model, "--json", "--n-best", "2", "--max-tokens", "8"])
+        .args([
+            "caption",
+            "--model",
+            model,
+            "--json",
+            "--n-best",
+            "2",
+            "--max-tokens",
+            "8",
+        ])
         .arg(&img)
         .arg(&img)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["captions"].as_array().unwrap().len(), 2);
-    assert_eq!(lines[0]["captions"], lines[1]["captions"], "same image, same captions");
+    assert_eq!(
+        lines[0]["captions"], lines[1]["captions"],
+        "same image, same captions"
+    );
     assert!(lines[0]["timings_ms"]["decode_batch"].as_f64().unwrap() > 0.0);
     let fails = |args: &[&str], needle: &str| {
         let out = std::process::Command::new(bin).args(args).output().unwrap();
@@ -122,10 +206,25 @@ fn caption_cli_prints_captions_and_clear_errors() {
         assert!(err.contains(needle), "{args:?}: {err}");
     };
     let img_s = img.to_str().unwrap();
-    fails(&["caption", "--model", model, "--device", "tpu", img_s], "unknown device");
-    fails(&["caption", "--model", model, "--device", "cuda", img_s], "CUDA is not available");
-    fails(&["caption", "--model", model, "/no/such.png"], "/no/such.png");
-    fails(&["caption", "--model", model, bad.to_str().unwrap()], "bad.jpg");
+    fails(
+        &["caption", "--model", model, "--device", "tpu", img_s],
+        "unknown device",
+    );
+    fails(
+        &["caption", "--model", model, "--device", "cuda", img_s],
+        "CUDA is not available",
+    );
+    fails(
+        &["caption", "--model", model, "/no/such.png"],
+        "/no/such.png",
+    );
+    fails(
+        &["caption", "--model", model, bad.to_str().unwrap()],
+        "bad.jpg",
+    );
     fails(&["caption", "--model", "/no/bundle", img_s], "clipcap.json");
-    fails(&["caption", "--model", model, "--beam", "99", img_s], "beam-size");
+    fails(
+        &["caption", "--model", model, "--beam", "99", img_s],
+        "beam-size",
+    );
 }

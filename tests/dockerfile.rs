@@ -17,9 +17,20 @@ fn dockerfile_lints_clean_and_matches_the_project() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = std::fs::read_to_string(common::repo().join("Dockerfile")).unwrap();
-    for must in ["torch==${TORCH_VERSION}", "ARG TORCH_VERSION=2.11.0", "HEALTHCHECK", "/ready", "USER 10001", "LIBTORCH_USE_PYTORCH=1", "clipcap\", \"serve"] {
+    for must in [
+        "torch==${TORCH_VERSION}",
+        "ARG TORCH_VERSION=2.11.0",
+        "HEALTHCHECK",
+        "/ready",
+        "USER 10001",
+        "LIBTORCH_USE_PYTORCH=1",
+        "clipcap\", \"serve",
+    ] {
         assert!(text.contains(must), "Dockerfile lacks {must:?}");
     }
     let venv = std::fs::read_to_string(common::repo().join("scripts/venv.sh")).unwrap();
-    assert!(venv.contains("TORCH_PIN=\"2.11.0\""), "one torch pin for the venv and the image");
+    assert!(
+        venv.contains("TORCH_PIN=\"2.11.0\""),
+        "one torch pin for the venv and the image"
+    );
 }

@@ -18,7 +18,11 @@ struct Reference {
 }
 
 fn make_bundle(dir: &Path, extra: &[&str]) {
-    let mut args = vec!["scripts/make_test_bundle.py", "--out", dir.to_str().unwrap()];
+    let mut args = vec![
+        "scripts/make_test_bundle.py",
+        "--out",
+        dir.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     common::run_python(&args);
 }
@@ -65,7 +69,10 @@ fn check_parity(bundle_dir: &Path, clip: &Tensor, max_tokens: i64) {
     let got_greedy = caption_embeddings(bundle.clone(), clip, &greedy).unwrap();
     let mut max_score_diff = 0f64;
     for (i, w) in want.iter().enumerate() {
-        assert_eq!(got_greedy[i][0].tokens, w.greedy, "image {i}: greedy tokens differ");
+        assert_eq!(
+            got_greedy[i][0].tokens, w.greedy,
+            "image {i}: greedy tokens differ"
+        );
         assert_eq!(
             got_beam[i][0].tokens, w.beam[0],
             "image {i}: best beam differs"
@@ -87,14 +94,20 @@ fn check_parity(bundle_dir: &Path, clip: &Tensor, max_tokens: i64) {
     // The same captions when each image is decoded alone.
     for i in 0..clip.size()[0] {
         let alone = caption_embeddings(bundle.clone(), &clip.narrow(0, i, 1), &beam).unwrap();
-        assert_eq!(alone[0][0].tokens, got_beam[i as usize][0].tokens, "image {i} alone vs batch");
+        assert_eq!(
+            alone[0][0].tokens, got_beam[i as usize][0].tokens,
+            "image {i} alone vs batch"
+        );
     }
 }
 
 #[test]
 fn tiny_mlp_mapper_matches_clipcap() {
     let dir = tempfile::tempdir().unwrap();
-    make_bundle(dir.path(), &["--size", "tiny", "--mapping", "mlp", "--seed", "1"]);
+    make_bundle(
+        dir.path(),
+        &["--size", "tiny", "--mapping", "mlp", "--seed", "1"],
+    );
     tch::manual_seed(7);
     let clip = Tensor::randn([6, 32], (Kind::Float, Device::Cpu));
     check_parity(dir.path(), &clip, 67);
@@ -106,8 +119,19 @@ fn tiny_transformer_mapper_matches_clipcap() {
     make_bundle(
         dir.path(),
         &[
-            "--size", "tiny", "--mapping", "transformer", "--prefix-length", "10",
-            "--clip-length", "10", "--num-layers", "8", "--normalize-prefix", "--seed", "2",
+            "--size",
+            "tiny",
+            "--mapping",
+            "transformer",
+            "--prefix-length",
+            "10",
+            "--clip-length",
+            "10",
+            "--num-layers",
+            "8",
+            "--normalize-prefix",
+            "--seed",
+            "2",
         ],
     );
     tch::manual_seed(8);
@@ -120,7 +144,16 @@ fn long_prefix_single_linear_mapper_matches_clipcap() {
     let dir = tempfile::tempdir().unwrap();
     make_bundle(
         dir.path(),
-        &["--size", "tiny", "--mapping", "mlp", "--prefix-length", "12", "--seed", "3"],
+        &[
+            "--size",
+            "tiny",
+            "--mapping",
+            "mlp",
+            "--prefix-length",
+            "12",
+            "--seed",
+            "3",
+        ],
     );
     tch::manual_seed(9);
     let clip = Tensor::randn([3, 32], (Kind::Float, Device::Cpu));
@@ -132,7 +165,10 @@ fn long_prefix_single_linear_mapper_matches_clipcap() {
 #[test]
 fn gpt2_small_shapes_match_clipcap() {
     let dir = tempfile::tempdir().unwrap();
-    make_bundle(dir.path(), &["--size", "small", "--mapping", "mlp", "--seed", "4"]);
+    make_bundle(
+        dir.path(),
+        &["--size", "small", "--mapping", "mlp", "--seed", "4"],
+    );
     tch::manual_seed(10);
     let clip = Tensor::randn([2, 512], (Kind::Float, Device::Cpu));
     check_parity(dir.path(), &clip, 20);

@@ -93,7 +93,9 @@ fn left_padded_batch_matches_hf() {
         Some(&mask.narrow(1, 0, t - 1)),
         &mut cache,
     );
-    let h = m.gpt.forward(&io["padded_embeds"].narrow(1, t - 1, 1), None, &mut cache);
+    let h = m
+        .gpt
+        .forward(&io["padded_embeds"].narrow(1, t - 1, 1), None, &mut cache);
     check(
         "padded prefill + cached step",
         &m.gpt.logits(&h),
@@ -112,22 +114,33 @@ fn rows_can_be_gathered_dropped_and_joined() {
     let mut cache = m.gpt.new_cache(2, 6);
     m.gpt.forward(&embeds.narrow(1, 0, 6), None, &mut cache);
     cache.select_rows(&Tensor::from_slice(&[1i64, 0, 1]));
-    let step = embeds.narrow(1, 6, 1).index_select(0, &Tensor::from_slice(&[1i64, 0, 1]));
+    let step = embeds
+        .narrow(1, 6, 1)
+        .index_select(0, &Tensor::from_slice(&[1i64, 0, 1]));
     let h = m.gpt.forward(&step, None, &mut cache);
-    let expect = want.narrow(1, 6, 1).index_select(0, &Tensor::from_slice(&[1i64, 0, 1]));
+    let expect = want
+        .narrow(1, 6, 1)
+        .index_select(0, &Tensor::from_slice(&[1i64, 0, 1]));
     check("gathered rows", &m.gpt.logits(&h), &expect);
     cache.select_rows(&Tensor::from_slice(&[0i64]));
     // A newcomer (row 0 of the batch, 3 tokens so far) joins the running row 1 (7 tokens).
     let mut newcomer = m.gpt.new_cache(1, 3);
-    m.gpt.forward(&embeds.narrow(0, 0, 1).narrow(1, 0, 3), None, &mut newcomer);
+    m.gpt
+        .forward(&embeds.narrow(0, 0, 1).narrow(1, 0, 3), None, &mut newcomer);
     cache.append_rows(newcomer);
     let step = Tensor::cat(
-        &[embeds.narrow(0, 1, 1).narrow(1, 7, 1), embeds.narrow(0, 0, 1).narrow(1, 3, 1)],
+        &[
+            embeds.narrow(0, 1, 1).narrow(1, 7, 1),
+            embeds.narrow(0, 0, 1).narrow(1, 3, 1),
+        ],
         0,
     );
     let h = m.gpt.forward(&step, None, &mut cache);
     let expect = Tensor::cat(
-        &[want.narrow(0, 1, 1).narrow(1, 7, 1), want.narrow(0, 0, 1).narrow(1, 3, 1)],
+        &[
+            want.narrow(0, 1, 1).narrow(1, 7, 1),
+            want.narrow(0, 0, 1).narrow(1, 3, 1),
+        ],
         0,
     );
     check("joined rows", &m.gpt.logits(&h), &expect);

@@ -13,7 +13,10 @@ fn bundle() -> &'static str {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
         let d = tempfile::tempdir().unwrap();
-        common::make_bundle(d.path(), &["--size", "tiny", "--encoder", "tiny", "--seed", "11"]);
+        common::make_bundle(
+            d.path(),
+            &["--size", "tiny", "--encoder", "tiny", "--seed", "11"],
+        );
         d
     })
     .path()
@@ -31,7 +34,10 @@ fn start(env: &[(&str, &str)]) -> Server {
 }
 
 fn client() -> Client {
-    Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
+    Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
 }
 
 fn caption_of(v: &Value, i: usize) -> String {
@@ -53,7 +59,10 @@ fn every_input_form_gives_the_same_caption() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let timing = r.headers()["server-timing"].to_str().unwrap().to_string();
-    assert!(timing.contains("encode;dur=") && timing.contains("decode;dur="), "{timing}");
+    assert!(
+        timing.contains("encode;dur=") && timing.contains("decode;dur="),
+        "{timing}"
+    );
     let raw: Value = r.json().unwrap();
     let want = caption_of(&raw, 0);
     assert!(!want.is_empty());
@@ -64,8 +73,14 @@ fn every_input_form_gives_the_same_caption() {
     }
     // Multipart with two images and an option as a form field.
     let form = multipart::Form::new()
-        .part("image", multipart::Part::bytes(img.clone()).file_name("a.png"))
-        .part("image", multipart::Part::bytes(other.clone()).file_name("b.png"))
+        .part(
+            "image",
+            multipart::Part::bytes(img.clone()).file_name("a.png"),
+        )
+        .part(
+            "image",
+            multipart::Part::bytes(other.clone()).file_name("b.png"),
+        )
         .text("max_tokens", "12");
     let v: Value = c
         .post(format!("{}/caption", s.url))
@@ -89,7 +104,10 @@ fn every_input_form_gives_the_same_caption() {
     let caps = v["results"][0]["captions"].as_array().unwrap();
     assert_eq!(caps.len(), 3);
     let scores: Vec<f64> = caps.iter().map(|c| c["score"].as_f64().unwrap()).collect();
-    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "n-best sorted by score: {scores:?}");
+    assert!(
+        scores.windows(2).all(|w| w[0] >= w[1]),
+        "n-best sorted by score: {scores:?}"
+    );
     // Greedy and seeded sampling are accepted and reproducible.
     let g = |q: &str| -> String {
         let v: Value = c
@@ -102,7 +120,10 @@ fn every_input_form_gives_the_same_caption() {
             .unwrap();
         caption_of(&v, 0)
     };
-    assert_eq!(g("strategy=greedy&max_tokens=10"), g("strategy=greedy&max_tokens=10"));
+    assert_eq!(
+        g("strategy=greedy&max_tokens=10"),
+        g("strategy=greedy&max_tokens=10")
+    );
     assert_eq!(
         g("strategy=sample&seed=5&top_p=0.9&max_tokens=10"),
         g("strategy=sample&seed=5&top_p=0.9&max_tokens=10")
@@ -128,7 +149,12 @@ fn bad_input_gets_the_right_status() {
     let url = format!("{}/caption", s.url);
     let img = png(64, 64, 3);
     // 400
-    let r = c.post(&url).header("content-type", "application/json").body("{nope").send().unwrap();
+    let r = c
+        .post(&url)
+        .header("content-type", "application/json")
+        .body("{nope")
+        .send()
+        .unwrap();
     expect_error(r, 400, "malformed_request");
     let r = c.post(&url).json(&json!({"max_tokens": 5})).send().unwrap();
     expect_error(r, 400, "malformed_request");
@@ -142,30 +168,56 @@ fn bad_input_gets_the_right_status() {
         .unwrap();
     expect_error(r, 400, "malformed_request");
     // 413: body, image count, pixels (a 20000x20000 PNG header is tiny).
-    let r = c.post(&url).header("content-type", "image/png").body(vec![0u8; 300_000]).send().unwrap();
+    let r = c
+        .post(&url)
+        .header("content-type", "image/png")
+        .body(vec![0u8; 300_000])
+        .send()
+        .unwrap();
     expect_error(r, 413, "too_large");
     let form = multipart::Form::new()
         .part("image", multipart::Part::bytes(img.clone()))
         .part("image", multipart::Part::bytes(img.clone()))
         .part("image", multipart::Part::bytes(img.clone()));
-    expect_error(c.post(&url).multipart(form).send().unwrap(), 413, "too_large");
+    expect_error(
+        c.post(&url).multipart(form).send().unwrap(),
+        413,
+        "too_large",
+    );
     let bomb = png_header(20000, 20000);
     let v = expect_error(
-        c.post(&url).header("content-type", "image/png").body(bomb).send().unwrap(),
+        c.post(&url)
+            .header("content-type", "image/png")
+            .body(bomb)
+            .send()
+            .unwrap(),
         413,
         "too_large",
     );
     assert!(v["error"].as_str().unwrap().contains("20000"), "{v}");
     // 415
-    let r = c.post(&url).header("content-type", "text/plain").body("hello").send().unwrap();
+    let r = c
+        .post(&url)
+        .header("content-type", "text/plain")
+        .body("hello")
+        .send()
+        .unwrap();
     expect_error(r, 415, "unsupported_media_type");
     let r = c.post(&url).body(img.clone()).send().unwrap();
     expect_error(r, 415, "unsupported_media_type");
     // 422: options name the field and the range; undecodable image; unknown model.
-    let r = c.post(format!("{url}?beam_size=0")).header("content-type", "image/png").body(img.clone()).send().unwrap();
+    let r = c
+        .post(format!("{url}?beam_size=0"))
+        .header("content-type", "image/png")
+        .body(img.clone())
+        .send()
+        .unwrap();
     let v = expect_error(r, 422, "invalid_option");
     assert_eq!(v["field"], "beam_size");
-    assert!(v["error"].as_str().unwrap().contains("between 1 and 16"), "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("between 1 and 16"),
+        "{v}"
+    );
     for (q, field) in [
         ("temperature=-1", "temperature"),
         ("top_p=2", "top_p"),
@@ -175,17 +227,36 @@ fn bad_input_gets_the_right_status() {
         ("strategy=greedy&n=2", "n"),
         ("model=nope", "model"),
     ] {
-        let r = c.post(format!("{url}?{q}")).header("content-type", "image/png").body(img.clone()).send().unwrap();
+        let r = c
+            .post(format!("{url}?{q}"))
+            .header("content-type", "image/png")
+            .body(img.clone())
+            .send()
+            .unwrap();
         let v = expect_error(r, 422, "invalid_option");
         assert_eq!(v["field"], field, "{q}: {v}");
     }
-    let r = c.post(&url).header("content-type", "image/jpeg").body(b"\xff\xd8\xff\xe0 not really a jpeg".to_vec()).send().unwrap();
+    let r = c
+        .post(&url)
+        .header("content-type", "image/jpeg")
+        .body(b"\xff\xd8\xff\xe0 not really a jpeg".to_vec())
+        .send()
+        .unwrap();
     expect_error(r, 422, "invalid_image");
     // Unknown routes and methods are JSON too.
-    expect_error(c.get(format!("{}/nope", s.url)).send().unwrap(), 404, "not_found");
+    expect_error(
+        c.get(format!("{}/nope", s.url)).send().unwrap(),
+        404,
+        "not_found",
+    );
     expect_error(c.get(&url).send().unwrap(), 405, "method_not_allowed");
     // Still healthy after all that.
-    let r = c.post(&url).header("content-type", "image/png").body(img).send().unwrap();
+    let r = c
+        .post(&url)
+        .header("content-type", "image/png")
+        .body(img)
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 200);
 }
 
@@ -207,7 +278,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= b as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -215,13 +290,21 @@ fn crc32(data: &[u8]) -> u32 {
 
 #[test]
 fn concurrent_requests_share_batches() {
-    let s = start(&[("CLIPCAP_MAX_BATCH_DELAY_MS", "300"), ("CLIPCAP_CONTINUOUS_BATCHING", "true")]);
+    let s = start(&[
+        ("CLIPCAP_MAX_BATCH_DELAY_MS", "300"),
+        ("CLIPCAP_CONTINUOUS_BATCHING", "true"),
+    ]);
     let url = format!("{}/caption?max_tokens=8", s.url);
     let handles: Vec<_> = (0..8)
         .map(|i| {
             let url = url.clone();
             std::thread::spawn(move || {
-                let r = client().post(url).header("content-type", "image/png").body(png(64, 48, i)).send().unwrap();
+                let r = client()
+                    .post(url)
+                    .header("content-type", "image/png")
+                    .body(png(64, 48, i))
+                    .send()
+                    .unwrap();
                 assert_eq!(r.status(), 200);
                 r.json::<Value>().unwrap()
             })
@@ -229,13 +312,23 @@ fn concurrent_requests_share_batches() {
         .collect();
     let rows: Vec<i64> = handles
         .into_iter()
-        .map(|h| h.join().unwrap()["results"][0]["batch_rows"].as_i64().unwrap())
+        .map(|h| {
+            h.join().unwrap()["results"][0]["batch_rows"]
+                .as_i64()
+                .unwrap()
+        })
         .collect();
     let count = s.metric("clipcap_encode_batch_size_count").unwrap();
     let sum = s.metric("clipcap_encode_batch_size_sum").unwrap();
     assert_eq!(sum, 8.0, "8 images encoded");
-    assert!(count < 8.0, "8 concurrent images took {count} encoder passes: no batching");
-    assert!(rows.iter().any(|&r| r > 5), "some image decoded with others (rows {rows:?})");
+    assert!(
+        count < 8.0,
+        "8 concurrent images took {count} encoder passes: no batching"
+    );
+    assert!(
+        rows.iter().any(|&r| r > 5),
+        "some image decoded with others (rows {rows:?})"
+    );
     assert!(s.metric("clipcap_generated_tokens_total").unwrap() > 0.0);
 }
 
@@ -249,12 +342,20 @@ fn deadline_answers_504_and_frees_the_rows() {
         .part("image", multipart::Part::bytes(png(64, 64, 8)))
         .part("image", multipart::Part::bytes(png(64, 64, 7)))
         .part("image", multipart::Part::bytes(png(64, 64, 6)));
-    let r = c.post(format!("{}/caption?beam_size=16&max_tokens=256", s.url)).multipart(form).send().unwrap();
+    let r = c
+        .post(format!("{}/caption?beam_size=16&max_tokens=256", s.url))
+        .multipart(form)
+        .send()
+        .unwrap();
     let v = expect_error(r, 504, "deadline_exceeded");
     assert!(v["error"].as_str().unwrap().contains("150 ms"), "{v}");
     // The worker drops the rows at its next step boundary.
     let deadline_metric = "clipcap_images_total{model=\"tiny\",outcome=\"deadline\"}";
-    assert!(poll(|| s.metric(deadline_metric).unwrap_or(0.0) >= 4.0), "{}", s.log());
+    assert!(
+        poll(|| s.metric(deadline_metric).unwrap_or(0.0) >= 4.0),
+        "{}",
+        s.log()
+    );
     // The worker is free again: nothing queued, still answering.
     assert!(poll(|| s.metric("clipcap_queue_depth") == Some(0.0)));
     let ready = c.get(format!("{}/ready", s.url)).send().unwrap();
@@ -270,20 +371,34 @@ fn client_disconnect_cancels_its_work() {
         .part("image", multipart::Part::bytes(png(64, 64, 11)))
         .part("image", multipart::Part::bytes(png(64, 64, 12)))
         .part("image", multipart::Part::bytes(png(64, 64, 13)));
-    let quick = Client::builder().timeout(Duration::from_millis(700)).build().unwrap();
+    let quick = Client::builder()
+        .timeout(Duration::from_millis(700))
+        .build()
+        .unwrap();
     let r = quick
         .post(format!("{}/caption?beam_size=16&max_tokens=256", s.url))
         .multipart(form)
         .send();
-    assert!(r.is_err(), "the request should still be running when the client leaves");
+    assert!(
+        r.is_err(),
+        "the request should still be running when the client leaves"
+    );
     let cancelled = "clipcap_images_total{model=\"tiny\",outcome=\"cancelled\"}";
     assert!(
         poll(|| s.metric(cancelled).unwrap_or(0.0) >= 4.0),
         "abandoned work was not dropped:\n{}",
         s.log()
     );
-    assert_eq!(s.metric("clipcap_images_total{model=\"tiny\",outcome=\"ok\"}"), None);
-    let ok = client().post(format!("{}/caption?max_tokens=4", s.url)).header("content-type", "image/png").body(png(32, 32, 1)).send().unwrap();
+    assert_eq!(
+        s.metric("clipcap_images_total{model=\"tiny\",outcome=\"ok\"}"),
+        None
+    );
+    let ok = client()
+        .post(format!("{}/caption?max_tokens=4", s.url))
+        .header("content-type", "image/png")
+        .body(png(32, 32, 1))
+        .send()
+        .unwrap();
     assert_eq!(ok.status(), 200);
 }
 
@@ -303,16 +418,36 @@ fn poll(mut cond: impl FnMut() -> bool) -> bool {
 fn health_ready_info_metrics_openapi_and_request_ids() {
     let s = start(&[]);
     let c = client();
-    let h: Value = c.get(format!("{}/health", s.url)).send().unwrap().json().unwrap();
+    let h: Value = c
+        .get(format!("{}/health", s.url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     assert_eq!(h["status"], "ok");
-    let r: Value = c.get(format!("{}/ready", s.url)).send().unwrap().json().unwrap();
+    let r: Value = c
+        .get(format!("{}/ready", s.url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     assert_eq!(r["ready"], true);
-    let i: Value = c.get(format!("{}/info", s.url)).send().unwrap().json().unwrap();
+    let i: Value = c
+        .get(format!("{}/info", s.url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     assert_eq!(i["default_model"], "tiny");
     assert_eq!(i["models"][0]["device"], "cpu");
     assert_eq!(i["models"][0]["dtype"], "f32");
     assert!(i["limits"]["max_pixels"].as_u64().unwrap() > 0);
-    let o: Value = c.get(format!("{}/openapi.json", s.url)).send().unwrap().json().unwrap();
+    let o: Value = c
+        .get(format!("{}/openapi.json", s.url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     assert!(o["paths"]["/caption"]["post"].is_object());
     let page = c.get(format!("{}/", s.url)).send().unwrap().text().unwrap();
     assert!(page.contains("<form") && page.contains("/caption"));
@@ -325,8 +460,16 @@ fn health_ready_info_metrics_openapi_and_request_ids() {
         .unwrap();
     assert_eq!(r.headers()["x-request-id"], "abc-123");
     let r = c.get(format!("{}/health", s.url)).send().unwrap();
-    assert!(!r.headers()["x-request-id"].is_empty(), "an id is made when none is sent");
-    let m = c.get(format!("{}/metrics", s.url)).send().unwrap().text().unwrap();
+    assert!(
+        !r.headers()["x-request-id"].is_empty(),
+        "an id is made when none is sent"
+    );
+    let m = c
+        .get(format!("{}/metrics", s.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
     for name in [
         "clipcap_requests_total{route=\"/caption\",status=\"200\"}",
         "clipcap_request_duration_seconds_bucket",
@@ -351,14 +494,27 @@ fn admin_routes_need_the_token_and_swap_models() {
     let s = start(&[]);
     let c = client();
     let body = json!({"name": "second", "path": bundle()});
-    let r = c.post(format!("{}/admin/models", s.url)).json(&body).send().unwrap();
+    let r = c
+        .post(format!("{}/admin/models", s.url))
+        .json(&body)
+        .send()
+        .unwrap();
     expect_error(r, 403, "forbidden");
     drop(s);
 
     let s = start(&[("CLIPCAP_ADMIN_TOKEN", "s3cret")]);
-    let r = c.post(format!("{}/admin/models", s.url)).json(&body).send().unwrap();
+    let r = c
+        .post(format!("{}/admin/models", s.url))
+        .json(&body)
+        .send()
+        .unwrap();
     expect_error(r, 401, "unauthorized");
-    let r = c.post(format!("{}/admin/models", s.url)).bearer_auth("wrong").json(&body).send().unwrap();
+    let r = c
+        .post(format!("{}/admin/models", s.url))
+        .bearer_auth("wrong")
+        .json(&body)
+        .send()
+        .unwrap();
     expect_error(r, 401, "unauthorized");
     let r = c
         .post(format!("{}/admin/models", s.url))
@@ -367,7 +523,12 @@ fn admin_routes_need_the_token_and_swap_models() {
         .send()
         .unwrap();
     expect_error(r, 422, "invalid_option");
-    let r = c.post(format!("{}/admin/models", s.url)).bearer_auth("s3cret").json(&body).send().unwrap();
+    let r = c
+        .post(format!("{}/admin/models", s.url))
+        .bearer_auth("s3cret")
+        .json(&body)
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 200);
     let v: Value = r.json().unwrap();
     assert_eq!(v["loaded"]["name"], "second");
@@ -390,7 +551,11 @@ fn admin_routes_need_the_token_and_swap_models() {
         .json()
         .unwrap();
     assert_eq!(r["loaded"]["version"], 2);
-    let r = c.delete(format!("{}/admin/models/second", s.url)).bearer_auth("s3cret").send().unwrap();
+    let r = c
+        .delete(format!("{}/admin/models/second", s.url))
+        .bearer_auth("s3cret")
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 204);
     let r = c
         .post(format!("{}/caption?model=second", s.url))
@@ -406,9 +571,20 @@ fn api_key_protects_caption() {
     let s = start(&[("CLIPCAP_API_KEY", "k1")]);
     let c = client();
     let url = format!("{}/caption?max_tokens=4", s.url);
-    let r = c.post(&url).header("content-type", "image/png").body(png(32, 32, 1)).send().unwrap();
+    let r = c
+        .post(&url)
+        .header("content-type", "image/png")
+        .body(png(32, 32, 1))
+        .send()
+        .unwrap();
     expect_error(r, 401, "unauthorized");
-    let r = c.post(&url).header("x-api-key", "k1").header("content-type", "image/png").body(png(32, 32, 1)).send().unwrap();
+    let r = c
+        .post(&url)
+        .header("x-api-key", "k1")
+        .header("content-type", "image/png")
+        .body(png(32, 32, 1))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 200);
 }
 
@@ -420,8 +596,16 @@ fn overload_gets_429_with_retry_after() {
         .map(|i| {
             let url = url.clone();
             std::thread::spawn(move || {
-                let r = client().post(url).header("content-type", "image/png").body(png(64, 64, i)).send().unwrap();
-                let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+                let r = client()
+                    .post(url)
+                    .header("content-type", "image/png")
+                    .body(png(64, 64, i))
+                    .send()
+                    .unwrap();
+                let retry = r
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_string());
                 (r.status().as_u16(), retry)
             })
         })
@@ -438,20 +622,35 @@ fn sigterm_finishes_in_flight_requests_then_exits() {
     let mut s = start(&[]);
     let url = format!("{}/caption?beam_size=8&max_tokens=120", s.url);
     let inflight = std::thread::spawn(move || {
-        client().post(url).header("content-type", "image/png").body(png(64, 64, 7)).send().map(|r| r.status().as_u16())
+        client()
+            .post(url)
+            .header("content-type", "image/png")
+            .body(png(64, 64, 7))
+            .send()
+            .map(|r| r.status().as_u16())
     });
     std::thread::sleep(Duration::from_millis(150));
     s.terminate();
-    let status = inflight.join().unwrap().expect("in-flight request answered");
+    let status = inflight
+        .join()
+        .unwrap()
+        .expect("in-flight request answered");
     assert_eq!(status, 200, "in-flight request finished during shutdown");
     let t0 = std::time::Instant::now();
     let code = loop {
         if let Some(st) = s.child.try_wait().unwrap() {
             break st;
         }
-        assert!(t0.elapsed().as_secs() < 30, "server did not exit:\n{}", s.log());
+        assert!(
+            t0.elapsed().as_secs() < 30,
+            "server did not exit:\n{}",
+            s.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(code.success(), "exit status {code:?}\n{}", s.log());
-    assert!(client().get(format!("{}/health", s.url)).send().is_err(), "no new connections after shutdown");
+    assert!(
+        client().get(format!("{}/health", s.url)).send().is_err(),
+        "no new connections after shutdown"
+    );
 }

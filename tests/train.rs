@@ -39,9 +39,20 @@ fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
     let base = root.join("base");
-    common::make_bundle(&base, &["--size", "tiny", "--seed", "31", "--wte-std", "0.02"]);
+    common::make_bundle(
+        &base,
+        &["--size", "tiny", "--seed", "31", "--wte-std", "0.02"],
+    );
     let synth = root.join("synth");
-    run(&["synth", "--out", synth.to_str().unwrap(), "--images", "16", "--seed", "3"]);
+    run(&[
+        "synth",
+        "--out",
+        synth.to_str().unwrap(),
+        "--images",
+        "16",
+        "--seed",
+        "3",
+    ]);
     let coco: Value = serde_json::from_str(
         &std::fs::read_to_string(synth.join("annotations/captions_synth.json")).unwrap(),
     )
@@ -64,34 +75,64 @@ fn fixture() -> Fixture {
         lines.push('\n');
         pairs.push((synth.join(&rel), caption));
     }
-    std::fs::write(synth.join("images/broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
-    lines.push_str(&json!({"image": "images/broken.png", "caption": "broken", "split": "train"}).to_string());
+    std::fs::write(
+        synth.join("images/broken.png"),
+        b"\x89PNG\r\n\x1a\nnot really",
+    )
+    .unwrap();
+    lines.push_str(
+        &json!({"image": "images/broken.png", "caption": "broken", "split": "train"}).to_string(),
+    );
     lines.push('\n');
     std::fs::write(synth.join("train.jsonl"), lines).unwrap();
     let data = root.join("data/ds");
     let out = run(&[
-        "prepare", "--model", base.to_str().unwrap(), "--jsonl", synth.join("train.jsonl").to_str().unwrap(),
-        "--out", data.to_str().unwrap(), "--chunk-size", "5", "--quiet",
+        "prepare",
+        "--model",
+        base.to_str().unwrap(),
+        "--jsonl",
+        synth.join("train.jsonl").to_str().unwrap(),
+        "--out",
+        data.to_str().unwrap(),
+        "--chunk-size",
+        "5",
+        "--quiet",
     ]);
     assert!(out.contains("prepared 16 images, 16 captions"), "{out}");
     assert!(out.contains("1 skipped"), "{out}");
-    Fixture { _dir: dir, root, base, pairs }
+    Fixture {
+        _dir: dir,
+        root,
+        base,
+        pairs,
+    }
 }
 
 fn server(f: &Fixture) -> Server {
     let model = format!("tiny={}", f.base.display());
     Server::start(
-        &["--model", &model, "--data-root", f.root.join("data").to_str().unwrap()],
+        &[
+            "--model",
+            &model,
+            "--data-root",
+            f.root.join("data").to_str().unwrap(),
+        ],
         &[
             ("CLIPCAP_ADMIN_TOKEN", TOKEN),
             ("CLIPCAP_JOBS_DIR", f.root.join("jobs").to_str().unwrap()),
-            ("CLIPCAP_BUNDLES_DIR", f.root.join("models").to_str().unwrap()),
+            (
+                "CLIPCAP_BUNDLES_DIR",
+                f.root.join("models").to_str().unwrap(),
+            ),
         ],
     )
 }
 
 fn client() -> Client {
-    Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
+    Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
 }
 
 fn job(s: &Server, id: &str) -> Value {
@@ -122,10 +163,18 @@ fn wait_for(s: &Server, id: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> V
 }
 
 fn start_job(s: &Server, body: Value) -> String {
-    let r = client().post(format!("{}/train", s.url)).bearer_auth(TOKEN).json(&body).send().unwrap();
+    let r = client()
+        .post(format!("{}/train", s.url))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 202, "{}", r.text().unwrap());
     let v: Value = r.json().unwrap();
-    assert_eq!(v["status_url"], format!("/train/{}", v["id"].as_str().unwrap()));
+    assert_eq!(
+        v["status_url"],
+        format!("/train/{}", v["id"].as_str().unwrap())
+    );
     v["id"].as_str().unwrap().to_string()
 }
 
@@ -137,15 +186,26 @@ fn prepare_resumes_from_finished_chunks() {
     std::fs::remove_file(data.join("embeddings.safetensors")).unwrap();
     std::fs::remove_file(data.join("chunks/chunk_000003.safetensors")).unwrap();
     let out = run(&[
-        "prepare", "--model", f.base.to_str().unwrap(), "--jsonl",
-        f.root.join("synth/train.jsonl").to_str().unwrap(), "--out", data.to_str().unwrap(),
-        "--chunk-size", "5", "--quiet",
+        "prepare",
+        "--model",
+        f.base.to_str().unwrap(),
+        "--jsonl",
+        f.root.join("synth/train.jsonl").to_str().unwrap(),
+        "--out",
+        data.to_str().unwrap(),
+        "--chunk-size",
+        "5",
+        "--quiet",
     ]);
     assert!(out.contains("(4 chunks, 3 resumed, 1 skipped)"), "{out}");
-    let meta: Value = serde_json::from_str(&std::fs::read_to_string(data.join("meta.json")).unwrap()).unwrap();
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("meta.json")).unwrap()).unwrap();
     assert_eq!(meta["images"], 16);
     assert_eq!(meta["embedding_dim"], 32);
-    assert!(meta["skipped"][0]["path"].as_str().unwrap().ends_with("broken.png"));
+    assert!(meta["skipped"][0]["path"]
+        .as_str()
+        .unwrap()
+        .ends_with("broken.png"));
     assert_eq!(meta["encoder_sha256"].as_str().unwrap().len(), 64);
 }
 
@@ -158,7 +218,9 @@ fn a_trained_bundle_is_served_and_captions_its_training_images() {
         json!({"dataset": "ds", "output": "trained", "activate": true, "epochs": 200, "batch_size": 8,
                "lr": 0.003, "warmup": 10, "seed": 1}),
     );
-    let j = wait_for(&s, &id, 600, |j| j["state"] != "queued" && j["state"] != "running");
+    let j = wait_for(&s, &id, 600, |j| {
+        j["state"] != "queued" && j["state"] != "running"
+    });
     assert_eq!(j["state"], "succeeded", "{j}");
     assert_eq!(j["activated"], true);
     let hist = j["loss_history"].as_array().unwrap();
@@ -172,7 +234,10 @@ fn a_trained_bundle_is_served_and_captions_its_training_images() {
     let mut overlap = 0.0;
     for (path, caption) in &f.pairs {
         let v: Value = client()
-            .post(format!("{}/caption?model=trained&strategy=greedy&max_tokens=30", s.url))
+            .post(format!(
+                "{}/caption?model=trained&strategy=greedy&max_tokens=30",
+                s.url
+            ))
             .header("content-type", "image/png")
             .body(std::fs::read(path).unwrap())
             .send()
@@ -189,15 +254,30 @@ fn a_trained_bundle_is_served_and_captions_its_training_images() {
     println!("{exact}/{n} training images captioned with their exact reference; mean word overlap {overlap:.3}");
     assert!(exact * 8 >= n * 5, "only {exact}/{n} exact");
     assert!(overlap >= 0.85, "mean word overlap {overlap}");
-    let svg = client().get(format!("{}/train/{id}/loss.svg", s.url)).bearer_auth(TOKEN).send().unwrap();
+    let svg = client()
+        .get(format!("{}/train/{id}/loss.svg", s.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .unwrap();
     assert_eq!(svg.headers()["content-type"], "image/svg+xml");
     assert!(svg.text().unwrap().contains("<polyline"));
-    let list: Value = client().get(format!("{}/train", s.url)).bearer_auth(TOKEN).send().unwrap().json().unwrap();
+    let list: Value = client()
+        .get(format!("{}/train", s.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
     assert!(s.metric("clipcap_train_jobs{state=\"succeeded\"}").unwrap() >= 1.0);
     // The bundle on disk is complete.
     let b = f.root.join("models/trained");
-    for file in ["clipcap.json", "clip_image.pt", "model.safetensors", "tokenizer.json"] {
+    for file in [
+        "clipcap.json",
+        "clip_image.pt",
+        "model.safetensors",
+        "tokenizer.json",
+    ] {
         assert!(b.join(file).exists(), "{file}");
     }
 }
@@ -205,7 +285,10 @@ fn a_trained_bundle_is_served_and_captions_its_training_images() {
 /// Word-set Jaccard similarity of two captions.
 fn jaccard(a: &str, b: &str) -> f64 {
     let words = |s: &str| -> std::collections::HashSet<String> {
-        s.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_lowercase).collect()
+        s.split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .map(str::to_lowercase)
+            .collect()
     };
     let (a, b) = (words(a), words(b));
     a.intersection(&b).count() as f64 / a.union(&b).count().max(1) as f64
@@ -219,19 +302,37 @@ fn cancel_resume_and_restart_mid_job() {
                       "warmup": 0, "save_every": 4});
     let id = start_job(&s, body);
     wait_for(&s, &id, 120, |j| j["step"].as_i64().unwrap_or(0) >= 6);
-    let r = client().delete(format!("{}/train/{id}", s.url)).bearer_auth(TOKEN).send().unwrap();
+    let r = client()
+        .delete(format!("{}/train/{id}", s.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 200);
     let j = wait_for(&s, &id, 60, |j| j["state"] == "cancelled");
     let cancelled_at = j["step"].as_i64().unwrap();
     // Finished jobs cannot be cancelled again; unknown ones are 404.
-    let r = client().delete(format!("{}/train/{id}", s.url)).bearer_auth(TOKEN).send().unwrap();
+    let r = client()
+        .delete(format!("{}/train/{id}", s.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 409);
-    let r = client().delete(format!("{}/train/nope", s.url)).bearer_auth(TOKEN).send().unwrap();
+    let r = client()
+        .delete(format!("{}/train/nope", s.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 404);
     // Resume continues from the checkpoint, not from step 0.
-    let r = client().post(format!("{}/train/{id}/resume", s.url)).bearer_auth(TOKEN).send().unwrap();
+    let r = client()
+        .post(format!("{}/train/{id}/resume", s.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 202);
-    let j = wait_for(&s, &id, 120, |j| j["state"] == "running" && j["step"].as_i64().unwrap() > cancelled_at + 8);
+    let j = wait_for(&s, &id, 120, |j| {
+        j["state"] == "running" && j["step"].as_i64().unwrap() > cancelled_at + 8
+    });
     assert!(j["runs"].as_i64().unwrap() == 2);
     // Kill the server mid-job (no graceful shutdown), start it again.
     let before_kill = j["loss_history"].as_array().unwrap().len();
@@ -240,14 +341,31 @@ fn cancel_resume_and_restart_mid_job() {
     let s2 = server(&f);
     let j = job(&s2, &id);
     assert_eq!(j["state"], "interrupted", "{j}");
-    let r = client().post(format!("{}/train/{id}/resume", s2.url)).bearer_auth(TOKEN).send().unwrap();
+    let r = client()
+        .post(format!("{}/train/{id}/resume", s2.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 202);
-    let j = wait_for(&s2, &id, 120, |j| j["state"] == "running" && j["runs"] == 3 && j["step"].as_i64().unwrap() > 0);
+    let j = wait_for(&s2, &id, 120, |j| {
+        j["state"] == "running" && j["runs"] == 3 && j["step"].as_i64().unwrap() > 0
+    });
     // Work saved before the kill is still there (checkpoints every 4 steps).
     let hist = j["loss_history"].as_array().unwrap();
-    assert!(hist.len() + 4 >= before_kill, "history lost: {} points after, {before_kill} before", hist.len());
-    assert!(j["step"].as_i64().unwrap() >= cancelled_at, "resumed from the checkpoint, not from 0: {j}");
-    let r = client().delete(format!("{}/train/{id}", s2.url)).bearer_auth(TOKEN).send().unwrap();
+    assert!(
+        hist.len() + 4 >= before_kill,
+        "history lost: {} points after, {before_kill} before",
+        hist.len()
+    );
+    assert!(
+        j["step"].as_i64().unwrap() >= cancelled_at,
+        "resumed from the checkpoint, not from 0: {j}"
+    );
+    let r = client()
+        .delete(format!("{}/train/{id}", s2.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 200);
     wait_for(&s2, &id, 60, |j| j["state"] == "cancelled");
 }
@@ -260,9 +378,19 @@ fn bad_job_specs_get_4xx_naming_the_field() {
     let s = server(&f);
     let c = client();
     let url = format!("{}/train", s.url);
-    let r = c.post(&url).json(&json!({"dataset": "ds", "output": "x"})).send().unwrap();
+    let r = c
+        .post(&url)
+        .json(&json!({"dataset": "ds", "output": "x"}))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 401);
-    let r = c.post(&url).bearer_auth(TOKEN).header("content-type", "application/json").body("{").send().unwrap();
+    let r = c
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body("{")
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 400);
     for (body, field) in [
         (json!({"dataset": "../synth", "output": "x"}), "dataset"),
@@ -270,21 +398,49 @@ fn bad_job_specs_get_4xx_naming_the_field() {
         (json!({"dataset": "escape", "output": "x"}), "dataset"),
         (json!({"dataset": "missing", "output": "x"}), "dataset"),
         (json!({"dataset": "ds", "output": "../evil"}), "output"),
-        (json!({"dataset": "ds", "output": "x", "epochs": 0}), "epochs"),
+        (
+            json!({"dataset": "ds", "output": "x", "epochs": 0}),
+            "epochs",
+        ),
         (json!({"dataset": "ds", "output": "x", "lr": 5.0}), "lr"),
-        (json!({"dataset": "ds", "output": "x", "mapping": "lstm"}), "mapping"),
-        (json!({"dataset": "ds", "output": "x", "base": "nope"}), "base"),
+        (
+            json!({"dataset": "ds", "output": "x", "mapping": "lstm"}),
+            "mapping",
+        ),
+        (
+            json!({"dataset": "ds", "output": "x", "base": "nope"}),
+            "base",
+        ),
         (json!({"dataset": "ds", "output": "x", "bogus": 1}), "bogus"),
-        (json!({"dataset": "ds", "output": "x", "epochs": "ten"}), "epochs"),
+        (
+            json!({"dataset": "ds", "output": "x", "epochs": "ten"}),
+            "epochs",
+        ),
     ] {
         let r = c.post(&url).bearer_auth(TOKEN).json(&body).send().unwrap();
         assert_eq!(r.status(), 422, "{body}");
         let v: Value = r.json().unwrap();
         assert_eq!(v["field"], field, "{body}: {v}");
     }
-    let r = c.get(format!("{}/train/none", s.url)).bearer_auth(TOKEN).send().unwrap();
+    let r = c
+        .get(format!("{}/train/none", s.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 404);
-    let r = c.post(format!("{}/train/none/resume", s.url)).bearer_auth(TOKEN).send().unwrap();
+    let r = c
+        .post(format!("{}/train/none/resume", s.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 404);
-    assert!(Path::new(&f.root).join("jobs").read_dir().unwrap().next().is_none(), "no job was created");
+    assert!(
+        Path::new(&f.root)
+            .join("jobs")
+            .read_dir()
+            .unwrap()
+            .next()
+            .is_none(),
+        "no job was created"
+    );
 }

@@ -14,22 +14,45 @@ use tch::{Device, Kind, Tensor};
 fn one_step(only_prefix: bool) {
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("bundle");
-    common::make_bundle(&bundle, &["--size", "tiny", "--mapping", "transformer", "--num-layers", "2", "--seed", "5"]);
+    common::make_bundle(
+        &bundle,
+        &[
+            "--size",
+            "tiny",
+            "--mapping",
+            "transformer",
+            "--num-layers",
+            "2",
+            "--seed",
+            "5",
+        ],
+    );
     let m = Manifest::read(&bundle).unwrap();
     let mut net = CaptionNet::new(&m.gpt2, &m.mapper, Device::Cpu).unwrap();
     net.load_weights(&bundle.join("model.safetensors")).unwrap();
     // A batch of 3 captions of lengths 5, 3 and 1 (right-padded with 0).
-    let tokens = Tensor::from_slice(&[40i64, 2068, 318, 257, 13, 64, 3797, 13, 0, 0, 50256, 0, 0, 0, 0]).view([3, 5]);
-    let mask = Tensor::from_slice(&[1f32, 1., 1., 1., 1., 1., 1., 1., 0., 0., 1., 0., 0., 0., 0.]).view([3, 5]);
+    let tokens = Tensor::from_slice(&[
+        40i64, 2068, 318, 257, 13, 64, 3797, 13, 0, 0, 50256, 0, 0, 0, 0,
+    ])
+    .view([3, 5]);
+    let mask = Tensor::from_slice(&[1f32, 1., 1., 1., 1., 1., 1., 1., 0., 0., 1., 0., 0., 0., 0.])
+        .view([3, 5]);
     tch::manual_seed(3);
     let clip = Tensor::randn([3, 32], (Kind::Float, Device::Cpu));
     let batch_file = dir.path().join("batch.safetensors");
-    Tensor::write_safetensors(&[("tokens", &tokens), ("mask", &mask), ("clip", &clip)], &batch_file).unwrap();
+    Tensor::write_safetensors(
+        &[("tokens", &tokens), ("mask", &mask), ("clip", &clip)],
+        &batch_file,
+    )
+    .unwrap();
     let mut args = vec![
         "scripts/ref/train_step_reference.py",
-        "--bundle", bundle.to_str().unwrap(),
-        "--batch", batch_file.to_str().unwrap(),
-        "--out", dir.path().to_str().unwrap(),
+        "--bundle",
+        bundle.to_str().unwrap(),
+        "--batch",
+        batch_file.to_str().unwrap(),
+        "--out",
+        dir.path().to_str().unwrap(),
     ];
     if only_prefix {
         args.push("--only-prefix");
@@ -54,8 +77,15 @@ fn one_step(only_prefix: bool) {
         }
     }
     let before = net.vs.variables();
-    let before: std::collections::BTreeMap<String, Tensor> = before.into_iter().map(|(k, v)| (k, v.copy())).collect();
-    let mut opt = AdamW::new(AdamWConfig { lr: 1e-3, ..Default::default() }, params);
+    let before: std::collections::BTreeMap<String, Tensor> =
+        before.into_iter().map(|(k, v)| (k, v.copy())).collect();
+    let mut opt = AdamW::new(
+        AdamWConfig {
+            lr: 1e-3,
+            ..Default::default()
+        },
+        params,
+    );
     let batch = Batch { tokens, mask, clip };
     let loss = caption_loss(&net, &batch);
     opt.zero_grad();
@@ -63,12 +93,18 @@ fn one_step(only_prefix: bool) {
     opt.step(1e-3);
 
     let result: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("result.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("result.json")).unwrap())
+            .unwrap();
     let want_loss = result["loss"].as_f64().unwrap();
     let got_loss = f64::try_from(&loss).unwrap();
     println!("loss: ours {got_loss:.7} torch {want_loss:.7}");
-    assert!((got_loss - want_loss).abs() < 1e-5, "loss {got_loss} vs {want_loss}");
-    let after = clipcap::model::weights::read_safetensors(&Path::new(dir.path()).join("after.safetensors")).unwrap();
+    assert!(
+        (got_loss - want_loss).abs() < 1e-5,
+        "loss {got_loss} vs {want_loss}"
+    );
+    let after =
+        clipcap::model::weights::read_safetensors(&Path::new(dir.path()).join("after.safetensors"))
+            .unwrap();
     let mut worst = (0f64, String::new());
     let mut moved = 0;
     for (name, var) in net.vs.variables() {
@@ -78,14 +114,24 @@ fn one_step(only_prefix: bool) {
             worst = (d, name.clone());
         }
         let changed = f64::try_from((&var - &before[&name]).abs().max()).unwrap() > 0.0;
-        assert_eq!(changed, !(only_prefix && name.starts_with("gpt.")), "{name} changed: {changed}");
+        assert_eq!(
+            changed,
+            !(only_prefix && name.starts_with("gpt.")),
+            "{name} changed: {changed}"
+        );
         moved += changed as usize;
     }
-    println!("updated weights: max abs diff {:.2e} ({}), {moved} tensors moved", worst.0, worst.1);
+    println!(
+        "updated weights: max abs diff {:.2e} ({}), {moved} tensors moved",
+        worst.0, worst.1
+    );
     assert!(worst.0 < 1e-5, "weights differ: {worst:?}");
     let factors = result["lr_factors"].as_array().unwrap();
     for (step, f) in factors.iter().enumerate() {
-        assert!((lr_factor(step as i64, 5, 20) - f.as_f64().unwrap()).abs() < 1e-12, "step {step}");
+        assert!(
+            (lr_factor(step as i64, 5, 20) - f.as_f64().unwrap()).abs() < 1e-12,
+            "step {step}"
+        );
     }
 }
 

@@ -94,7 +94,9 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let mut refs: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut rows: BTreeMap<String, i64> = BTreeMap::new();
     for r in data.records.iter().filter(|r| r.split == a.split) {
-        refs.entry(r.image_id.clone()).or_default().push(r.caption.clone());
+        refs.entry(r.image_id.clone())
+            .or_default()
+            .push(r.caption.clone());
         rows.insert(r.image_id.clone(), r.row);
     }
     if rows.is_empty() {
@@ -106,9 +108,11 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     }
     let bar = indicatif::ProgressBar::new(ids.len() as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("captioning [{bar:30}] {pos}/{len} images, {per_sec}, ETA {eta}")
-            .unwrap()
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "captioning [{bar:30}] {pos}/{len} images, {per_sec}, ETA {eta}",
+        )
+        .unwrap()
+        .progress_chars("=> "),
     );
     let mut cands = BTreeMap::new();
     let t0 = std::time::Instant::now();
@@ -121,7 +125,10 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             .to_kind(Kind::Float);
         let caps = crate::generate::caption_embeddings(bundle.clone(), &clip, &opts)?;
         for (id, c) in chunk.iter().zip(caps) {
-            cands.insert(id.clone(), c.first().map(|c| c.text.clone()).unwrap_or_default());
+            cands.insert(
+                id.clone(),
+                c.first().map(|c| c.text.clone()).unwrap_or_default(),
+            );
         }
         bar.inc(chunk.len() as u64);
     }
@@ -135,7 +142,10 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         crate::fsutil::write_atomic(out, serde_json::to_string_pretty(&results)?.as_bytes())
             .with_context(|| format!("writing {}", out.display()))?;
     }
-    let refs: super::Refs = refs.into_iter().filter(|(k, _)| cands.contains_key(k)).collect();
+    let refs: super::Refs = refs
+        .into_iter()
+        .filter(|(k, _)| cands.contains_key(k))
+        .collect();
     let s = super::score(&refs, &cands, !a.no_meteor)?;
     if a.json {
         let mut v = s.to_json();

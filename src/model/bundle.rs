@@ -87,7 +87,11 @@ impl Manifest {
         let m: Manifest = serde_json::from_str(&text)
             .with_context(|| format!("parsing bundle manifest {}", path.display()))?;
         if m.format != FORMAT {
-            bail!("{}: format is {:?}, expected {FORMAT:?}", path.display(), m.format);
+            bail!(
+                "{}: format is {:?}, expected {FORMAT:?}",
+                path.display(),
+                m.format
+            );
         }
         if m.version != FORMAT_VERSION {
             bail!(

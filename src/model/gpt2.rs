@@ -274,8 +274,8 @@ impl Gpt2 {
         cache.reserve(t);
         // Position ids count only real tokens, so left padding does not shift them.
         let counts = valid.to_kind(Kind::Int64).cumsum(1, Kind::Int64);
-        let positions = (cache.next_pos.unsqueeze(1) + &counts - 1)
-            .clamp(0, self.cfg.n_positions - 1);
+        let positions =
+            (cache.next_pos.unsqueeze(1) + &counts - 1).clamp(0, self.cfg.n_positions - 1);
         let _ = cache.next_pos.g_add_(&counts.select(1, t - 1));
 
         let start = cache.len;
@@ -284,7 +284,10 @@ impl Gpt2 {
         let causal_from = |start: i64| {
             let q = Tensor::arange_start(start, total, (Kind::Int64, device)).view([t, 1]);
             let k = Tensor::arange(total, (Kind::Int64, device)).view([1, total]);
-            (k.le_tensor(&q).view([1, 1, t, total]), k.eq_tensor(&q).view([1, 1, t, total]))
+            (
+                k.le_tensor(&q).view([1, 1, t, total]),
+                k.eq_tensor(&q).view([1, 1, t, total]),
+            )
         };
         let mask = if cache.padded {
             let keys = cache.valid.narrow(1, 0, total).view([b, 1, 1, total]);
@@ -299,7 +302,11 @@ impl Gpt2 {
             AttnMask::Explicit(causal_from(start).0)
         };
 
-        let mut x = embeds + self.wpe.index_select(0, &positions.view([-1])).view([b, t, e]);
+        let mut x = embeds
+            + self
+                .wpe
+                .index_select(0, &positions.view([-1]))
+                .view([b, t, e]);
         let (h, d) = (self.cfg.n_head, self.cfg.head_dim());
         for (i, blk) in self.blocks.iter().enumerate() {
             let qkv = blk.c_attn.forward(&blk.ln_1.forward(&x));
@@ -492,9 +499,7 @@ impl KvCache {
             shape[dim as usize] = cap;
             let out = Tensor::zeros(shape, (t.kind(), t.device()));
             if keep > 0 {
-                let _ = out
-                    .narrow(dim, 0, keep)
-                    .copy_(&t.narrow(dim, unused, keep));
+                let _ = out.narrow(dim, 0, keep).copy_(&t.narrow(dim, unused, keep));
             }
             out
         };

@@ -107,13 +107,20 @@ impl MapperLayer {
             .view([b, n, MAPPER_HEADS, hd])
             .transpose(1, 2);
         // The original reshapes to (b, m, 2, heads, hd): keys are the first half of the output.
-        let kv = self.to_keys_values.forward(&y).view([b, n, 2, MAPPER_HEADS, hd]);
+        let kv = self
+            .to_keys_values
+            .forward(&y)
+            .view([b, n, 2, MAPPER_HEADS, hd]);
         let k = kv.select(2, 0).transpose(1, 2);
         let v = kv.select(2, 1).transpose(1, 2);
-        let a = Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0., false, None, false);
+        let a = Tensor::scaled_dot_product_attention::<Tensor>(
+            &q, &k, &v, None, 0., false, None, false,
+        );
         let a = a.transpose(1, 2).reshape([b, n, c]);
         let x = x + self.project.forward(&a);
-        let m = self.fc2.forward(&self.fc1.forward(&self.norm2.forward(&x)).relu());
+        let m = self
+            .fc2
+            .forward(&self.fc1.forward(&self.norm2.forward(&x)).relu());
         x + m
     }
 }
@@ -173,8 +180,17 @@ impl Mapper {
                 let t = &p / "transformer" / "layers";
                 Inner::Transformer(TransformerMapper {
                     linear: linear(&p / "linear", d, cfg.clip_length * e, true),
-                    prefix_const: p.var("prefix_const", &[l, e], nn::Init::Randn { mean: 0., stdev: 1. }),
-                    layers: (0..cfg.num_layers).map(|i| MapperLayer::new(&t / i, e)).collect(),
+                    prefix_const: p.var(
+                        "prefix_const",
+                        &[l, e],
+                        nn::Init::Randn {
+                            mean: 0.,
+                            stdev: 1.,
+                        },
+                    ),
+                    layers: (0..cfg.num_layers)
+                        .map(|i| MapperLayer::new(&t / i, e))
+                        .collect(),
                     clip_length: cfg.clip_length,
                 })
             }

@@ -65,7 +65,12 @@ pub fn copy_into(
             "{}: {} tensor(s) missing, e.g. {}",
             file.display(),
             missing.len(),
-            missing.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+            missing
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     let unknown: Vec<_> = tensors
@@ -77,7 +82,12 @@ pub fn copy_into(
         bail!(
             "{}: unexpected tensor(s) {} (wrong architecture or config?)",
             file.display(),
-            unknown.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+            unknown
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     Ok(())

@@ -58,7 +58,9 @@ fn check_name(field: &str, v: &str) -> Result<(), ApiError> {
     if v.is_empty()
         || v.len() > 128
         || v.starts_with('.')
-        || !v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        || !v
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     {
         return Err(ApiError::option(
             field,
@@ -74,7 +76,9 @@ fn dataset_dir(st: &AppState, name: &str) -> Result<std::path::PathBuf, ApiError
     let rel = std::path::Path::new(name);
     if name.is_empty()
         || rel.is_absolute()
-        || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
+        || rel
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
     {
         return Err(ApiError::option(
             "dataset",
@@ -82,12 +86,23 @@ fn dataset_dir(st: &AppState, name: &str) -> Result<std::path::PathBuf, ApiError
         ));
     }
     let root = st.jobs.data_root();
-    let root = std::fs::canonicalize(&root)
-        .map_err(|_| ApiError::option("dataset", format!("the data root {} does not exist", root.display())))?;
-    let dir = std::fs::canonicalize(root.join(rel))
-        .map_err(|_| ApiError::option("dataset", format!("no dataset {name:?} under the data root")))?;
+    let root = std::fs::canonicalize(&root).map_err(|_| {
+        ApiError::option(
+            "dataset",
+            format!("the data root {} does not exist", root.display()),
+        )
+    })?;
+    let dir = std::fs::canonicalize(root.join(rel)).map_err(|_| {
+        ApiError::option(
+            "dataset",
+            format!("no dataset {name:?} under the data root"),
+        )
+    })?;
     if !dir.starts_with(&root) {
-        return Err(ApiError::option("dataset", "resolves outside the data root"));
+        return Err(ApiError::option(
+            "dataset",
+            "resolves outside the data root",
+        ));
     }
     if !dir.join(crate::train::data::META).exists() {
         return Err(ApiError::option(
@@ -110,10 +125,13 @@ async fn start(State(st): State<AppState>, body: axum::body::Bytes) -> Result<Re
     })?;
     let data = dataset_dir(&st, &req.dataset)?;
     check_name("output", &req.output)?;
-    let base_model = st.shared.resolve(req.base.as_deref()).map_err(|e| match e {
-        ApiError::InvalidOption { message, .. } => ApiError::option("base", message),
-        other => other,
-    })?;
+    let base_model = st
+        .shared
+        .resolve(req.base.as_deref())
+        .map_err(|e| match e {
+            ApiError::InvalidOption { message, .. } => ApiError::option("base", message),
+            other => other,
+        })?;
     let mut spec = TrainSpec {
         data,
         out: st.jobs.bundles_dir().join(&req.output),
@@ -127,7 +145,23 @@ async fn start(State(st): State<AppState>, body: axum::body::Bytes) -> Result<Re
     macro_rules! take {
         ($($f:ident),*) => { $( if let Some(v) = req.$f.clone() { spec.$f = v; } )* };
     }
-    take!(epochs, batch_size, lr, warmup, only_prefix, prefix_length, clip_length, num_layers, normalize_prefix, seed, val_split, grad_clip, save_every, eos, amp);
+    take!(
+        epochs,
+        batch_size,
+        lr,
+        warmup,
+        only_prefix,
+        prefix_length,
+        clip_length,
+        num_layers,
+        normalize_prefix,
+        seed,
+        val_split,
+        grad_clip,
+        save_every,
+        eos,
+        amp
+    );
     if let Some(m) = &req.mapping {
         spec.mapping = m
             .parse::<MappingType>()
@@ -167,7 +201,10 @@ async fn list(State(st): State<AppState>) -> Json<serde_json::Value> {
     Json(json!({"jobs": jobs}))
 }
 
-async fn show(State(st): State<AppState>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn show(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let j = st
         .jobs
         .get(&id)
@@ -179,7 +216,11 @@ async fn show(State(st): State<AppState>, Path(id): Path<String>) -> Result<Json
 
 async fn cancel(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     match st.jobs.cancel(&id) {
-        Ok(Some(j)) => Ok((StatusCode::OK, Json(json!({"id": j.id, "state": j.state, "cancel_requested": true}))).into_response()),
+        Ok(Some(j)) => Ok((
+            StatusCode::OK,
+            Json(json!({"id": j.id, "state": j.state, "cancel_requested": true})),
+        )
+            .into_response()),
         Ok(None) => Err(ApiError::NotFound(format!("no training job {id:?}"))),
         Err(e) => Err(ApiError::Conflict(e)),
     }
@@ -187,7 +228,11 @@ async fn cancel(State(st): State<AppState>, Path(id): Path<String>) -> Result<Re
 
 async fn resume(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     match st.jobs.resume(&id) {
-        Ok(Some(j)) => Ok((StatusCode::ACCEPTED, Json(json!({"id": j.id, "state": j.state}))).into_response()),
+        Ok(Some(j)) => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"id": j.id, "state": j.state})),
+        )
+            .into_response()),
         Ok(None) => Err(ApiError::NotFound(format!("no training job {id:?}"))),
         Err(e) => Err(ApiError::Conflict(e)),
     }

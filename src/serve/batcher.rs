@@ -128,7 +128,8 @@ impl Shared {
     pub fn worker_answering(&self, within: Duration) -> bool {
         let last = self.heartbeat_ms.load(Ordering::Relaxed);
         let now = self.started.elapsed().as_millis() as u64;
-        self.worker_alive.load(Ordering::Relaxed) && now.saturating_sub(last) <= within.as_millis() as u64
+        self.worker_alive.load(Ordering::Relaxed)
+            && now.saturating_sub(last) <= within.as_millis() as u64
     }
 
     /// The model a request names, or the default.
@@ -144,7 +145,10 @@ impl Shared {
             } else {
                 let mut names: Vec<_> = models.keys().cloned().collect();
                 names.sort();
-                ApiError::option("model", format!("unknown model {name:?}; served: {}", names.join(", ")))
+                ApiError::option(
+                    "model",
+                    format!("unknown model {name:?}; served: {}", names.join(", ")),
+                )
             }
         })
     }
@@ -170,9 +174,9 @@ impl WorkerHandle {
             Err(TrySendError::Full(_)) => Err(ApiError::Unavailable(
                 "the inference queue is full; retry shortly".into(),
             )),
-            Err(TrySendError::Disconnected(_)) => {
-                Err(ApiError::Unavailable("the inference worker has stopped".into()))
-            }
+            Err(TrySendError::Disconnected(_)) => Err(ApiError::Unavailable(
+                "the inference worker has stopped".into(),
+            )),
         }
     }
 
@@ -312,7 +316,11 @@ impl Worker {
             .with_label_values(&[&info.name, &info.device, &info.dtype, &version.to_string()])
             .set(1);
         self.models.insert(name.clone(), Arc::new(bundle));
-        self.shared.models.write().unwrap().insert(name.clone(), info.clone());
+        self.shared
+            .models
+            .write()
+            .unwrap()
+            .insert(name.clone(), info.clone());
         let mut default = self.shared.default_model.write().unwrap();
         if make_default || default.is_empty() {
             *default = name;
@@ -385,7 +393,12 @@ impl Worker {
         let Some(first) = first else { return };
         self.accept(first);
         // Gather more for the same encoder batch, waiting only when nothing is running.
-        let until = Instant::now() + if busy { Duration::ZERO } else { self.cfg.max_batch_delay };
+        let until = Instant::now()
+            + if busy {
+                Duration::ZERO
+            } else {
+                self.cfg.max_batch_delay
+            };
         while self.pending_images() < self.cfg.max_batch_images {
             let next = if busy || self.cfg.max_batch_delay.is_zero() {
                 self.rx.try_recv().ok()
@@ -447,7 +460,10 @@ impl Worker {
     /// Encodes pending jobs (one encoder forward per model, in chunks of max_batch_images) and
     /// adds them to their decoders, as long as running images stay under the limit.
     fn start_pending(&mut self) -> anyhow::Result<()> {
-        let mut room = self.cfg.max_running_images.saturating_sub(self.running_images());
+        let mut room = self
+            .cfg
+            .max_running_images
+            .saturating_sub(self.running_images());
         let mut batch: Vec<CaptionJob> = vec![];
         while let Some(job) = self.pending.front() {
             let n = job.pixels.len();
@@ -469,7 +485,10 @@ impl Worker {
             } else {
                 return true;
             };
-            metrics.images.with_label_values(&[&j.model, outcome]).inc_by(j.pixels.len() as u64);
+            metrics
+                .images
+                .with_label_values(&[&j.model, outcome])
+                .inc_by(j.pixels.len() as u64);
             false
         });
         let mut by_model: Vec<(Arc<Bundle>, Vec<CaptionJob>)> = vec![];
@@ -506,13 +525,20 @@ impl Worker {
     fn start_jobs(&mut self, model: Arc<Bundle>, jobs: Vec<CaptionJob>) -> anyhow::Result<()> {
         let metrics = &self.shared.metrics;
         let picked = Instant::now();
-        let pixels: Vec<&[f32]> = jobs.iter().flat_map(|j| j.pixels.iter().map(|p| p.as_slice())).collect();
+        let pixels: Vec<&[f32]> = jobs
+            .iter()
+            .flat_map(|j| j.pixels.iter().map(|p| p.as_slice()))
+            .collect();
         let t0 = Instant::now();
         let emb = crate::pipeline::encode(&model, &pixels, self.cfg.max_batch_images)?;
         let encode_ms = t0.elapsed().as_secs_f64() * 1e3;
         metrics.encode_batch_size.observe(pixels.len() as f64);
         metrics.encode_duration.observe(encode_ms / 1e3);
-        let di = match self.decoders.iter().position(|d| Arc::ptr_eq(d.model(), &model)) {
+        let di = match self
+            .decoders
+            .iter()
+            .position(|d| Arc::ptr_eq(d.model(), &model))
+        {
             Some(i) => i,
             None => {
                 self.decoders.push(Decoder::new(model.clone()));
@@ -590,7 +616,8 @@ impl Worker {
             let rows = self.decoders[i].rows();
             let m = &self.shared.metrics;
             m.decode_batch_rows.observe(rows as f64);
-            m.decode_batch_images.observe(self.decoders[i].images() as f64);
+            m.decode_batch_images
+                .observe(self.decoders[i].images() as f64);
             m.generated_tokens.inc_by(rows as u64);
             let done = self.decoders[i].step()?;
             self.deliver(done);
@@ -600,8 +627,12 @@ impl Worker {
 
     fn deliver(&mut self, done: Vec<crate::generate::Finished>) {
         for f in done {
-            let Some(slot) = self.images.remove(&f.id) else { continue };
-            let Some(job) = self.jobs.get_mut(&slot.job) else { continue };
+            let Some(slot) = self.images.remove(&f.id) else {
+                continue;
+            };
+            let Some(job) = self.jobs.get_mut(&slot.job) else {
+                continue;
+            };
             let decode_ms = slot.started.elapsed().as_secs_f64() * 1e3;
             self.shared.metrics.decode_duration.observe(decode_ms / 1e3);
             job.outputs[slot.index] = Some(ImageOutput {
@@ -651,7 +682,11 @@ impl Worker {
                     d.cancel(*img);
                 }
             }
-            let outcome = if job.deadline.is_some_and(|d| now >= d) { "deadline" } else { "cancelled" };
+            let outcome = if job.deadline.is_some_and(|d| now >= d) {
+                "deadline"
+            } else {
+                "cancelled"
+            };
             self.shared
                 .metrics
                 .images

@@ -76,7 +76,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 .arg(img)
                 .output()?;
             if !out.status.success() {
-                bail!("CLI baseline failed: {}", String::from_utf8_lossy(&out.stderr));
+                bail!(
+                    "CLI baseline failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
         }
         let secs = t0.elapsed().as_secs_f64();
@@ -87,10 +90,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
         baseline = Some(ips);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let results = rt.block_on(run_levels(&a, Arc::new(images)))?;
-    println!("| concurrency | requests | errors | images/s | p50 ms | p99 ms |{}", if baseline.is_some() { " vs CLI |" } else { "" });
-    println!("|---|---|---|---|---|---|{}", if baseline.is_some() { "---|" } else { "" });
+    println!(
+        "| concurrency | requests | errors | images/s | p50 ms | p99 ms |{}",
+        if baseline.is_some() { " vs CLI |" } else { "" }
+    );
+    println!(
+        "|---|---|---|---|---|---|{}",
+        if baseline.is_some() { "---|" } else { "" }
+    );
     for r in &results {
         let ratio = baseline
             .map(|b| format!(" {:.1}x |", r.images_per_s / b))
@@ -125,7 +136,8 @@ async fn run_levels(a: &BenchArgs, images: Arc<Vec<Vec<u8>>>) -> Result<Vec<Leve
         let t0 = Instant::now();
         let mut tasks = vec![];
         for _ in 0..c.max(1) {
-            let (client, url, images, next) = (client.clone(), url.clone(), images.clone(), next.clone());
+            let (client, url, images, next) =
+                (client.clone(), url.clone(), images.clone(), next.clone());
             let total = a.requests;
             tasks.push(tokio::spawn(async move {
                 let mut lat = vec![];

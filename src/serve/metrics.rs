@@ -36,7 +36,10 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("clipcap_requests_total", "HTTP requests by route and status"),
+            Opts::new(
+                "clipcap_requests_total",
+                "HTTP requests by route and status",
+            ),
             &["route", "status"],
         )
         .unwrap();
@@ -55,17 +58,34 @@ impl Metrics {
         let m = Metrics {
             requests,
             request_duration,
-            queue_duration: secs("clipcap_queue_duration_seconds", "Time images wait before encoding"),
-            encode_duration: secs("clipcap_encode_duration_seconds", "CLIP encoder forward per batch"),
+            queue_duration: secs(
+                "clipcap_queue_duration_seconds",
+                "Time images wait before encoding",
+            ),
+            encode_duration: secs(
+                "clipcap_encode_duration_seconds",
+                "CLIP encoder forward per batch",
+            ),
             decode_duration: secs("clipcap_decode_duration_seconds", "Decoding time per image"),
             encode_batch_size: sizes("clipcap_encode_batch_size", "Images per encoder forward"),
-            decode_batch_rows: sizes("clipcap_decode_batch_rows", "GPT-2 rows (images x beams) per decode step"),
+            decode_batch_rows: sizes(
+                "clipcap_decode_batch_rows",
+                "GPT-2 rows (images x beams) per decode step",
+            ),
             decode_batch_images: sizes("clipcap_decode_batch_images", "Images per decode step"),
-            queue_depth: IntGauge::new("clipcap_queue_depth", "Requests waiting for the worker").unwrap(),
-            generated_tokens: IntCounter::new("clipcap_generated_tokens_total", "Tokens generated (all rows)").unwrap(),
+            queue_depth: IntGauge::new("clipcap_queue_depth", "Requests waiting for the worker")
+                .unwrap(),
+            generated_tokens: IntCounter::new(
+                "clipcap_generated_tokens_total",
+                "Tokens generated (all rows)",
+            )
+            .unwrap(),
             inflight: IntGauge::new("clipcap_inflight_requests", "Requests being handled").unwrap(),
             images: IntCounterVec::new(
-                Opts::new("clipcap_images_total", "Images captioned, by model and outcome"),
+                Opts::new(
+                    "clipcap_images_total",
+                    "Images captioned, by model and outcome",
+                ),
                 &["model", "outcome"],
             )
             .unwrap(),
@@ -80,7 +100,10 @@ impl Metrics {
             )
             .unwrap(),
             train_step: IntGaugeVec::new(
-                Opts::new("clipcap_train_step", "Current optimizer step of a training job"),
+                Opts::new(
+                    "clipcap_train_step",
+                    "Current optimizer step of a training job",
+                ),
                 &["job"],
             )
             .unwrap(),
@@ -90,7 +113,10 @@ impl Metrics {
             )
             .unwrap(),
             train_samples_per_second: prometheus::GaugeVec::new(
-                Opts::new("clipcap_train_samples_per_second", "Training throughput of a job"),
+                Opts::new(
+                    "clipcap_train_samples_per_second",
+                    "Training throughput of a job",
+                ),
                 &["job"],
             )
             .unwrap(),
@@ -117,7 +143,8 @@ impl Metrics {
         r.register(Box::new(m.train_jobs.clone())).unwrap();
         r.register(Box::new(m.train_step.clone())).unwrap();
         r.register(Box::new(m.train_loss.clone())).unwrap();
-        r.register(Box::new(m.train_samples_per_second.clone())).unwrap();
+        r.register(Box::new(m.train_samples_per_second.clone()))
+            .unwrap();
         #[cfg(target_os = "linux")]
         {
             let pc = prometheus::process_collector::ProcessCollector::new(

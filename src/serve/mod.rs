@@ -108,7 +108,12 @@ impl AppState {
         let bundle = tokio::task::spawn_blocking(move || Bundle::load(&dir2, device, kind))
             .await
             .map_err(|e| ApiError::Internal(format!("loading thread: {e}")))?
-            .map_err(|e| ApiError::option("path", format!("cannot load bundle {}: {e:#}", dir.display())))?;
+            .map_err(|e| {
+                ApiError::option(
+                    "path",
+                    format!("cannot load bundle {}: {e:#}", dir.display()),
+                )
+            })?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.worker.submit(Command::Install {
             name: name.to_string(),
@@ -127,7 +132,9 @@ impl AppState {
 fn init_tracing(cfg: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.server.log_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     let _ = if cfg.server.log_format == "json" {
         builder.json().flatten_event(true).try_init()
     } else {
@@ -146,7 +153,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
     let device = crate::device::parse_device(&cfg.inference.device)?;
     let kind = crate::device::parse_dtype(&cfg.inference.dtype, device)?;
-    let models: Vec<(String, PathBuf)> = cfg.models.models.iter().map(|m| parse_model_entry(m)).collect();
+    let models: Vec<(String, PathBuf)> = cfg
+        .models
+        .models
+        .iter()
+        .map(|m| parse_model_entry(m))
+        .collect();
     for (name, dir) in &models {
         if !dir.join(crate::model::bundle::MANIFEST).exists() {
             anyhow::bail!(
@@ -161,7 +173,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
     rt.block_on(serve(cfg, models, device, kind))
 }
 
-async fn serve(cfg: Config, models: Vec<(String, PathBuf)>, device: Device, kind: Kind) -> Result<()> {
+async fn serve(
+    cfg: Config,
+    models: Vec<(String, PathBuf)>,
+    device: Device,
+    kind: Kind,
+) -> Result<()> {
+    // Bind first: a taken port fails fast, before any model starts loading on another thread.
+    let listener = tokio::net::TcpListener::bind(&cfg.server.bind)
+        .await
+        .with_context(|| format!("binding {}", cfg.server.bind))?;
     let shared = Arc::new(Shared::new());
     let batch = BatchConfig {
         max_batch_images: cfg.inference.max_batch_images,
@@ -180,7 +201,9 @@ async fn serve(cfg: Config, models: Vec<(String, PathBuf)>, device: Device, kind
         load,
     );
     let threads = match cfg.inference.preprocess_threads {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2),
         n => n,
     };
     let cfg = Arc::new(cfg);
@@ -198,9 +221,6 @@ async fn serve(cfg: Config, models: Vec<(String, PathBuf)>, device: Device, kind
     };
     jobs.attach(state.clone());
     let app = with_layers(routes::router(state.clone()));
-    let listener = tokio::net::TcpListener::bind(&cfg.server.bind)
-        .await
-        .with_context(|| format!("binding {}", cfg.server.bind))?;
     tracing::info!(addr = %listener.local_addr()?, "listening");
     // Machine-readable line for scripts and tests that bind port 0.
     println!("clipcap listening on http://{}", listener.local_addr()?);
@@ -257,7 +277,8 @@ async fn shutdown_signal() {
     };
     #[cfg(unix)]
     let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             s.recv().await;
         }
     };

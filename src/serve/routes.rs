@@ -25,7 +25,10 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/models", post(load_model))
         .route("/admin/models/{name}", delete(unload_model))
         .merge(crate::serve::admin::train_routes())
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_admin));
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_admin,
+        ));
     Router::new()
         .route("/", get(|| async { Html(PAGE) }))
         .route("/caption", post(caption))
@@ -88,7 +91,10 @@ fn secret_eq(given: &str, expected: &str) -> bool {
     use sha2::{Digest, Sha256};
     let a = Sha256::digest(given.as_bytes());
     let b = Sha256::digest(expected.as_bytes());
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -157,7 +163,9 @@ async fn caption(State(st): State<AppState>, req: Request<Body>) -> Result<Respo
         .and_then(|v| v.parse::<usize>().ok())
     {
         if len > limit {
-            return Err(ApiError::TooLarge(format!("body of {len} bytes; at most {limit}")));
+            return Err(ApiError::TooLarge(format!(
+                "body of {len} bytes; at most {limit}"
+            )));
         }
     }
     let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
@@ -194,7 +202,11 @@ async fn caption(State(st): State<AppState>, req: Request<Body>) -> Result<Respo
         match t.await {
             Ok(Ok(p)) => pixels.push(p),
             Ok(Err(e)) => return Err(image_error(i, e)),
-            Err(_) => return Err(ApiError::InvalidImage(format!("image {i}: decoding failed"))),
+            Err(_) => {
+                return Err(ApiError::InvalidImage(format!(
+                    "image {i}: decoding failed"
+                )))
+            }
         }
     }
     let n_images = pixels.len();
@@ -250,7 +262,11 @@ fn caption_response(
     opts: &crate::generate::GenOptions,
 ) -> Response {
     let max = |f: fn(&ImageOutput) -> f64| out.images.iter().map(f).fold(0.0, f64::max);
-    let (queue, encode, decode) = (max(|i| i.queue_ms), max(|i| i.encode_ms), max(|i| i.decode_ms));
+    let (queue, encode, decode) = (
+        max(|i| i.queue_ms),
+        max(|i| i.encode_ms),
+        max(|i| i.decode_ms),
+    );
     let results: Vec<_> = out
         .images
         .iter()
@@ -291,8 +307,13 @@ async fn ready(State(st): State<AppState>) -> Response {
     let answering = st.shared.worker_answering(Duration::from_secs(5));
     let draining = st.draining.load(Ordering::Relaxed);
     let ok = models > 0 && answering && !draining;
-    let body = json!({"ready": ok, "models": models, "worker_answering": answering, "draining": draining});
-    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body =
+        json!({"ready": ok, "models": models, "worker_answering": answering, "draining": draining});
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(body)).into_response()
 }
 
@@ -325,10 +346,7 @@ async fn info(State(st): State<AppState>) -> Json<serde_json::Value> {
 }
 
 async fn metrics(State(st): State<AppState>) -> Response {
-    st.shared
-        .metrics
-        .queue_depth
-        .set(st.worker.queued() as i64);
+    st.shared.metrics.queue_depth.set(st.worker.queued() as i64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         st.shared.metrics.render(),
@@ -350,16 +368,32 @@ async fn load_model(
     State(st): State<AppState>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let req: LoadModel = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::Malformed(format!("expected {{\"name\", \"path\", \"default\"?}}: {e}")))?;
-    if req.name.is_empty() || !req.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-        return Err(ApiError::option("name", "must be non-empty letters, digits, '-', '_' or '.'"));
+    let req: LoadModel = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::Malformed(format!(
+            "expected {{\"name\", \"path\", \"default\"?}}: {e}"
+        ))
+    })?;
+    if req.name.is_empty()
+        || !req
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(ApiError::option(
+            "name",
+            "must be non-empty letters, digits, '-', '_' or '.'",
+        ));
     }
-    let info = st.install_bundle(&req.name, std::path::Path::new(&req.path), req.default).await?;
+    let info = st
+        .install_bundle(&req.name, std::path::Path::new(&req.path), req.default)
+        .await?;
     Ok((StatusCode::OK, Json(json!({"loaded": info}))).into_response())
 }
 
-async fn unload_model(State(st): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+async fn unload_model(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     st.worker.submit(Command::Unload { name, reply: tx })?;
     match rx.await {

@@ -89,8 +89,9 @@ impl RawOptions {
                 Strategy::Sample => o.n_best,
             });
         }
-        o.validate()
-            .map_err(|e| ApiError::option(if e.field == "n_best" { "n" } else { e.field }, e.message))?;
+        o.validate().map_err(|e| {
+            ApiError::option(if e.field == "n_best" { "n" } else { e.field }, e.message)
+        })?;
         Ok(o)
     }
 }
@@ -125,7 +126,12 @@ pub async fn parse_body(
             "missing Content-Type; send multipart/form-data, image/*, or application/json".into(),
         ));
     };
-    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     let images = if mime == "multipart/form-data" {
         parse_multipart(ct, body, max_images, opts).await?
     } else if mime.starts_with("image/") || mime == "application/octet-stream" {
@@ -190,11 +196,17 @@ async fn parse_multipart(
     Ok(images)
 }
 
-fn parse_json(body: &[u8], max_images: usize, opts: &mut RawOptions) -> Result<Vec<Bytes>, ApiError> {
+fn parse_json(
+    body: &[u8],
+    max_images: usize,
+    opts: &mut RawOptions,
+) -> Result<Vec<Bytes>, ApiError> {
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::Malformed(format!("invalid JSON: {e}")))?;
     let Value::Object(map) = v else {
-        return Err(ApiError::Malformed("the JSON body must be an object".into()));
+        return Err(ApiError::Malformed(
+            "the JSON body must be an object".into(),
+        ));
     };
     let mut images = vec![];
     for (k, v) in map {
@@ -202,7 +214,9 @@ fn parse_json(body: &[u8], max_images: usize, opts: &mut RawOptions) -> Result<V
             "image" => images.push(decode_b64(&v, "image")?),
             "images" => {
                 let Value::Array(list) = v else {
-                    return Err(ApiError::Malformed("images must be an array of base64 strings".into()));
+                    return Err(ApiError::Malformed(
+                        "images must be an array of base64 strings".into(),
+                    ));
                 };
                 if list.len() > max_images {
                     return Err(ApiError::TooLarge(format!(
@@ -231,7 +245,9 @@ fn parse_json(body: &[u8], max_images: usize, opts: &mut RawOptions) -> Result<V
 
 fn decode_b64(v: &Value, what: &str) -> Result<Bytes, ApiError> {
     let Value::String(s) = v else {
-        return Err(ApiError::Malformed(format!("{what} must be a base64 string")));
+        return Err(ApiError::Malformed(format!(
+            "{what} must be a base64 string"
+        )));
     };
     // Accept data URLs as browsers produce them.
     let s = match s.strip_prefix("data:") {
@@ -255,32 +271,58 @@ mod tests {
         let mut o = RawOptions::default();
         o.set("beam_size", "0".into()).unwrap();
         let e = o.resolve(&GenOptions::default()).unwrap_err();
-        assert!(matches!(&e, ApiError::InvalidOption { field, message } if field == "beam_size" && message.contains("between 1 and 16")), "{e:?}");
+        assert!(
+            matches!(&e, ApiError::InvalidOption { field, message } if field == "beam_size" && message.contains("between 1 and 16")),
+            "{e:?}"
+        );
         let mut o = RawOptions::default();
         o.set("temperature", "hot".into()).unwrap();
         let e = o.resolve(&GenOptions::default()).unwrap_err().to_string();
         assert!(e.starts_with("temperature:"), "{e}");
         let mut o = RawOptions::default();
-        assert!(o.set("beams", "3".into()).unwrap_err().to_string().contains("unknown option"));
+        assert!(o
+            .set("beams", "3".into())
+            .unwrap_err()
+            .to_string()
+            .contains("unknown option"));
     }
 
     #[test]
     fn n_follows_the_strategy() {
         let mut o = RawOptions::default();
         o.set("strategy", "greedy".into()).unwrap();
-        let r = o.resolve(&GenOptions { n_best: 3, ..Default::default() }).unwrap();
+        let r = o
+            .resolve(&GenOptions {
+                n_best: 3,
+                ..Default::default()
+            })
+            .unwrap();
         assert_eq!((r.strategy, r.n_best), (Strategy::Greedy, 1));
         o.set("n", "2".into()).unwrap();
-        assert_eq!(o.resolve(&GenOptions::default()).unwrap_err().to_string(), "n: must be 1 for greedy decoding");
+        assert_eq!(
+            o.resolve(&GenOptions::default()).unwrap_err().to_string(),
+            "n: must be 1 for greedy decoding"
+        );
     }
 
     #[test]
     fn base64_and_data_urls() {
         let mut o = RawOptions::default();
-        let imgs = parse_json(br#"{"image": "data:image/png;base64,aGVsbG8=", "beam_size": 3}"#, 4, &mut o).unwrap();
+        let imgs = parse_json(
+            br#"{"image": "data:image/png;base64,aGVsbG8=", "beam_size": 3}"#,
+            4,
+            &mut o,
+        )
+        .unwrap();
         assert_eq!(&imgs[0][..], b"hello");
         assert_eq!(o.resolve(&GenOptions::default()).unwrap().beam_size, 3);
-        assert!(matches!(parse_json(br#"{"image": "%%%"}"#, 4, &mut o), Err(ApiError::Malformed(_))));
-        assert!(matches!(parse_json(b"[1]", 4, &mut o), Err(ApiError::Malformed(_))));
+        assert!(matches!(
+            parse_json(br#"{"image": "%%%"}"#, 4, &mut o),
+            Err(ApiError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_json(b"[1]", 4, &mut o),
+            Err(ApiError::Malformed(_))
+        ));
     }
 }

@@ -87,7 +87,12 @@ impl Dataset {
             let r: CaptionRecord = serde_json::from_str(&line)
                 .with_context(|| format!("{} line {}", CAPTIONS, i + 1))?;
             if r.row < 0 || r.row >= n {
-                bail!("{} line {}: row {} outside the {n} embeddings", CAPTIONS, i + 1, r.row);
+                bail!(
+                    "{} line {}: row {} outside the {n} embeddings",
+                    CAPTIONS,
+                    i + 1,
+                    r.row
+                );
             }
             records.push(r);
         }
@@ -106,7 +111,11 @@ impl Dataset {
     pub fn tokenize(&self, tok: &Tokenizer, splits: &[&str], eos: Option<i64>) -> Result<Split> {
         let mut tokens = vec![];
         let mut rows = vec![];
-        for r in self.records.iter().filter(|r| splits.contains(&r.split.as_str())) {
+        for r in self
+            .records
+            .iter()
+            .filter(|r| splits.contains(&r.split.as_str()))
+        {
             let enc = tok
                 .encode(r.caption.as_str(), false)
                 .map_err(|e| anyhow::anyhow!("tokenizing {:?}: {e}", r.caption))?;
@@ -136,7 +145,9 @@ pub fn max_seq_len(tokens: &[Vec<i64>]) -> usize {
         0.0
     };
     let max = lens.iter().cloned().fold(0.0, f64::max);
-    ((mean + 10.0 * var.sqrt()) as usize).min(max as usize).max(1)
+    ((mean + 10.0 * var.sqrt()) as usize)
+        .min(max as usize)
+        .max(1)
 }
 
 /// A padded batch: tokens `[B, T]` (pads are 0), mask `[B, T]` of real tokens, and the CLIP
@@ -157,7 +168,13 @@ impl Split {
     }
 
     /// Builds the batch of captions `idx`, cutting each to `max_len` tokens.
-    pub fn batch(&self, idx: &[usize], max_len: usize, embeddings: &Tensor, device: Device) -> Batch {
+    pub fn batch(
+        &self,
+        idx: &[usize],
+        max_len: usize,
+        embeddings: &Tensor,
+        device: Device,
+    ) -> Batch {
         let t = idx
             .iter()
             .map(|&i| self.tokens[i].len().min(max_len))
@@ -175,8 +192,12 @@ impl Split {
         let rows: Vec<i64> = idx.iter().map(|&i| self.rows[i]).collect();
         let b = idx.len() as i64;
         Batch {
-            tokens: Tensor::from_slice(&toks).view([b, t as i64]).to_device(device),
-            mask: Tensor::from_slice(&mask).view([b, t as i64]).to_device(device),
+            tokens: Tensor::from_slice(&toks)
+                .view([b, t as i64])
+                .to_device(device),
+            mask: Tensor::from_slice(&mask)
+                .view([b, t as i64])
+                .to_device(device),
             clip: embeddings
                 .index_select(0, &Tensor::from_slice(&rows))
                 .to_device(device),

@@ -77,7 +77,10 @@ pub struct JobRecord {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 struct Inner {
@@ -109,7 +112,9 @@ impl JobManager {
         let mut queue = VecDeque::new();
         for entry in std::fs::read_dir(&dir)? {
             let path = entry?.path().join("job.json");
-            let Ok(text) = std::fs::read_to_string(&path) else { continue };
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
             match serde_json::from_str::<JobRecord>(&text) {
                 Ok(mut job) => {
                     match job.state {
@@ -123,7 +128,9 @@ impl JobManager {
                     }
                     jobs.insert(job.id.clone(), job);
                 }
-                Err(e) => tracing::warn!(file = %path.display(), error = %e, "unreadable job record"),
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "unreadable job record")
+                }
             }
         }
         let m = Arc::new(JobManager {
@@ -194,8 +201,19 @@ impl JobManager {
     }
 
     /// Queues a new job.
-    pub fn submit(&self, dataset: String, output: String, base: String, activate: bool, spec: TrainSpec) -> Result<JobRecord> {
-        let id = format!("{}-{}", now(), &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    pub fn submit(
+        &self,
+        dataset: String,
+        output: String,
+        base: String,
+        activate: bool,
+        spec: TrainSpec,
+    ) -> Result<JobRecord> {
+        let id = format!(
+            "{}-{}",
+            now(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
         let job = JobRecord {
             id: id.clone(),
             state: JobState::Queued,
@@ -235,7 +253,9 @@ impl JobManager {
     pub fn cancel(&self, id: &str) -> std::result::Result<Option<JobRecord>, String> {
         let mut inner = self.inner.lock().unwrap();
         let flag = inner.cancel.get(id).cloned();
-        let Some(job) = inner.jobs.get_mut(id) else { return Ok(None) };
+        let Some(job) = inner.jobs.get_mut(id) else {
+            return Ok(None);
+        };
         match job.state {
             JobState::Queued => {
                 job.state = JobState::Cancelled;
@@ -260,7 +280,9 @@ impl JobManager {
     /// Re-queues an interrupted, cancelled or failed job; it continues from its checkpoint.
     pub fn resume(&self, id: &str) -> std::result::Result<Option<JobRecord>, String> {
         let mut inner = self.inner.lock().unwrap();
-        let Some(job) = inner.jobs.get_mut(id) else { return Ok(None) };
+        let Some(job) = inner.jobs.get_mut(id) else {
+            return Ok(None);
+        };
         match job.state {
             JobState::Interrupted | JobState::Cancelled | JobState::Failed => {
                 job.state = JobState::Queued;
@@ -274,7 +296,10 @@ impl JobManager {
                 self.update_metrics();
                 Ok(Some(job))
             }
-            s => Err(format!("job {id} is {}; only interrupted, cancelled or failed jobs resume", s.name())),
+            s => Err(format!(
+                "job {id} is {}; only interrupted, cancelled or failed jobs resume",
+                s.name()
+            )),
         }
     }
 
@@ -282,7 +307,11 @@ impl JobManager {
         let inner = self.inner.lock().unwrap();
         for s in JobState::ALL {
             let n = inner.jobs.values().filter(|j| j.state == s).count();
-            self.shared.metrics.train_jobs.with_label_values(&[s.name()]).set(n as i64);
+            self.shared
+                .metrics
+                .train_jobs
+                .with_label_values(&[s.name()])
+                .set(n as i64);
         }
     }
 
@@ -329,7 +358,11 @@ impl JobManager {
 
     fn run_job(&self, id: &str) {
         let flag = Arc::new(AtomicBool::new(false));
-        self.inner.lock().unwrap().cancel.insert(id.to_string(), flag.clone());
+        self.inner
+            .lock()
+            .unwrap()
+            .cancel
+            .insert(id.to_string(), flag.clone());
         let Some(job) = self.set(id, |j| {
             j.state = JobState::Running;
             j.runs += 1;
@@ -346,7 +379,9 @@ impl JobManager {
         let mut report = |p: &Progress| {
             m.train_step.with_label_values(&[id]).set(p.step);
             m.train_loss.with_label_values(&[id]).set(p.loss);
-            m.train_samples_per_second.with_label_values(&[id]).set(p.samples_per_s);
+            m.train_samples_per_second
+                .with_label_values(&[id])
+                .set(p.samples_per_s);
             let flush = last_write.elapsed().as_millis() > 500 || p.step == p.total_steps;
             let apply = |j: &mut JobRecord| {
                 j.epoch = p.epoch;
@@ -389,7 +424,11 @@ impl JobManager {
                 });
             }
             Ok(Outcome::Cancelled { .. }) => {
-                let state = if stopping { JobState::Interrupted } else { JobState::Cancelled };
+                let state = if stopping {
+                    JobState::Interrupted
+                } else {
+                    JobState::Cancelled
+                };
                 self.log(id, state.name());
                 self.set(id, |j| j.state = state);
             }
@@ -409,7 +448,9 @@ impl JobManager {
     /// Installs the trained bundle in the inference worker under `name`.
     fn activate(&self, name: &str, dir: &Path) -> bool {
         let state = self.state.lock().unwrap().clone();
-        let (Some(state), Some(rt)) = (state, self.runtime.get()) else { return false };
+        let (Some(state), Some(rt)) = (state, self.runtime.get()) else {
+            return false;
+        };
         match rt.block_on(state.install_bundle(name, dir, false)) {
             Ok(info) => {
                 tracing::info!(model = %info.name, version = info.version, "trained bundle activated");
@@ -426,16 +467,27 @@ impl JobManager {
 fn write_record(dir: &Path, job: &JobRecord) -> Result<()> {
     let d = dir.join(&job.id);
     std::fs::create_dir_all(&d)?;
-    crate::fsutil::write_atomic(&d.join("job.json"), serde_json::to_string_pretty(job)?.as_bytes())
+    crate::fsutil::write_atomic(
+        &d.join("job.json"),
+        serde_json::to_string_pretty(job)?.as_bytes(),
+    )
 }
 
 /// The loss curve (training, and validation when present) as a small standalone SVG.
 pub fn loss_svg(job: &JobRecord) -> String {
     let (w, h, pad) = (640.0, 320.0, 40.0);
-    let all: Vec<&LossPoint> = job.loss_history.iter().chain(job.val_loss_history.iter()).collect();
+    let all: Vec<&LossPoint> = job
+        .loss_history
+        .iter()
+        .chain(job.val_loss_history.iter())
+        .collect();
     let max_step = all.iter().map(|p| p.step).max().unwrap_or(1).max(1) as f64;
     let max_loss = all.iter().map(|p| p.loss).fold(0.0f64, f64::max).max(1e-9);
-    let min_loss = all.iter().map(|p| p.loss).fold(f64::INFINITY, f64::min).min(max_loss);
+    let min_loss = all
+        .iter()
+        .map(|p| p.loss)
+        .fold(f64::INFINITY, f64::min)
+        .min(max_loss);
     let span = (max_loss - min_loss).max(1e-9);
     let x = |s: i64| pad + (s as f64 / max_step) * (w - 2.0 * pad);
     let y = |l: f64| h - pad - ((l - min_loss) / span) * (h - 2.0 * pad);

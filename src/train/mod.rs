@@ -141,7 +141,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 "epoch {} done: loss {:.4}{}",
                 last_epoch + 1,
                 p.history.last().map(|h| h.loss).unwrap_or(f64::NAN),
-                p.val_history.last().map(|v| format!(", val loss {:.4}", v.loss)).unwrap_or_default()
+                p.val_history
+                    .last()
+                    .map(|v| format!(", val loss {:.4}", v.loss))
+                    .unwrap_or_default()
             ));
         }
         last_epoch = p.epoch;
@@ -153,7 +156,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 "wrote bundle {} (final loss {:.4}{})",
                 bundle.display(),
                 progress.history.last().map(|h| h.loss).unwrap_or(f64::NAN),
-                progress.val_history.last().map(|v| format!(", val loss {:.4}", v.loss)).unwrap_or_default()
+                progress
+                    .val_history
+                    .last()
+                    .map(|v| format!(", val loss {:.4}", v.loss))
+                    .unwrap_or_default()
             );
         }
         Outcome::Cancelled { .. } => println!("cancelled; checkpoint in {}", ckpt.display()),

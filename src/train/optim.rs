@@ -104,7 +104,12 @@ impl AdamW {
     pub fn step(&mut self, lr: f64) {
         self.step += 1;
         let t = self.step as f64;
-        let (b1, b2, eps, wd) = (self.cfg.beta1, self.cfg.beta2, self.cfg.eps, self.cfg.weight_decay);
+        let (b1, b2, eps, wd) = (
+            self.cfg.beta1,
+            self.cfg.beta2,
+            self.cfg.eps,
+            self.cfg.weight_decay,
+        );
         let bc1 = 1.0 - b1.powf(t);
         let bc2 = 1.0 - b2.powf(t);
         tch::no_grad(|| {
@@ -139,7 +144,11 @@ impl AdamW {
     }
 
     /// Restores moments saved by [`state_tensors`].
-    pub fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>, step: i64) -> anyhow::Result<()> {
+    pub fn load_state(
+        &mut self,
+        tensors: &BTreeMap<String, Tensor>,
+        step: i64,
+    ) -> anyhow::Result<()> {
         for (i, (name, p)) in self.params.iter().enumerate() {
             for (prefix, slot) in [("adam.m.", &mut self.m[i]), ("adam.v.", &mut self.v[i])] {
                 let key = format!("{prefix}{name}");
@@ -147,7 +156,11 @@ impl AdamW {
                     .get(&key)
                     .ok_or_else(|| anyhow::anyhow!("checkpoint lacks {key}"))?;
                 if t.size() != p.size() {
-                    anyhow::bail!("checkpoint {key} has shape {:?}, expected {:?}", t.size(), p.size());
+                    anyhow::bail!(
+                        "checkpoint {key} has shape {:?}, expected {:?}",
+                        t.size(),
+                        p.size()
+                    );
                 }
                 *slot = t.to_device(p.device()).to_kind(slot.kind());
             }

@@ -96,7 +96,9 @@ fn resolve_image(dirs: &[PathBuf], rel: &str, extra: &[&str]) -> PathBuf {
             }
         }
     }
-    dirs.first().map(|d| d.join(rel)).unwrap_or_else(|| PathBuf::from(rel))
+    dirs.first()
+        .map(|d| d.join(rel))
+        .unwrap_or_else(|| PathBuf::from(rel))
 }
 
 fn id_string(v: &Value) -> String {
@@ -118,8 +120,15 @@ fn collect(a: &PrepareArgs) -> Result<Vec<Item>> {
     let mut karpathy: HashMap<String, (String, String, Vec<String>)> = HashMap::new();
     if let Some(k) = &a.karpathy {
         let v = read_json(k)?;
-        for img in v["images"].as_array().context("Karpathy file: no images array")? {
-            let id = id_string(img.get("cocoid").or_else(|| img.get("imgid")).unwrap_or(&Value::Null));
+        for img in v["images"]
+            .as_array()
+            .context("Karpathy file: no images array")?
+        {
+            let id = id_string(
+                img.get("cocoid")
+                    .or_else(|| img.get("imgid"))
+                    .unwrap_or(&Value::Null),
+            );
             let mut split = img["split"].as_str().unwrap_or("train").to_string();
             if split == "restval" {
                 split = "train".into();
@@ -130,7 +139,11 @@ fn collect(a: &PrepareArgs) -> Result<Vec<Item>> {
             };
             let sents = img["sentences"]
                 .as_array()
-                .map(|s| s.iter().filter_map(|x| x["raw"].as_str().map(String::from)).collect())
+                .map(|s| {
+                    s.iter()
+                        .filter_map(|x| x["raw"].as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default();
             karpathy.insert(id, (split, rel, sents));
         }
@@ -138,10 +151,19 @@ fn collect(a: &PrepareArgs) -> Result<Vec<Item>> {
     for file in &a.coco_captions {
         let v = read_json(file)?;
         let mut names = HashMap::new();
-        for img in v["images"].as_array().context("COCO file: no images array")? {
-            names.insert(id_string(&img["id"]), img["file_name"].as_str().unwrap_or("").to_string());
+        for img in v["images"]
+            .as_array()
+            .context("COCO file: no images array")?
+        {
+            names.insert(
+                id_string(&img["id"]),
+                img["file_name"].as_str().unwrap_or("").to_string(),
+            );
         }
-        for ann in v["annotations"].as_array().context("COCO file: no annotations array")? {
+        for ann in v["annotations"]
+            .as_array()
+            .context("COCO file: no annotations array")?
+        {
             let id = id_string(&ann["image_id"]);
             let caption = ann["caption"].as_str().unwrap_or("").trim().to_string();
             let (split, rel) = if a.karpathy.is_some() {
@@ -180,7 +202,10 @@ fn collect(a: &PrepareArgs) -> Result<Vec<Item>> {
     }
     if let Some(f) = &a.clipcap_json {
         let v = read_json(f)?;
-        for e in v.as_array().context("train_caption.json must be an array")? {
+        for e in v
+            .as_array()
+            .context("train_caption.json must be an array")?
+        {
             let id = id_string(&e["image_id"]);
             let n: u64 = id.parse().unwrap_or(0);
             let item = items.entry(id.clone()).or_insert_with(|| {
@@ -194,9 +219,16 @@ fn collect(a: &PrepareArgs) -> Result<Vec<Item>> {
                     .map(|c| resolve_image(&a.images, c, &["train2014", "val2014"]))
                     .find(|p| p.exists())
                     .unwrap_or_else(|| resolve_image(&a.images, &candidates[0], &[]));
-                Item { id: id.clone(), path, captions: vec![] }
+                Item {
+                    id: id.clone(),
+                    path,
+                    captions: vec![],
+                }
             });
-            item.captions.push((e["caption"].as_str().unwrap_or("").trim().to_string(), a.split.clone()));
+            item.captions.push((
+                e["caption"].as_str().unwrap_or("").trim().to_string(),
+                a.split.clone(),
+            ));
         }
     }
     if let Some(f) = &a.jsonl {
@@ -207,9 +239,14 @@ fn collect(a: &PrepareArgs) -> Result<Vec<Item>> {
             if line.trim().is_empty() {
                 continue;
             }
-            let v: Value = serde_json::from_str(&line).with_context(|| format!("{} line {}", f.display(), i + 1))?;
-            let rel = v["image"].as_str().with_context(|| format!("{} line {}: no \"image\"", f.display(), i + 1))?;
-            let caption = v["caption"].as_str().with_context(|| format!("{} line {}: no \"caption\"", f.display(), i + 1))?;
+            let v: Value = serde_json::from_str(&line)
+                .with_context(|| format!("{} line {}", f.display(), i + 1))?;
+            let rel = v["image"]
+                .as_str()
+                .with_context(|| format!("{} line {}: no \"image\"", f.display(), i + 1))?;
+            let caption = v["caption"]
+                .as_str()
+                .with_context(|| format!("{} line {}: no \"caption\"", f.display(), i + 1))?;
             let split = v["split"].as_str().unwrap_or(&a.split).to_string();
             let item = items.entry(rel.to_string()).or_insert_with(|| Item {
                 id: rel.to_string(),
@@ -219,7 +256,10 @@ fn collect(a: &PrepareArgs) -> Result<Vec<Item>> {
             item.captions.push((caption.trim().to_string(), split));
         }
     }
-    Ok(items.into_values().filter(|i| !i.captions.is_empty()).collect())
+    Ok(items
+        .into_values()
+        .filter(|i| !i.captions.is_empty())
+        .collect())
 }
 
 fn sha256_file(p: &Path) -> Result<String> {
@@ -239,9 +279,11 @@ fn prepare(a: &PrepareArgs, bundle: &Arc<Bundle>, items: Vec<Item>) -> Result<()
         indicatif::ProgressBar::new(items.len() as u64)
     };
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} images, {per_sec}, ETA {eta}")
-            .unwrap()
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} images, {per_sec}, ETA {eta}",
+        )
+        .unwrap()
+        .progress_chars("=> "),
     );
     bar.set_message("encoding");
     let mut resumed = 0;
@@ -250,7 +292,11 @@ fn prepare(a: &PrepareArgs, bundle: &Arc<Bundle>, items: Vec<Item>) -> Result<()
         let ids: Vec<String> = chunk.iter().map(|i| i.id.clone()).collect();
         if let Ok(text) = std::fs::read_to_string(&info_path) {
             if let Ok(info) = serde_json::from_str::<ChunkInfo>(&text) {
-                if info.ids == ids && chunks_dir.join(format!("chunk_{ci:06}.safetensors")).exists() {
+                if info.ids == ids
+                    && chunks_dir
+                        .join(format!("chunk_{ci:06}.safetensors"))
+                        .exists()
+                {
                     resumed += 1;
                     bar.inc(chunk.len() as u64);
                     continue;
@@ -272,9 +318,16 @@ fn prepare(a: &PrepareArgs, bundle: &Arc<Bundle>, items: Vec<Item>) -> Result<()
                     ok.push(px.as_slice());
                 }
                 Err(e) => {
-                    let reason = if item.path.exists() { e.to_string() } else { "file not found".to_string() };
+                    let reason = if item.path.exists() {
+                        e.to_string()
+                    } else {
+                        "file not found".to_string()
+                    };
                     rows.push(None);
-                    skipped.push(Skipped { path: item.path.display().to_string(), reason });
+                    skipped.push(Skipped {
+                        path: item.path.display().to_string(),
+                        reason,
+                    });
                 }
             }
         }
@@ -295,9 +348,12 @@ fn prepare(a: &PrepareArgs, bundle: &Arc<Bundle>, items: Vec<Item>) -> Result<()
     let mut row_base = 0i64;
     let mut splits: BTreeMap<String, usize> = BTreeMap::new();
     for (ci, chunk) in items.chunks(a.chunk_size.max(1)).enumerate() {
-        let info: ChunkInfo =
-            serde_json::from_str(&std::fs::read_to_string(chunks_dir.join(format!("chunk_{ci:06}.json")))?)?;
-        let t = crate::model::weights::read_safetensors(&chunks_dir.join(format!("chunk_{ci:06}.safetensors")))?;
+        let info: ChunkInfo = serde_json::from_str(&std::fs::read_to_string(
+            chunks_dir.join(format!("chunk_{ci:06}.json")),
+        )?)?;
+        let t = crate::model::weights::read_safetensors(
+            &chunks_dir.join(format!("chunk_{ci:06}.safetensors")),
+        )?;
         let e = t["embeddings"].shallow_clone();
         let n = e.size()[0];
         parts.push(e);
@@ -338,7 +394,10 @@ fn prepare(a: &PrepareArgs, bundle: &Arc<Bundle>, items: Vec<Item>) -> Result<()
     sources.extend(a.clipcap_json.iter().map(|p| p.display().to_string()));
     sources.extend(a.jsonl.iter().map(|p| p.display().to_string()));
     let meta = DatasetMeta {
-        bundle: std::fs::canonicalize(&a.model).unwrap_or(a.model.clone()).display().to_string(),
+        bundle: std::fs::canonicalize(&a.model)
+            .unwrap_or(a.model.clone())
+            .display()
+            .to_string(),
         encoder_sha256: sha256_file(&bundle.dir.join(&bundle.manifest.files.encoder))?,
         embedding_dim: bundle.encoder.dim,
         images: row_base as usize,
@@ -351,7 +410,10 @@ fn prepare(a: &PrepareArgs, bundle: &Arc<Bundle>, items: Vec<Item>) -> Result<()
         }),
         sources,
     };
-    crate::fsutil::write_atomic(&a.out.join(META), serde_json::to_string_pretty(&meta)?.as_bytes())?;
+    crate::fsutil::write_atomic(
+        &a.out.join(META),
+        serde_json::to_string_pretty(&meta)?.as_bytes(),
+    )?;
     println!(
         "prepared {} images, {} captions into {} ({} chunks, {} resumed, {} skipped)",
         row_base,

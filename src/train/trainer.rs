@@ -166,14 +166,16 @@ pub fn train(
     cancel: &AtomicBool,
     report: &mut dyn FnMut(&Progress),
 ) -> Result<Outcome> {
-    spec.validate().map_err(|(f, m)| anyhow::anyhow!("{f}: {m}"))?;
+    spec.validate()
+        .map_err(|(f, m)| anyhow::anyhow!("{f}: {m}"))?;
     let data = Dataset::open(&spec.data)?;
     let base = match (&spec.base, &spec.init) {
         (Some(b), _) => b.clone(),
         (None, Some(i)) => i.clone(),
         (None, None) => PathBuf::from(&data.meta.bundle),
     };
-    let base_manifest = Manifest::read(&base).with_context(|| format!("base bundle {}", base.display()))?;
+    let base_manifest =
+        Manifest::read(&base).with_context(|| format!("base bundle {}", base.display()))?;
     let tok_path = base.join(&base_manifest.files.tokenizer);
     let tokenizer = Tokenizer::from_file(&tok_path)
         .map_err(|e| anyhow::anyhow!("loading tokenizer {}: {e}", tok_path.display()))?;
@@ -259,7 +261,11 @@ pub fn train(
     let eos = if spec.eos { eos_id } else { None };
     let train_set = data.tokenize(&tokenizer, &split_refs, eos)?;
     if train_set.is_empty() {
-        bail!("no training captions in {} (splits {:?})", spec.data.display(), split_names);
+        bail!(
+            "no training captions in {} (splits {:?})",
+            spec.data.display(),
+            split_names
+        );
     }
     let val_set = if data.has_split(&spec.val_split) {
         Some(data.tokenize(&tokenizer, &[spec.val_split.as_str()], eos)?)
@@ -290,12 +296,23 @@ pub fn train(
     if resume && ckpt.exists() {
         state = load_checkpoint(&ckpt, &mut net, &mut opt)?;
         if state.spec != *spec {
-            bail!("the checkpoint in {} was made with a different spec", ckpt_dir.display());
+            bail!(
+                "the checkpoint in {} was made with a different spec",
+                ckpt_dir.display()
+            );
         }
-        tracing::info!(epoch = state.epoch, step = state.global_step, "resumed from checkpoint");
+        tracing::info!(
+            epoch = state.epoch,
+            step = state.global_step,
+            "resumed from checkpoint"
+        );
     }
 
-    let amp = if device.is_cuda() { spec.amp.as_str() } else { "none" };
+    let amp = if device.is_cuda() {
+        spec.amp.as_str()
+    } else {
+        "none"
+    };
     let mut loss_scale = 65536.0f64;
     let started = Instant::now();
     let start_step = state.global_step;
@@ -311,7 +328,9 @@ pub fn train(
         let epoch = state.epoch;
         // The order of an epoch depends only on the seed and the epoch: resumable exactly.
         let mut order: Vec<usize> = (0..train_set.len()).collect();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(
+            spec.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64),
+        );
         order.shuffle(&mut rng);
         let batches: Vec<&[usize]> = order.chunks(spec.batch_size).collect();
         while state.batch_in_epoch < batches.len() {
@@ -385,7 +404,14 @@ pub fn train(
             }
         }
         if let Some(val) = &val_set {
-            let v = evaluate_loss(&net, val, max_len, &data.embeddings, device, spec.batch_size)?;
+            let v = evaluate_loss(
+                &net,
+                val,
+                max_len,
+                &data.embeddings,
+                device,
+                spec.batch_size,
+            )?;
             state.val_history.push(LossPoint {
                 step: state.global_step,
                 epoch,
@@ -402,15 +428,28 @@ pub fn train(
     let name = spec
         .name
         .clone()
-        .or_else(|| spec.out.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .or_else(|| {
+            spec.out
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
         .unwrap_or_else(|| "trained".into());
     let mut provenance = BTreeMap::new();
-    provenance.insert("trained_by".into(), serde_json::json!(format!("clipcap {}", env!("CARGO_PKG_VERSION"))));
+    provenance.insert(
+        "trained_by".into(),
+        serde_json::json!(format!("clipcap {}", env!("CARGO_PKG_VERSION"))),
+    );
     provenance.insert("dataset".into(), serde_json::json!(spec.data));
     provenance.insert("base".into(), serde_json::json!(base));
     provenance.insert("spec".into(), serde_json::to_value(spec)?);
-    provenance.insert("final_loss".into(), serde_json::json!(state.history.last().map(|p| p.loss)));
-    provenance.insert("val_loss".into(), serde_json::json!(state.val_history.last().map(|p| p.loss)));
+    provenance.insert(
+        "final_loss".into(),
+        serde_json::json!(state.history.last().map(|p| p.loss)),
+    );
+    provenance.insert(
+        "val_loss".into(),
+        serde_json::json!(state.val_history.last().map(|p| p.loss)),
+    );
     let manifest = Manifest {
         format: bundle::FORMAT.into(),
         version: bundle::FORMAT_VERSION,
@@ -478,7 +517,12 @@ fn evaluate_loss(
     Ok(sum / tokens.max(1.0))
 }
 
-fn save_checkpoint(path: &Path, net: &CaptionNet, opt: &AdamW, state: &CheckpointState) -> Result<()> {
+fn save_checkpoint(
+    path: &Path,
+    net: &CaptionNet,
+    opt: &AdamW,
+    state: &CheckpointState,
+) -> Result<()> {
     let mut named: Vec<(String, Tensor)> = net
         .vs
         .variables()
@@ -493,7 +537,8 @@ fn save_checkpoint(path: &Path, net: &CaptionNet, opt: &AdamW, state: &Checkpoin
     let json = serde_json::to_vec(state)?;
     named.push(("state_json".into(), Tensor::from_slice(&json)));
     let tmp = crate::fsutil::temp_path(path);
-    Tensor::write_safetensors(&named, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    Tensor::write_safetensors(&named, &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     crate::fsutil::rename_durable(&tmp, path)
 }
 
@@ -507,7 +552,10 @@ fn load_checkpoint(path: &Path, net: &mut CaptionNet, opt: &mut AdamW) -> Result
     let state: CheckpointState = serde_json::from_slice(&json)?;
     let named: BTreeMap<String, Tensor> = tensors
         .iter()
-        .filter_map(|(k, v)| k.strip_prefix("net.").map(|n| (n.to_string(), v.shallow_clone())))
+        .filter_map(|(k, v)| {
+            k.strip_prefix("net.")
+                .map(|n| (n.to_string(), v.shallow_clone()))
+        })
         .collect();
     crate::model::weights::copy_into(&net.vs, "", &named, path)?;
     opt.load_state(&tensors, state.global_step)?;
@@ -515,16 +563,31 @@ fn load_checkpoint(path: &Path, net: &mut CaptionNet, opt: &mut AdamW) -> Result
 }
 
 /// Writes the bundle into a temporary folder beside `out`, then renames it into place.
-fn write_bundle(out: &Path, manifest: &Manifest, net: &CaptionNet, base: &Path, base_manifest: &Manifest) -> Result<()> {
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+fn write_bundle(
+    out: &Path,
+    manifest: &Manifest,
+    net: &CaptionNet,
+    base: &Path,
+    base_manifest: &Manifest,
+) -> Result<()> {
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent)?;
     let tmp = crate::fsutil::temp_path(out);
     std::fs::create_dir_all(&tmp)?;
     let files = &manifest.files;
-    std::fs::copy(base.join(&base_manifest.files.encoder), tmp.join(&files.encoder))
-        .context("copying the encoder")?;
-    std::fs::copy(base.join(&base_manifest.files.tokenizer), tmp.join(&files.tokenizer))
-        .context("copying the tokenizer")?;
+    std::fs::copy(
+        base.join(&base_manifest.files.encoder),
+        tmp.join(&files.encoder),
+    )
+    .context("copying the encoder")?;
+    std::fs::copy(
+        base.join(&base_manifest.files.tokenizer),
+        tmp.join(&files.tokenizer),
+    )
+    .context("copying the tokenizer")?;
     net.save_weights(&tmp.join(&files.weights))?;
     manifest.write(&tmp)?;
     if out.exists() {

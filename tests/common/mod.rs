@@ -9,12 +9,14 @@ pub fn python() -> PathBuf {
     if let Ok(p) = std::env::var("CLIPCAP_PYTHON") {
         return PathBuf::from(p);
     }
-    let venv = std::env::var("CLIPCAP_VENV").map(PathBuf::from).unwrap_or_else(|_| {
-        let cache = std::env::var("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"));
-        cache.join("clipcap/venv-torch-2.11.0")
-    });
+    let venv = std::env::var("CLIPCAP_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            let cache = std::env::var("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"));
+            cache.join("clipcap/venv-torch-2.11.0")
+        });
     venv.join("bin/python")
 }
 
@@ -42,7 +44,11 @@ pub fn run_python(args: &[&str]) -> String {
 
 /// Makes a random test bundle with scripts/make_test_bundle.py (`extra` are its flags).
 pub fn make_bundle(dir: &std::path::Path, extra: &[&str]) {
-    let mut args = vec!["scripts/make_test_bundle.py", "--out", dir.to_str().unwrap()];
+    let mut args = vec![
+        "scripts/make_test_bundle.py",
+        "--out",
+        dir.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     run_python(&args);
 }
@@ -75,7 +81,10 @@ impl Server {
         use std::io::BufRead;
         let log = tempfile::NamedTempFile::new().unwrap();
         let stderr_path = log.path().to_path_buf();
-        let (_f, stderr_path) = log.keep().map(|(f, p)| (f, p)).unwrap_or_else(|_| panic!("log"));
+        let (_f, stderr_path) = log
+            .keep()
+            .map(|(f, p)| (f, p))
+            .unwrap_or_else(|_| panic!("log"));
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_clipcap"));
         cmd.arg("serve")
             .args(["--bind", "127.0.0.1:0", "--device", "cpu"])
@@ -103,7 +112,11 @@ impl Server {
         };
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        let s = Server { child, url, stderr_path };
+        let s = Server {
+            child,
+            url,
+            stderr_path,
+        };
         let client = reqwest::blocking::Client::new();
         let t0 = std::time::Instant::now();
         loop {
