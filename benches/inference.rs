@@ -3,6 +3,7 @@
 //! preprocessing, encoder batches, mapper, one decode step, and a whole beam-5 caption.
 //!
 //!   cargo bench --bench inference          (set CLIPCAP_BENCH_BUNDLE=DIR to reuse a bundle)
+#![allow(clippy::arc_with_non_send_sync)] // bundles stay on the test thread
 use clipcap::generate::{caption_embeddings, Decoder, GenOptions};
 use clipcap::model::bundle::Bundle;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};

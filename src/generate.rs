@@ -424,8 +424,7 @@ fn retain_images(c: &mut Cohort, kept: &[i64]) {
     c.scores = c.scores.index_select(0, &idx);
     c.lengths = c.lengths.index_select(0, &idx);
     c.stopped = c.stopped.index_select(0, &idx);
-    let pick = |v: &[bool]| kept.iter().map(|&i| v[i as usize]).collect::<Vec<_>>();
-    c.cancelled = pick(&c.cancelled);
+    c.cancelled = kept.iter().map(|&i| c.cancelled[i as usize]).collect();
     c.ids = kept.iter().map(|&i| c.ids[i as usize]).collect();
     let mut rngs = std::mem::take(&mut c.rngs);
     let mut kept_rngs = Vec::with_capacity(kept.len());

@@ -1,6 +1,7 @@
 //! scripts/convert_clipcap.py on checkpoints in the exact format of ClipCap's train.py (cuda:0
 //! storages, attn.bias buffers, lm_head sharing wte), MLP and transformer mappers: the bundle
 //! loads and captions exactly as the original model does.
+#![allow(clippy::arc_with_non_send_sync)] // bundles stay on the test thread
 mod common;
 
 use clipcap::generate::{caption_embeddings, GenOptions, Strategy};

@@ -1,6 +1,7 @@
 //! Decoding options beyond the original algorithms, on a tiny random bundle: n-best, sampling
 //! (seeded, batch-independent, top-k/top-p), repetition penalty, no-repeat-n-gram; and the
 //! `clipcap caption` command line.
+#![allow(clippy::arc_with_non_send_sync)] // bundles stay on the test thread
 mod common;
 
 use clipcap::generate::{caption_embeddings, GenOptions, Strategy};

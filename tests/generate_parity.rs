@@ -1,6 +1,7 @@
 //! Decoding parity with ClipCap's own algorithms (scripts/ref/clipcap_reference.py:
 //! `generate_beam` with 5 beams and `generate2`, HF GPT-2 without a KV cache) on random
 //! weights: the same tokens, token for token, and beam scores within 1e-4.
+#![allow(clippy::arc_with_non_send_sync)] // bundles stay on the test thread
 mod common;
 
 use clipcap::generate::{caption_embeddings, GenOptions, Strategy};

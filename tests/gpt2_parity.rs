@@ -88,7 +88,7 @@ fn left_padded_batch_matches_hf() {
     // Decoding on top of a padded prefill: rows are then gathered (beam reorder) and joined.
     let mut cache = m.gpt.new_cache(3, 9);
     let t = 9;
-    m.gpt.forward(
+    let _ = m.gpt.forward(
         &io["padded_embeds"].narrow(1, 0, t - 1),
         Some(&mask.narrow(1, 0, t - 1)),
         &mut cache,
@@ -112,7 +112,7 @@ fn rows_can_be_gathered_dropped_and_joined() {
     let want = &io["logits_embeds"];
     // Row 1 prefilled with 6 tokens, then reordered to [1, 0, 1] and row 0 dropped again.
     let mut cache = m.gpt.new_cache(2, 6);
-    m.gpt.forward(&embeds.narrow(1, 0, 6), None, &mut cache);
+    let _ = m.gpt.forward(&embeds.narrow(1, 0, 6), None, &mut cache);
     cache.select_rows(&Tensor::from_slice(&[1i64, 0, 1]));
     let step = embeds
         .narrow(1, 6, 1)
@@ -125,7 +125,8 @@ fn rows_can_be_gathered_dropped_and_joined() {
     cache.select_rows(&Tensor::from_slice(&[0i64]));
     // A newcomer (row 0 of the batch, 3 tokens so far) joins the running row 1 (7 tokens).
     let mut newcomer = m.gpt.new_cache(1, 3);
-    m.gpt
+    let _ = m
+        .gpt
         .forward(&embeds.narrow(0, 0, 1).narrow(1, 0, 3), None, &mut newcomer);
     cache.append_rows(newcomer);
     let step = Tensor::cat(

@@ -255,6 +255,8 @@ impl Gpt2 {
     /// Runs `embeds` `[B, T, E]` after what `cache` already holds and appends their keys and
     /// values to it. `valid` `[B, T]` (bool) marks real tokens; `None` means all are real.
     /// Returns the final hidden states `[B, T, E]` (after `ln_f`).
+    // `x = x + …` on purpose: an in-place `+=` would break autograd when training.
+    #[allow(clippy::assign_op_pattern)]
     pub fn forward(&self, embeds: &Tensor, valid: Option<&Tensor>, cache: &mut KvCache) -> Tensor {
         let (b, t, e) = embeds.size3().expect("embeds must be [B, T, E]");
         assert_eq!(b, cache.rows(), "cache rows and batch size differ");
@@ -279,7 +281,7 @@ impl Gpt2 {
         let _ = cache.next_pos.g_add_(&counts.select(1, t - 1));
 
         let start = cache.len;
-        let _ = cache.valid.narrow(1, start, t).copy_(&valid);
+        cache.valid.narrow(1, start, t).copy_(&valid);
         let total = start + t;
         let causal_from = |start: i64| {
             let q = Tensor::arange_start(start, total, (Kind::Int64, device)).view([t, 1]);
@@ -313,8 +315,8 @@ impl Gpt2 {
             let parts = qkv.split(e, 2);
             let heads = |t_: &Tensor| t_.view([b, t, h, d]).transpose(1, 2);
             let (q, k, v) = (heads(&parts[0]), heads(&parts[1]), heads(&parts[2]));
-            let _ = cache.k[i].narrow(2, start, t).copy_(&k);
-            let _ = cache.v[i].narrow(2, start, t).copy_(&v);
+            cache.k[i].narrow(2, start, t).copy_(&k);
+            cache.v[i].narrow(2, start, t).copy_(&v);
             let keys = cache.k[i].narrow(2, 0, total);
             let values = cache.v[i].narrow(2, 0, total);
             let a = match &mask {
@@ -457,8 +459,7 @@ impl KvCache {
             shape[dim as usize] = cap;
             let out = Tensor::zeros(shape, (t.kind(), t.device()));
             if self.len > 0 {
-                let _ = out
-                    .narrow(dim, shift, self.len)
+                out.narrow(dim, shift, self.len)
                     .copy_(&t.narrow(dim, 0, self.len));
             }
             out
@@ -499,7 +500,7 @@ impl KvCache {
             shape[dim as usize] = cap;
             let out = Tensor::zeros(shape, (t.kind(), t.device()));
             if keep > 0 {
-                let _ = out.narrow(dim, 0, keep).copy_(&t.narrow(dim, unused, keep));
+                out.narrow(dim, 0, keep).copy_(&t.narrow(dim, unused, keep));
             }
             out
         };

@@ -24,6 +24,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
+/// Loads a bundle directory on the inference thread (device and dtype already chosen).
+pub type BundleLoader = Arc<dyn Fn(&std::path::Path) -> anyhow::Result<Bundle> + Send + Sync>;
+
 /// Scheduling knobs (from `[inference]`).
 #[derive(Clone, Debug)]
 pub struct BatchConfig {
@@ -194,7 +197,7 @@ pub fn spawn(
     queue_capacity: usize,
     initial: Vec<(String, PathBuf)>,
     default_model: String,
-    load: Arc<dyn Fn(&std::path::Path) -> anyhow::Result<Bundle> + Send + Sync>,
+    load: BundleLoader,
 ) -> (WorkerHandle, std::thread::JoinHandle<()>) {
     let (tx, rx) = crossbeam_channel::bounded(queue_capacity.max(1));
     let handle = std::thread::Builder::new()

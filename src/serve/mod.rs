@@ -190,8 +190,7 @@ async fn serve(
         continuous: cfg.inference.continuous_batching,
         max_running_images: cfg.inference.max_running_images,
     };
-    let load: Arc<dyn Fn(&Path) -> Result<Bundle> + Send + Sync> =
-        Arc::new(move |dir: &Path| Bundle::load(dir, device, kind));
+    let load: batcher::BundleLoader = Arc::new(move |dir: &Path| Bundle::load(dir, device, kind));
     let (worker, worker_thread) = batcher::spawn(
         shared.clone(),
         batch,

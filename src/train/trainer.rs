@@ -104,7 +104,7 @@ impl TrainSpec {
         if !(1..=48).contains(&self.num_layers) {
             return e("num_layers", "must be between 1 and 48");
         }
-        if !(self.grad_clip >= 0.0) {
+        if self.grad_clip.is_nan() || self.grad_clip < 0.0 {
             return e("grad_clip", "must be >= 0");
         }
         if !matches!(self.amp.as_str(), "none" | "bf16" | "fp16") {
@@ -281,7 +281,7 @@ pub fn train(
             lr: spec.lr,
             ..Default::default()
         },
-        trainable.drain(..).collect(),
+        std::mem::take(&mut trainable),
     );
     let mut state = CheckpointState {
         spec: spec.clone(),

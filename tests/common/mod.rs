@@ -79,12 +79,8 @@ impl Server {
     /// Starts the server with extra args and `CLIPCAP_*` env, and waits until /ready is 200.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> Server {
         use std::io::BufRead;
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let stderr_path = log.path().to_path_buf();
-        let (_f, stderr_path) = log
-            .keep()
-            .map(|(f, p)| (f, p))
-            .unwrap_or_else(|_| panic!("log"));
+        // The server's stderr goes to a kept temp file, shown when a test fails.
+        let (_file, stderr_path) = tempfile::NamedTempFile::new().unwrap().keep().unwrap();
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_clipcap"));
         cmd.arg("serve")
             .args(["--bind", "127.0.0.1:0", "--device", "cpu"])
