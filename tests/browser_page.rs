@@ -51,6 +51,7 @@ fn page_uploads_an_image_and_shows_captions() {
         "{timings:?}"
     );
     assert_eq!(v["error"], "", "{v}");
+    assert!(v["jobsError"].as_str().unwrap().starts_with("403"), "{v}");
     // The same caption as the API gives for the same image and options.
     let api: Value = reqwest::blocking::Client::new()
         .post(format!("{}/caption?beam_size=3&n=2", s.url))

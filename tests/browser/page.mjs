@@ -25,8 +25,14 @@ try {
   const scores = await page.$$eval("#captions .score", (els) => els.map((e) => e.textContent));
   const timings = await page.$$eval("#timings td", (els) => els.map((e) => e.textContent));
   const error = await page.textContent("#error");
+  // The training section asks the admin API; this server has admin disabled.
+  await page.click("#training summary");
+  await page.fill("#token", "not-the-token");
+  await page.click("#jobs-load");
+  await page.waitForFunction(() => document.querySelector("#jobs-error").textContent !== "", null, { timeout: 20000 });
+  const jobsError = await page.textContent("#jobs-error");
   await page.screenshot({ path: shot, fullPage: true });
-  console.log(JSON.stringify({ captions, scores, timings, error }));
+  console.log(JSON.stringify({ captions, scores, timings, error, jobsError }));
 } finally {
   await browser.close();
 }
