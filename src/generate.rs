@@ -317,26 +317,33 @@ impl Decoder {
         let cache = self.cache.as_mut().expect("rows without a cache");
         let h = gpt.forward(&x, None, cache);
         let logits = gpt.logits(&h.squeeze_dim(1)).to_kind(Kind::Float);
+        // A row gather is only needed when some cohort runs beam search; greedy and sampling
+        // rows stay in place, so no index tensors are built for them otherwise.
+        let reorder = self
+            .cohorts
+            .iter()
+            .any(|c| c.opts.strategy == Strategy::Beam);
         let mut order = Vec::with_capacity(self.cohorts.len());
         let mut off = 0;
-        let mut reordered = false;
         for c in &mut self.cohorts {
             let rows = c.rows();
             let l = logits.narrow(0, off, rows);
-            let local = match c.opts.strategy {
-                Strategy::Beam => {
-                    reordered = true;
-                    beam_step(c, &l, &self.stop)
-                }
+            match c.opts.strategy {
+                Strategy::Beam => order.push(beam_step(c, &l, &self.stop) + off),
                 _ => {
                     pick_step(c, &l, &self.stop);
-                    Tensor::arange(rows, (Kind::Int64, l.device()))
+                    if reorder {
+                        order.push(Tensor::arange_start(
+                            off,
+                            off + rows,
+                            (Kind::Int64, l.device()),
+                        ));
+                    }
                 }
-            };
-            order.push(local + off);
+            }
             off += rows;
         }
-        let order = reordered.then(|| Tensor::cat(&order, 0));
+        let order = reorder.then(|| Tensor::cat(&order, 0));
         self.sweep(order)
     }
 
