@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Builds the default bundle models/demo from nothing, reproducibly (a few minutes on 2 cores):
+# Builds the default bundle models/demo from nothing, reproducibly (~16 minutes on 2 cores):
 #   1. the synthetic captioning set (clipcap synth)
-#   2. a small image encoder pretrained on its training split + a small random GPT-2 with the
-#      real GPT-2 vocabulary (scripts/make_demo_base.py)
+#   2. a small image encoder (a shape/colour/size detector) trained on object windows of its
+#      training split + a small random GPT-2 with the real GPT-2 vocabulary
+#      (scripts/make_demo_base.py)
 #   3. CLIP features of every image (clipcap prepare)
 #   4. mapper + GPT-2 trained on the captions (clipcap train)
 #   5. the quality table on the held-out test split (clipcap eval, greedy and beam)
@@ -34,6 +35,6 @@ step "4/5 training mapper + GPT-2 ($EPOCHS epochs)"
 "$BIN" train --data "$WORK/data" --out models/demo --epochs "$EPOCHS" --batch-size 64 --lr 1e-3 \
   --warmup 100 --seed 0 --name demo --checkpoint-dir "$WORK/ckpt" --grad-clip 1.0
 step "5/5 evaluation on the held-out test split"
-"$BIN" eval --model models/demo --data "$WORK/data" --split test --greedy --no-meteor | tee "$WORK/eval-greedy.txt"
-"$BIN" eval --model models/demo --data "$WORK/data" --split test --no-meteor | tee "$WORK/eval-beam.txt"
+"$BIN" eval --model models/demo --data "$WORK/data" --split test --greedy | tee "$WORK/eval-greedy.txt"
+"$BIN" eval --model models/demo --data "$WORK/data" --split test | tee "$WORK/eval-beam.txt"
 step "done: models/demo"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared check for a CUDA machine that has torch 2.11.0 but no Rust: the binary is built
 # here and carried with a small bundle. Checks CPU vs CUDA captions (f32 must match token for
-# token; f16/bf16 agreement is reported) and times decoding at batch 1/16/64 in f32/f16/bf16.
+# token; f16/bf16 agreement is reported), times decoding at batch 1/16/64 in f32/f16/bf16, and
+# trains a tiny bundle on CUDA with --amp none/bf16/fp16 (the loss must fall in each).
 #
 # Prepare (CPU machine):  scripts/gpu-prepare.sh      -> .gpu/ (stripped binary, images)
 # Run (GPU machine):      bash scripts/gpu-check.sh [.gpu] [OUTDIR]
@@ -50,5 +51,27 @@ for dt in f32 f16 bf16; do
 done
 "$BIN" bench-decode --model "$B" --device cpu --dtype f32 --images 16 --batch 1,16 --beam 5 \
   --max-tokens 67 | tee -a "$OUT/bench-decode.jsonl" || status=1
+# Mixed-precision training on CUDA: a small synthetic set, 3 epochs per mode.
+# (AMP_DEVICE=cpu runs this part on a CPU machine, to check the script itself.)
+AMP_DEVICE="${AMP_DEVICE:-cuda}"
+T="$OUT/amp"; mkdir -p "$T"
+"$PY" scripts/make_test_bundle.py --out "$T/base" --size tiny --seed 1 --wte-std 0.02 >/dev/null || status=1
+"$BIN" synth --out "$T/synth" --images 64 --seed 1 >/dev/null || status=1
+"$BIN" prepare --model "$T/base" --out "$T/data" --images "$T/synth" --quiet \
+  --coco-captions "$T/synth/annotations/captions_synth.json" --karpathy "$T/synth/dataset_coco.json" \
+  --device "$AMP_DEVICE" || status=1
+for amp in none bf16 fp16; do
+  "$BIN" train --data "$T/data" --out "$T/out-$amp" --base "$T/base" --device "$AMP_DEVICE" --amp "$amp" \
+    --epochs 3 --batch-size 16 --lr 3e-3 --warmup 5 --seed 0 --checkpoint-dir "$T/ckpt-$amp" \
+    > "$T/train-$amp.log" 2>&1 || status=1
+  "$PY" - "$T/train-$amp.log" "$amp" <<'PY' || status=1
+import re, sys
+log = open(sys.argv[1]).read()
+epochs = [float(x) for x in re.findall(r"epoch \d+ done: loss ([0-9.]+)", log)]
+final = re.findall(r"final loss ([0-9.]+)", log)
+print(f"amp {sys.argv[2]}: epoch losses {epochs}, final {final}")
+sys.exit(0 if epochs and final and float(final[0]) < epochs[0] else 1)
+PY
+done
 echo "gpu-check status $status"
 exit $status

@@ -88,3 +88,78 @@ fn converts_single_linear_mlp_checkpoint() {
 fn converts_transformer_checkpoint() {
     check("transformer", "10");
 }
+
+/// scripts/export_clip.py, run against stand-ins for the `clip` and `open_clip` packages
+/// (scripts/ref/fake_clip: the same calls, a tiny CLIP-shaped tower with seeded weights, fp16 as
+/// OpenAI stores it): the archive it writes is fp32, loads on the CPU, exposes `encode_image`,
+/// reports its width, and gives the tower's own outputs.
+#[test]
+fn export_clip_retraces_image_towers_to_fp32_torchscript() {
+    use clipcap::model::clip::ImageEncoder;
+    let dir = tempfile::tempdir().unwrap();
+    let fake = common::repo().join("scripts/ref/fake_clip");
+    let python = |args: &[&str]| -> String {
+        let out = std::process::Command::new(common::python())
+            .args(args)
+            .env("PYTHONPATH", &fake)
+            .current_dir(common::repo())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "python {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for (flag, name, model_expr) in [
+        (
+            "--openai",
+            "ViT-Tiny",
+            "clip.load('ViT-Tiny', jit=False)[0]",
+        ),
+        (
+            "--open-clip",
+            "Tiny",
+            "open_clip.create_model_and_transforms('Tiny', pretrained='tag')[0]",
+        ),
+    ] {
+        let out = dir.path().join(format!("{name}.pt"));
+        let mut args = vec![
+            "scripts/export_clip.py",
+            flag,
+            name,
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if flag == "--open-clip" {
+            args.extend(["--pretrained", "tag"]);
+        }
+        let report: serde_json::Value =
+            serde_json::from_str(python(&args).lines().last().unwrap()).unwrap();
+        assert_eq!(report["embedding_dim"], 48, "{report}");
+        assert_eq!(report["image_size"], 32, "{report}");
+        // The tower itself, in fp32, on a seeded batch: the reference.
+        let reference = dir.path().join(format!("{name}-ref.safetensors"));
+        let code = format!(
+            "import torch, clip, open_clip\n\
+             from safetensors.torch import save_file\n\
+             v = {model_expr}.visual.float().eval()\n\
+             x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))\n\
+             with torch.no_grad(): y = v(x)\n\
+             save_file({{'x': x, 'y': y.contiguous()}}, '{}')\n",
+            reference.display()
+        );
+        python(&["-c", &code]);
+        let t = clipcap::model::weights::read_safetensors(&reference).unwrap();
+        let enc = ImageEncoder::load(&out, 32, Device::Cpu, Kind::Float).unwrap();
+        assert_eq!(enc.dim, 48);
+        let got = enc.encode(&t["x"]).unwrap();
+        let d = f64::try_from((&got - &t["y"]).abs().max()).unwrap();
+        println!("{flag}: max abs diff vs the tower {d:.2e}");
+        assert!(
+            d < 1e-5,
+            "{flag}: exported archive differs from the tower by {d}"
+        );
+    }
+}

@@ -209,6 +209,149 @@ fn prepare_resumes_from_finished_chunks() {
     assert_eq!(meta["encoder_sha256"].as_str().unwrap().len(), 64);
 }
 
+/// Rows of `captions.jsonl` as (image id, row, split, caption).
+fn caption_rows(data: &Path) -> Vec<(String, i64, String, String)> {
+    std::fs::read_to_string(data.join("captions.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (
+                v["image_id"].as_str().unwrap().to_string(),
+                v["row"].as_i64().unwrap(),
+                v["split"].as_str().unwrap().to_string(),
+                v["caption"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn embeddings(data: &Path) -> tch::Tensor {
+    clipcap::model::weights::read_safetensors(&data.join("embeddings.safetensors"))
+        .unwrap()
+        .remove("embeddings")
+        .unwrap()
+}
+
+/// The two other sources `prepare` reads: COCO annotations restricted and split by a
+/// Karpathy file, and the original ClipCap's train_caption.json with COCO file names. The same
+/// image gets the same embedding whichever source names it, and once however many captions.
+#[test]
+fn prepare_reads_coco_with_karpathy_splits_and_clipcap_json() {
+    let f = fixture();
+    let synth = f.root.join("synth");
+    let coco_data = f.root.join("data/coco");
+    let out = run(&[
+        "prepare",
+        "--model",
+        f.base.to_str().unwrap(),
+        "--images",
+        synth.to_str().unwrap(),
+        "--coco-captions",
+        synth
+            .join("annotations/captions_synth.json")
+            .to_str()
+            .unwrap(),
+        "--karpathy",
+        synth.join("dataset_coco.json").to_str().unwrap(),
+        "--out",
+        coco_data.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(out.contains("prepared 16 images, 80 captions"), "{out}");
+    let karpathy: Value =
+        serde_json::from_str(&std::fs::read_to_string(synth.join("dataset_coco.json")).unwrap())
+            .unwrap();
+    let mut want_splits = std::collections::BTreeMap::<String, usize>::new();
+    let mut split_of = std::collections::BTreeMap::new();
+    for im in karpathy["images"].as_array().unwrap() {
+        let split = im["split"].as_str().unwrap().to_string();
+        let n = im["sentences"].as_array().unwrap().len();
+        *want_splits.entry(split.clone()).or_default() += n;
+        split_of.insert(im["cocoid"].to_string(), split);
+    }
+    let rows = caption_rows(&coco_data);
+    assert_eq!(rows.len(), 80);
+    let mut got_splits = std::collections::BTreeMap::<String, usize>::new();
+    for (id, _, split, _) in &rows {
+        *got_splits.entry(split.clone()).or_default() += 1;
+        assert_eq!(&split_of[id], split, "image {id}");
+    }
+    assert_eq!(got_splits, want_splits);
+    // Five captions per image, one embedding row per image.
+    let rows_of =
+        |id: &str| -> Vec<i64> { rows.iter().filter(|r| r.0 == id).map(|r| r.1).collect() };
+    assert_eq!(rows_of("0"), vec![rows_of("0")[0]; 5]);
+    let coco_emb = embeddings(&coco_data);
+    assert_eq!(coco_emb.size(), vec![16, 32]);
+
+    // train_caption.json: COCO file names under train2014/, two captions for one image and an
+    // image that does not exist (skipped, not fatal).
+    let coco_dir = f.root.join("coco");
+    std::fs::create_dir_all(coco_dir.join("train2014")).unwrap();
+    let coco: Value = serde_json::from_str(
+        &std::fs::read_to_string(synth.join("annotations/captions_synth.json")).unwrap(),
+    )
+    .unwrap();
+    let images = coco["images"].as_array().unwrap();
+    let synth_ids: Vec<String> = images[..3].iter().map(|im| im["id"].to_string()).collect();
+    for (im, id) in images[..3].iter().zip([101u64, 102, 103]) {
+        // Whatever the synthetic file's format, under a .jpg name: the decoder goes by content.
+        std::fs::copy(
+            synth.join("images").join(im["file_name"].as_str().unwrap()),
+            coco_dir.join(format!("train2014/COCO_train2014_{id:012}.jpg")),
+        )
+        .unwrap();
+    }
+    let entries = json!([
+        {"image_id": 101, "caption": "first caption of image 101."},
+        {"image_id": 102, "caption": "a caption of image 102."},
+        {"image_id": 101, "caption": "second caption of image 101."},
+        {"image_id": 103, "caption": "a caption of image 103."},
+        {"image_id": 104, "caption": "no such file."}
+    ]);
+    let cj = f.root.join("train_caption.json");
+    std::fs::write(&cj, entries.to_string()).unwrap();
+    let cj_data = f.root.join("data/clipcap");
+    let out = run(&[
+        "prepare",
+        "--model",
+        f.base.to_str().unwrap(),
+        "--images",
+        coco_dir.to_str().unwrap(),
+        "--clipcap-json",
+        cj.to_str().unwrap(),
+        "--out",
+        cj_data.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(out.contains("prepared 3 images, 4 captions"), "{out}");
+    assert!(out.contains("1 skipped"), "{out}");
+    let rows = caption_rows(&cj_data);
+    let r101: Vec<_> = rows.iter().filter(|r| r.0 == "101").collect();
+    assert_eq!(r101.len(), 2);
+    assert_eq!(r101[0].1, r101[1].1, "one embedding row per image");
+    assert!(rows.iter().all(|r| r.2 == "train"));
+    let cj_emb = embeddings(&cj_data);
+    let coco_row = |id: &str| rows_of(id)[0];
+    for (cj_id, synth_id) in ["101", "102", "103"].into_iter().zip(&synth_ids) {
+        let mine = rows.iter().find(|r| r.0 == cj_id).unwrap().1;
+        let d = f64::try_from(
+            (cj_emb.get(mine) - coco_emb.get(coco_row(synth_id)))
+                .abs()
+                .max(),
+        )
+        .unwrap();
+        assert!(d < 1e-5, "image {cj_id}: embeddings differ by {d}");
+    }
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(cj_data.join("meta.json")).unwrap()).unwrap();
+    assert!(meta["skipped"][0]["path"]
+        .as_str()
+        .unwrap()
+        .contains("COCO_train2014_000000000104.jpg"));
+}
+
 #[test]
 fn a_trained_bundle_is_served_and_captions_its_training_images() {
     let f = fixture();

@@ -1,7 +1,7 @@
 """One training step of ClipCap in PyTorch, for tests/train_parity.rs.
 
 Reads a bundle (initial weights) and a batch (tokens, mask, clip) written by the test, computes
-the caption loss (token cross-entropy after the prefix, padding masked out; eval mode, i.e. no
+the caption loss (optionally under bf16 autocast; token cross-entropy after the prefix, padding masked out; eval mode, i.e. no
 dropout, as our trainer) and takes one torch.optim.AdamW step. Writes the loss, the updated
 weights, and the learning-rate factors of transformers' get_linear_schedule_with_warmup.
 """
@@ -24,6 +24,8 @@ ap.add_argument("--batch", required=True)
 ap.add_argument("--out", required=True)
 ap.add_argument("--lr", type=float, default=1e-3)
 ap.add_argument("--only-prefix", action="store_true")
+ap.add_argument("--amp", choices=["none", "bf16"], default="none",
+                help="bf16: the forward pass under torch.autocast('cpu', torch.bfloat16)")
 args = ap.parse_args()
 torch.set_num_threads(2)
 model, man = load_bundle_model(args.bundle)
@@ -36,9 +38,10 @@ if args.only_prefix:
         p.requires_grad_(False)
 opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0)
 L = man["mapper"]["prefix_length"]
-prefix = model.prefix(clip)
-x = torch.cat((prefix, model.gpt.transformer.wte(tokens)), dim=1)
-logits = model.gpt(inputs_embeds=x).logits[:, L - 1:-1]
+with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp == "bf16"):
+    prefix = model.prefix(clip)
+    x = torch.cat((prefix, model.gpt.transformer.wte(tokens).to(prefix.dtype)), dim=1)
+    logits = model.gpt(inputs_embeds=x).logits[:, L - 1:-1].float()
 nll = nnf.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.flatten(), reduction="none")
 loss = (nll * mask.flatten()).sum() / mask.sum()
 opt.zero_grad()

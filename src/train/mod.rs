@@ -1,5 +1,6 @@
 //! Training: `prepare` extracts CLIP features once; `train` fits the mapper (and optionally
 //! GPT-2) on them; `jobs` runs trainings for the server.
+pub mod amp;
 pub mod data;
 pub mod jobs;
 pub mod optim;
@@ -61,7 +62,8 @@ pub struct TrainArgs {
     /// Do not append <|endoftext|> (train exactly like the original; stop on '.').
     #[arg(long = "no-eos")]
     pub no_eos: bool,
-    /// Mixed precision on CUDA: none, bf16 or fp16.
+    /// Mixed precision: none, bf16 (autocast) or fp16 (autocast + dynamic loss scaling). For
+    /// CUDA; also honoured on the CPU (bf16 there is only fast with AVX512-BF16/AMX).
     #[arg(long, default_value = "none")]
     pub amp: String,
     /// Continue from the checkpoint in --checkpoint-dir.
@@ -137,7 +139,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 .unwrap_or_default()
         ));
         if p.epoch != last_epoch && last_epoch != usize::MAX {
-            bar.println(format!(
+            // A hidden bar (not a terminal: logs, CI) drops println; the epoch lines still count.
+            let say = |line: String| {
+                if bar.is_hidden() {
+                    println!("{line}");
+                } else {
+                    bar.println(line);
+                }
+            };
+            say(format!(
                 "epoch {} done: loss {:.4}{}",
                 last_epoch + 1,
                 p.history.last().map(|h| h.loss).unwrap_or(f64::NAN),

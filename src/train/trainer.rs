@@ -4,6 +4,7 @@
 use crate::model::bundle::{self, BundleFiles, CaptionNet, ImageSpec, Manifest};
 use crate::model::gpt2::Gpt2Config;
 use crate::model::mapper::{MapperConfig, MappingType};
+use crate::train::amp::{with_autocast, AmpDtype};
 use crate::train::data::{max_seq_len, Batch, Dataset, Split};
 use crate::train::optim::{lr_factor, AdamW, AdamWConfig};
 use anyhow::{bail, Context, Result};
@@ -45,7 +46,8 @@ pub struct TrainSpec {
     pub save_every: usize,
     /// Append `<|endoftext|>` to captions so the model learns to stop (the original does not).
     pub eos: bool,
-    /// Mixed precision on CUDA: "none", "bf16" (autocast) or "fp16" (autocast + loss scaling).
+    /// Mixed precision: "none", "bf16" (autocast) or "fp16" (autocast + loss scaling). Meant for
+    /// CUDA; honoured on the CPU too (bf16 there is only fast with AVX512-BF16/AMX).
     pub amp: String,
     /// Bundle name written into the manifest (default: the output folder's name).
     pub name: Option<String>,
@@ -308,11 +310,8 @@ pub fn train(
         );
     }
 
-    let amp = if device.is_cuda() {
-        spec.amp.as_str()
-    } else {
-        "none"
-    };
+    let amp = AmpDtype::parse(&spec.amp);
+    let fp16 = amp == Some(AmpDtype::F16);
     let mut loss_scale = 65536.0f64;
     let started = Instant::now();
     let start_step = state.global_step;
@@ -343,12 +342,9 @@ pub fn train(
             let batch = train_set.batch(idx, max_len, &data.embeddings, device);
             let lr = spec.lr * lr_factor(state.global_step, spec.warmup, total_steps);
             opt.zero_grad();
-            let loss = match amp {
-                "bf16" => tch::autocast(true, || caption_loss(&net, &batch)),
-                "fp16" => tch::autocast(true, || caption_loss(&net, &batch)),
-                _ => caption_loss(&net, &batch),
-            };
-            let loss_v = if amp == "fp16" {
+            // Autocast covers the forward pass only; backward follows the recorded dtypes.
+            let loss = with_autocast(device, amp, || caption_loss(&net, &batch));
+            let loss_v = if fp16 {
                 (&loss * loss_scale).backward();
                 opt.scale_grads(1.0 / loss_scale);
                 f64::try_from(&loss)?
@@ -356,7 +352,7 @@ pub fn train(
                 loss.backward();
                 f64::try_from(&loss)?
             };
-            let grads_ok = if amp == "fp16" {
+            let grads_ok = if fp16 {
                 let n = opt.grad_norm();
                 if !n.is_finite() {
                     loss_scale /= 2.0;

@@ -1,0 +1,152 @@
+//! Mixed precision: libtorch's autocast for a chosen device type and dtype.
+//!
+//! tch only exposes the old `at::autocast::set_enabled`, which switches CUDA autocast on with
+//! its default dtype (f16): asking for bf16 that way silently trains in f16 without loss
+//! scaling. libtorch's per-device API (`set_autocast_enabled(DeviceType, bool)`,
+//! `set_autocast_dtype(DeviceType, ScalarType)`) takes plain 8-bit enums and a bool, so it is
+//! called directly from libtorch_cpu (linked by torch-sys) under its C++ symbol names. That also
+//! makes CPU autocast (bf16) available, which is how the tests exercise this path without a GPU.
+
+use tch::{Device, Kind};
+
+/// `c10::DeviceType` values (an `int8_t` enum).
+const DEVICE_CPU: i8 = 0;
+const DEVICE_CUDA: i8 = 1;
+/// `c10::ScalarType` values (an `int8_t` enum).
+const SCALAR_HALF: i8 = 5;
+const SCALAR_BFLOAT16: i8 = 15;
+
+unsafe extern "C" {
+    #[link_name = "_ZN2at8autocast20set_autocast_enabledEN3c1010DeviceTypeEb"]
+    fn at_set_autocast_enabled(device: i8, enabled: bool);
+    #[link_name = "_ZN2at8autocast19is_autocast_enabledEN3c1010DeviceTypeE"]
+    fn at_is_autocast_enabled(device: i8) -> bool;
+    #[link_name = "_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"]
+    fn at_set_autocast_dtype(device: i8, dtype: i8);
+    #[link_name = "_ZN2at8autocast18get_autocast_dtypeEN3c1010DeviceTypeE"]
+    fn at_get_autocast_dtype(device: i8) -> i8;
+    #[link_name = "_ZN2at8autocast17increment_nestingEv"]
+    fn at_increment_nesting() -> i32;
+    #[link_name = "_ZN2at8autocast17decrement_nestingEv"]
+    fn at_decrement_nesting() -> i32;
+    #[link_name = "_ZN2at8autocast11clear_cacheEv"]
+    fn at_clear_cache();
+}
+
+/// The reduced precision autocast runs eligible ops (matmuls, linear layers) in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AmpDtype {
+    Bf16,
+    F16,
+}
+
+impl AmpDtype {
+    /// Parses the spec's `amp` field: `None` for "none".
+    pub fn parse(s: &str) -> Option<AmpDtype> {
+        match s {
+            "bf16" => Some(AmpDtype::Bf16),
+            "fp16" | "f16" => Some(AmpDtype::F16),
+            _ => None,
+        }
+    }
+
+    pub fn kind(self) -> Kind {
+        match self {
+            AmpDtype::Bf16 => Kind::BFloat16,
+            AmpDtype::F16 => Kind::Half,
+        }
+    }
+
+    fn scalar_type(self) -> i8 {
+        match self {
+            AmpDtype::Bf16 => SCALAR_BFLOAT16,
+            AmpDtype::F16 => SCALAR_HALF,
+        }
+    }
+}
+
+/// Autocast on for `device` while alive; the previous state is restored on drop.
+pub struct Autocast {
+    device: i8,
+    was_enabled: bool,
+    old_dtype: i8,
+}
+
+impl Autocast {
+    pub fn new(device: Device, dtype: AmpDtype) -> Autocast {
+        let device = if device.is_cuda() {
+            DEVICE_CUDA
+        } else {
+            DEVICE_CPU
+        };
+        // SAFETY: plain scalar arguments; these functions only touch thread-local state.
+        unsafe {
+            let was_enabled = at_is_autocast_enabled(device);
+            let old_dtype = at_get_autocast_dtype(device);
+            at_set_autocast_dtype(device, dtype.scalar_type());
+            at_set_autocast_enabled(device, true);
+            at_increment_nesting();
+            Autocast {
+                device,
+                was_enabled,
+                old_dtype,
+            }
+        }
+    }
+}
+
+impl Drop for Autocast {
+    fn drop(&mut self) {
+        // SAFETY: as in `new`.
+        unsafe {
+            // Casted weight copies are cached per autocast region; free them when the
+            // outermost region ends (what torch.autocast's __exit__ does).
+            if at_decrement_nesting() == 0 {
+                at_clear_cache();
+            }
+            at_set_autocast_enabled(self.device, self.was_enabled);
+            at_set_autocast_dtype(self.device, self.old_dtype);
+        }
+    }
+}
+
+/// Runs `f` under autocast (or as it is when `dtype` is `None`).
+pub fn with_autocast<T>(device: Device, dtype: Option<AmpDtype>, f: impl FnOnce() -> T) -> T {
+    let _guard = dtype.map(|d| Autocast::new(device, d));
+    f()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Tensor;
+
+    #[test]
+    fn cpu_bf16_autocast_runs_matmuls_in_bf16_and_restores_state() {
+        let a = Tensor::randn([4, 8], (Kind::Float, Device::Cpu));
+        let b = Tensor::randn([8, 3], (Kind::Float, Device::Cpu));
+        let inside = with_autocast(Device::Cpu, Some(AmpDtype::Bf16), || a.matmul(&b));
+        assert_eq!(inside.kind(), Kind::BFloat16);
+        // Off again afterwards, and the f32 result is close to the bf16 one.
+        let outside = a.matmul(&b);
+        assert_eq!(outside.kind(), Kind::Float);
+        let diff = f64::try_from((inside.to_kind(Kind::Float) - &outside).abs().max()).unwrap();
+        assert!(diff < 0.1, "bf16 matmul far from f32: {diff}");
+        // SAFETY: scalar query.
+        assert!(!unsafe { at_is_autocast_enabled(DEVICE_CPU) });
+        assert_eq!(
+            unsafe { at_get_autocast_dtype(DEVICE_CPU) },
+            SCALAR_BFLOAT16
+        );
+    }
+
+    #[test]
+    fn nested_regions_keep_the_outer_dtype_after_the_inner_ends() {
+        let a = Tensor::randn([2, 2], (Kind::Float, Device::Cpu));
+        with_autocast(Device::Cpu, Some(AmpDtype::Bf16), || {
+            let _ = with_autocast(Device::Cpu, Some(AmpDtype::F16), || a.matmul(&a));
+            assert_eq!(a.matmul(&a).kind(), Kind::BFloat16);
+        });
+        assert_eq!(a.matmul(&a).kind(), Kind::Float);
+    }
+}
