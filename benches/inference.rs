@@ -2,7 +2,10 @@
 //! shapes, ViT-B/32-shaped TorchScript encoder) made by scripts/make_test_bundle.py:
 //! preprocessing, encoder batches, mapper, one decode step, and a whole beam-5 caption.
 //!
-//!   cargo bench --bench inference          (set CLIPCAP_BENCH_BUNDLE=DIR to reuse a bundle)
+//!   cargo bench --profile dev --bench inference -- --noplot
+//!
+//! (`--profile dev`: the project's one optimized profile, so torch-sys's C++ is not compiled a
+//! second time for the bench profile. Set CLIPCAP_BENCH_BUNDLE=DIR to reuse a bundle.)
 #![allow(clippy::arc_with_non_send_sync)] // bundles stay on the test thread
 use clipcap::generate::{caption_embeddings, Decoder, GenOptions};
 use clipcap::model::bundle::Bundle;

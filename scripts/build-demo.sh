@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the default bundle models/demo from nothing, reproducibly (~16 minutes on 2 cores):
+# Builds the default bundle models/demo from nothing, reproducibly (~15 minutes on 2 cores):
 #   1. the synthetic captioning set (clipcap synth)
 #   2. a small image encoder (a shape/colour/size detector) trained on object windows of its
 #      training split + a small random GPT-2 with the real GPT-2 vocabulary

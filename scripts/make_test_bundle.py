@@ -126,7 +126,10 @@ def main():
     if args.encode_image:
         scripted = torch.jit.script(EncodeImage(visual))
     else:
-        scripted = torch.jit.trace(visual, torch.zeros(1, 3, 224, 224))
+        # The trace checker compares graphs by their mangled module names, which differ between
+        # two traces of nn.TransformerEncoder; the numerics are what the tests check.
+        with torch.no_grad():
+            scripted = torch.jit.trace(visual, torch.zeros(1, 3, 224, 224), check_trace=False)
     scripted.save(os.path.join(args.out, "clip_image.pt"))
     shutil.copyfile(os.path.join(ROOT, "models", "gpt2", "tokenizer.json"),
                     os.path.join(args.out, "tokenizer.json"))
