@@ -33,7 +33,7 @@ if [ ! -f "$WORK/data/meta.json" ]; then
 fi
 step "4/5 training mapper + GPT-2 ($EPOCHS epochs)"
 "$BIN" train --data "$WORK/data" --out models/demo --epochs "$EPOCHS" --batch-size 64 --lr 1e-3 \
-  --warmup 100 --seed 0 --name demo --checkpoint-dir "$WORK/ckpt" --grad-clip 1.0
+  --warmup 100 --seed 0 --name demo --checkpoint-dir "$WORK/ckpt" --grad-clip 1.0 --dropout 0
 step "5/5 evaluation on the held-out test split"
 "$BIN" eval --model models/demo --data "$WORK/data" --split test --greedy | tee "$WORK/eval-greedy.txt"
 "$BIN" eval --model models/demo --data "$WORK/data" --split test | tee "$WORK/eval-beam.txt"

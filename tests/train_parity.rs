@@ -167,3 +167,32 @@ fn bf16_autocast_step_matches_pytorch_autocast() {
 fn only_prefix_step_matches_pytorch() {
     one_step(true, None);
 }
+
+/// GPT-2's training dropout: active in caption_loss_with_dropout (the loss changes with the
+/// masks, which follow torch's seed), and p = 0 is exactly the eval-mode loss.
+#[test]
+fn dropout_is_seeded_and_zero_dropout_is_eval_mode() {
+    use clipcap::train::trainer::caption_loss_with_dropout;
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle");
+    common::make_bundle(&bundle, &["--size", "tiny", "--seed", "6"]);
+    let m = Manifest::read(&bundle).unwrap();
+    let mut net = CaptionNet::new(&m.gpt2, &m.mapper, Device::Cpu).unwrap();
+    net.load_weights(&bundle.join("model.safetensors")).unwrap();
+    let tokens = Tensor::from_slice(&[40i64, 2068, 318, 257, 13, 64, 3797, 13, 0, 0]).view([2, 5]);
+    let mask = Tensor::from_slice(&[1f32, 1., 1., 1., 1., 1., 1., 1., 0., 0.]).view([2, 5]);
+    tch::manual_seed(1);
+    let clip = Tensor::randn([2, 32], (Kind::Float, Device::Cpu));
+    let batch = Batch { tokens, mask, clip };
+    let loss = |p: f64, seed: i64| {
+        tch::manual_seed(seed);
+        f64::try_from(caption_loss_with_dropout(&net, &batch, p)).unwrap()
+    };
+    let eval = f64::try_from(caption_loss(&net, &batch)).unwrap();
+    assert_eq!(loss(0.0, 1), eval);
+    let (a, b, c) = (loss(0.1, 1), loss(0.1, 1), loss(0.1, 2));
+    println!("eval {eval:.6}, dropout 0.1: seed 1 {a:.6} {b:.6}, seed 2 {c:.6}");
+    assert_eq!(a, b, "same seed, same masks");
+    assert_ne!(a, c, "another seed, other masks");
+    assert_ne!(a, eval, "dropout changed nothing");
+}

@@ -258,6 +258,21 @@ impl Gpt2 {
     // `x = x + …` on purpose: an in-place `+=` would break autograd when training.
     #[allow(clippy::assign_op_pattern)]
     pub fn forward(&self, embeds: &Tensor, valid: Option<&Tensor>, cache: &mut KvCache) -> Tensor {
+        self.forward_with_dropout(embeds, valid, cache, 0.0)
+    }
+
+    /// `forward` with GPT-2's training-time dropout of probability `p` (HF's embd_pdrop,
+    /// attn_pdrop and resid_pdrop, all 0.1 in GPT-2's config): on the input embeddings, the
+    /// attention weights, and each block's two residual branches. `p = 0` is `forward`.
+    #[allow(clippy::assign_op_pattern)]
+    pub fn forward_with_dropout(
+        &self,
+        embeds: &Tensor,
+        valid: Option<&Tensor>,
+        cache: &mut KvCache,
+        p: f64,
+    ) -> Tensor {
+        let drop_out = |x: Tensor| if p > 0.0 { x.dropout(p, true) } else { x };
         let (b, t, e) = embeds.size3().expect("embeds must be [B, T, E]");
         assert_eq!(b, cache.rows(), "cache rows and batch size differ");
         assert_eq!(e, self.cfg.n_embd, "embedding width differs from n_embd");
@@ -304,11 +319,13 @@ impl Gpt2 {
             AttnMask::Explicit(causal_from(start).0)
         };
 
-        let mut x = embeds
-            + self
-                .wpe
-                .index_select(0, &positions.view([-1]))
-                .view([b, t, e]);
+        let mut x = drop_out(
+            embeds
+                + self
+                    .wpe
+                    .index_select(0, &positions.view([-1]))
+                    .view([b, t, e]),
+        );
         let (h, d) = (self.cfg.n_head, self.cfg.head_dim());
         for (i, blk) in self.blocks.iter().enumerate() {
             let qkv = blk.c_attn.forward(&blk.ln_1.forward(&x));
@@ -321,26 +338,26 @@ impl Gpt2 {
             let values = cache.v[i].narrow(2, 0, total);
             let a = match &mask {
                 AttnMask::None => Tensor::scaled_dot_product_attention::<Tensor>(
-                    &q, &keys, &values, None, 0., false, None, false,
+                    &q, &keys, &values, None, p, false, None, false,
                 ),
                 AttnMask::Causal => Tensor::scaled_dot_product_attention::<Tensor>(
-                    &q, &keys, &values, None, 0., true, None, false,
+                    &q, &keys, &values, None, p, true, None, false,
                 ),
                 AttnMask::Explicit(m) => Tensor::scaled_dot_product_attention(
                     &q,
                     &keys,
                     &values,
                     Some(m),
-                    0.,
+                    p,
                     false,
                     None,
                     false,
                 ),
             };
             let a = a.transpose(1, 2).reshape([b, t, e]);
-            x = x + blk.attn_proj.forward(&a);
+            x = x + drop_out(blk.attn_proj.forward(&a));
             let m = blk.c_fc.forward(&blk.ln_2.forward(&x));
-            x = x + blk.mlp_proj.forward(&self.act.apply(&m));
+            x = x + drop_out(blk.mlp_proj.forward(&self.act.apply(&m)));
         }
         cache.len = total;
         self.ln_f.forward(&x)
@@ -348,9 +365,19 @@ impl Gpt2 {
 
     /// Full-sequence forward without keeping a cache (training, scoring).
     pub fn forward_full(&self, embeds: &Tensor, valid: Option<&Tensor>) -> Tensor {
+        self.forward_full_with_dropout(embeds, valid, 0.0)
+    }
+
+    /// `forward_full` with training-time dropout `p` (see `forward_with_dropout`).
+    pub fn forward_full_with_dropout(
+        &self,
+        embeds: &Tensor,
+        valid: Option<&Tensor>,
+        p: f64,
+    ) -> Tensor {
         let (b, t, _) = embeds.size3().expect("embeds must be [B, T, E]");
         let mut cache = KvCache::new(&self.cfg, b, t, embeds.device(), embeds.kind());
-        self.forward(embeds, valid, &mut cache)
+        self.forward_with_dropout(embeds, valid, &mut cache, p)
     }
 
     /// A fresh cache for `rows` sequences of up to `capacity` tokens, on this model's device.

@@ -50,6 +50,7 @@ struct TrainRequest {
     grad_clip: Option<f64>,
     save_every: Option<usize>,
     eos: Option<bool>,
+    dropout: Option<f64>,
     amp: Option<String>,
 }
 
@@ -160,6 +161,7 @@ async fn start(State(st): State<AppState>, body: axum::body::Bytes) -> Result<Re
         grad_clip,
         save_every,
         eos,
+        dropout,
         amp
     );
     if let Some(m) = &req.mapping {

@@ -62,6 +62,9 @@ pub struct TrainArgs {
     /// Do not append <|endoftext|> (train exactly like the original; stop on '.').
     #[arg(long = "no-eos")]
     pub no_eos: bool,
+    /// GPT-2's dropout while training (the original's 0.1; ignored with --only-prefix).
+    #[arg(long, default_value_t = 0.1)]
+    pub dropout: f64,
     /// Mixed precision: none, bf16 (autocast) or fp16 (autocast + dynamic loss scaling). For
     /// CUDA; also honoured on the CPU (bf16 there is only fast with AVX512-BF16/AMX).
     #[arg(long, default_value = "none")]
@@ -101,6 +104,7 @@ impl TrainArgs {
             grad_clip: self.grad_clip,
             save_every: self.save_every,
             eos: !self.no_eos,
+            dropout: self.dropout,
             amp: self.amp.clone(),
             name: self.name.clone(),
         }

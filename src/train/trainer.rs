@@ -46,6 +46,9 @@ pub struct TrainSpec {
     pub save_every: usize,
     /// Append `<|endoftext|>` to captions so the model learns to stop (the original does not).
     pub eos: bool,
+    /// GPT-2's dropout while training (the original: 0.1 from GPT-2's config; not applied with
+    /// `only_prefix`, where GPT-2 stays in eval mode).
+    pub dropout: f64,
     /// Mixed precision: "none", "bf16" (autocast) or "fp16" (autocast + loss scaling). Meant for
     /// CUDA; honoured on the CPU too (bf16 there is only fast with AVX512-BF16/AMX).
     pub amp: String,
@@ -75,6 +78,7 @@ impl Default for TrainSpec {
             grad_clip: 0.0,
             save_every: 0,
             eos: true,
+            dropout: 0.1,
             amp: "none".into(),
             name: None,
         }
@@ -105,6 +109,9 @@ impl TrainSpec {
         }
         if !(1..=48).contains(&self.num_layers) {
             return e("num_layers", "must be between 1 and 48");
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return e("dropout", "must be >= 0 and < 1");
         }
         if self.grad_clip.is_nan() || self.grad_clip < 0.0 {
             return e("grad_clip", "must be >= 0");
@@ -310,6 +317,9 @@ pub fn train(
         );
     }
 
+    // GPT-2 trains in train mode (dropout), as the original's model.train(); with
+    // --only-prefix it stays in eval mode (the original's ClipCaptionPrefix.train()).
+    let dropout = if spec.only_prefix { 0.0 } else { spec.dropout };
     let amp = AmpDtype::parse(&spec.amp);
     let fp16 = amp == Some(AmpDtype::F16);
     let mut loss_scale = 65536.0f64;
@@ -342,8 +352,17 @@ pub fn train(
             let batch = train_set.batch(idx, max_len, &data.embeddings, device);
             let lr = spec.lr * lr_factor(state.global_step, spec.warmup, total_steps);
             opt.zero_grad();
+            // Dropout masks come from torch's generator, seeded per step so that a resumed run
+            // draws the same masks as an uninterrupted one.
+            if dropout > 0.0 {
+                tch::manual_seed(
+                    (spec.seed.wrapping_mul(1_000_003) as i64).wrapping_add(state.global_step),
+                );
+            }
             // Autocast covers the forward pass only; backward follows the recorded dtypes.
-            let loss = with_autocast(device, amp, || caption_loss(&net, &batch));
+            let loss = with_autocast(device, amp, || {
+                caption_loss_with_dropout(&net, &batch, dropout)
+            });
             let loss_v = if fp16 {
                 (&loss * loss_scale).backward();
                 opt.scale_grads(1.0 / loss_scale);
@@ -474,12 +493,17 @@ pub fn train(
 
 /// Mean token cross-entropy over caption positions (prefix and padding excluded).
 pub fn caption_loss(net: &CaptionNet, batch: &Batch) -> Tensor {
+    caption_loss_with_dropout(net, batch, 0.0)
+}
+
+/// `caption_loss` with GPT-2's dropout `p` active (training mode).
+pub fn caption_loss_with_dropout(net: &CaptionNet, batch: &Batch, p: f64) -> Tensor {
     let prefix = net.prefix(&batch.clip);
     let l = prefix.size()[1];
     let t = batch.tokens.size()[1];
     let emb = net.gpt.embed(&batch.tokens);
     let x = Tensor::cat(&[&prefix, &emb.to_kind(prefix.kind())], 1);
-    let h = net.gpt.forward_full(&x, None);
+    let h = net.gpt.forward_full_with_dropout(&x, None, p);
     // Position L-1+i predicts token i.
     let logits = net.gpt.logits(&h.narrow(1, l - 1, t)).to_kind(Kind::Float);
     let v = logits.size()[2];
