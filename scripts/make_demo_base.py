@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageOps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -34,6 +33,7 @@ sys.path.insert(0, os.path.join(HERE, "ref"))
 from clipcap_reference import ClipCaptionModel  # noqa: E402
 from transformers import GPT2Config  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from ref_preprocess import reference  # noqa: E402
 
 SHAPES = ["circle", "square", "triangle", "star", "cross"]
 COLORS = ["red", "orange", "yellow", "green", "blue", "purple"]
@@ -46,19 +46,9 @@ STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 
 def clip_preprocess(path, size=224):
-    """CLIP's transform: EXIF orientation, RGB, shorter side to 224 (bicubic), center crop."""
-    img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
-    w, h = img.size
-    if w <= h:
-        nw, nh = size, int(size * h / w)
-    else:
-        nw, nh = int(size * w / h), size
-    img = img.resize((nw, nh), Image.BICUBIC)
-    top = int(round((nh - size) / 2.0))
-    left = int(round((nw - size) / 2.0))
-    img = img.crop((left, top, left + size, top + size))
-    x = (np.asarray(img, dtype=np.float32) / 255.0 - MEAN) / STD
-    return torch.from_numpy(x.transpose(2, 0, 1).copy())
+    """CLIP's transform (PIL, as the preprocessing parity tests' reference), then normalized."""
+    chw = reference(path, size)[0]
+    return torch.from_numpy((chw - MEAN[:, None, None]) / STD[:, None, None])
 
 
 class Detector(nn.Module):
@@ -119,15 +109,14 @@ def windows(x112, scenes, rng):
     none = (len(SHAPES), len(COLORS), len(SIZES))
     for i, s in enumerate(scenes):
         scale = 112.0 / s["crop_size"]
-        centers = [((o["cx"] - s["crop_x"]) * scale, (o["cy"] - s["crop_y"]) * scale, o["radius"] * scale)
-                   for o in s["objects"]]
+        centers = [((o["cx"] - s["crop_x"]) * scale, (o["cy"] - s["crop_y"]) * scale) for o in s["objects"]]
 
         def crop(cx, cy):
             x0 = int(round(cx)) + pad - WINDOW // 2
             y0 = int(round(cy)) + pad - WINDOW // 2
             return xp[i, :, y0:y0 + WINDOW, x0:x0 + WINDOW]
 
-        for o, (cx, cy, _) in zip(s["objects"], centers):
+        for o, (cx, cy) in zip(s["objects"], centers):
             jx, jy = rng.integers(-3, 4, size=2)
             crops.append(crop(cx + jx, cy + jy))
             labels.append((SHAPES.index(o["shape"]), COLORS.index(o["color"]), SIZES.index(o["size"])))
@@ -136,7 +125,7 @@ def windows(x112, scenes, rng):
             tries += 1
             cx, cy = rng.uniform(0, 112, size=2)
             # Off-centre: at least 7 px from every object centre (some still overlap objects).
-            if all((cx - ox) ** 2 + (cy - oy) ** 2 > 49 for ox, oy, _ in centers):
+            if all((cx - ox) ** 2 + (cy - oy) ** 2 > 49 for ox, oy in centers):
                 crops.append(crop(cx, cy))
                 labels.append(none)
                 made += 1
@@ -152,7 +141,6 @@ def main():
     ap.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
     args = ap.parse_args()
     torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
     torch.set_num_threads(args.threads)
     t_start = time.time()
 

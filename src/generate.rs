@@ -433,16 +433,7 @@ fn retain_images(c: &mut Cohort, kept: &[i64]) {
     c.stopped = c.stopped.index_select(0, &idx);
     c.cancelled = kept.iter().map(|&i| c.cancelled[i as usize]).collect();
     c.ids = kept.iter().map(|&i| c.ids[i as usize]).collect();
-    let mut keep = vec![false; c.rngs.len()];
-    for &i in kept {
-        keep[i as usize] = true;
-    }
-    let rngs = std::mem::take(&mut c.rngs);
-    c.rngs = rngs
-        .into_iter()
-        .zip(keep)
-        .filter_map(|(r, k)| k.then_some(r))
-        .collect();
+    c.rngs = kept.iter().map(|&i| c.rngs[i as usize].clone()).collect();
 }
 
 /// Reads the captions of images `gone` back to the host and ranks them.

@@ -136,21 +136,9 @@ fn page_lists_training_jobs_with_their_loss_curves() {
         .json()
         .unwrap();
     let id = started["id"].as_str().unwrap().to_string();
-    let t0 = std::time::Instant::now();
-    let job = loop {
-        let j: Value = http
-            .get(format!("{}/train/{id}", s.url))
-            .bearer_auth(TOKEN)
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
-        if j["state"] != "queued" && j["state"] != "running" {
-            break j;
-        }
-        assert!(t0.elapsed().as_secs() < 300, "job stuck: {j}\n{}", s.log());
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    };
+    let job = s.wait_for_job(TOKEN, &id, 300, |j| {
+        j["state"] != "queued" && j["state"] != "running"
+    });
     assert_eq!(job["state"], "succeeded", "{job}");
 
     let image = images.join("0.png");

@@ -9,7 +9,7 @@ use reqwest::blocking::Client;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_clipcap");
 const TOKEN: &str = "train-token";
@@ -133,33 +133,6 @@ fn client() -> Client {
         .timeout(Duration::from_secs(60))
         .build()
         .unwrap()
-}
-
-fn job(s: &Server, id: &str) -> Value {
-    client()
-        .get(format!("{}/train/{id}", s.url))
-        .bearer_auth(TOKEN)
-        .send()
-        .unwrap()
-        .json()
-        .unwrap()
-}
-
-fn wait_for(s: &Server, id: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
-    let t0 = Instant::now();
-    loop {
-        let j = job(s, id);
-        if pred(&j) {
-            return j;
-        }
-        assert!(
-            t0.elapsed().as_secs() < secs,
-            "job {id} stuck: {}\n{}",
-            serde_json::to_string_pretty(&j).unwrap(),
-            s.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn start_job(s: &Server, body: Value) -> String {
@@ -361,7 +334,7 @@ fn a_trained_bundle_is_served_and_captions_its_training_images() {
         json!({"dataset": "ds", "output": "trained", "activate": true, "epochs": 200, "batch_size": 8,
                "lr": 0.003, "warmup": 10, "seed": 1}),
     );
-    let j = wait_for(&s, &id, 600, |j| {
+    let j = s.wait_for_job(TOKEN, &id, 600, |j| {
         j["state"] != "queued" && j["state"] != "running"
     });
     assert_eq!(j["state"], "succeeded", "{j}");
@@ -444,14 +417,14 @@ fn cancel_resume_and_restart_mid_job() {
     let body = json!({"dataset": "ds", "output": "long", "epochs": 400, "batch_size": 8, "lr": 0.001,
                       "warmup": 0, "save_every": 4});
     let id = start_job(&s, body);
-    wait_for(&s, &id, 120, |j| j["step"].as_i64().unwrap_or(0) >= 6);
+    s.wait_for_job(TOKEN, &id, 120, |j| j["step"].as_i64().unwrap_or(0) >= 6);
     let r = client()
         .delete(format!("{}/train/{id}", s.url))
         .bearer_auth(TOKEN)
         .send()
         .unwrap();
     assert_eq!(r.status(), 200);
-    let j = wait_for(&s, &id, 60, |j| j["state"] == "cancelled");
+    let j = s.wait_for_job(TOKEN, &id, 60, |j| j["state"] == "cancelled");
     let cancelled_at = j["step"].as_i64().unwrap();
     // Finished jobs cannot be cancelled again; unknown ones are 404.
     let r = client()
@@ -473,7 +446,7 @@ fn cancel_resume_and_restart_mid_job() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 202);
-    let j = wait_for(&s, &id, 120, |j| {
+    let j = s.wait_for_job(TOKEN, &id, 120, |j| {
         j["state"] == "running" && j["step"].as_i64().unwrap() > cancelled_at + 8
     });
     assert!(j["runs"].as_i64().unwrap() == 2);
@@ -482,7 +455,7 @@ fn cancel_resume_and_restart_mid_job() {
     s.child.kill().unwrap();
     s.child.wait().unwrap();
     let s2 = server(&f);
-    let j = job(&s2, &id);
+    let j = s2.job(TOKEN, &id);
     assert_eq!(j["state"], "interrupted", "{j}");
     let r = client()
         .post(format!("{}/train/{id}/resume", s2.url))
@@ -490,7 +463,7 @@ fn cancel_resume_and_restart_mid_job() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 202);
-    let j = wait_for(&s2, &id, 120, |j| {
+    let j = s2.wait_for_job(TOKEN, &id, 120, |j| {
         j["state"] == "running" && j["runs"] == 3 && j["step"].as_i64().unwrap() > 0
     });
     // Work saved before the kill is still there (checkpoints every 4 steps).
@@ -510,7 +483,7 @@ fn cancel_resume_and_restart_mid_job() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 200);
-    wait_for(&s2, &id, 60, |j| j["state"] == "cancelled");
+    s2.wait_for_job(TOKEN, &id, 60, |j| j["state"] == "cancelled");
 }
 
 #[test]

@@ -255,8 +255,6 @@ impl Gpt2 {
     /// Runs `embeds` `[B, T, E]` after what `cache` already holds and appends their keys and
     /// values to it. `valid` `[B, T]` (bool) marks real tokens; `None` means all are real.
     /// Returns the final hidden states `[B, T, E]` (after `ln_f`).
-    // `x = x + …` on purpose: an in-place `+=` would break autograd when training.
-    #[allow(clippy::assign_op_pattern)]
     pub fn forward(&self, embeds: &Tensor, valid: Option<&Tensor>, cache: &mut KvCache) -> Tensor {
         self.forward_with_dropout(embeds, valid, cache, 0.0)
     }
@@ -264,8 +262,9 @@ impl Gpt2 {
     /// `forward` with GPT-2's training-time dropout of probability `p` (HF's embd_pdrop,
     /// attn_pdrop and resid_pdrop, all 0.1 in GPT-2's config): on the input embeddings, the
     /// attention weights, and each block's two residual branches. `p = 0` is `forward`.
+    // `x = x + …` on purpose: an in-place `+=` would break autograd when training.
     #[allow(clippy::assign_op_pattern)]
-    pub fn forward_with_dropout(
+    fn forward_with_dropout(
         &self,
         embeds: &Tensor,
         valid: Option<&Tensor>,

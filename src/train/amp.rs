@@ -7,7 +7,7 @@
 //! called directly from libtorch_cpu (linked by torch-sys) under its C++ symbol names. That also
 //! makes CPU autocast (bf16) available, which is how the tests exercise this path without a GPU.
 
-use tch::{Device, Kind};
+use tch::Device;
 
 /// `c10::DeviceType` values (an `int8_t` enum).
 const DEVICE_CPU: i8 = 0;
@@ -45,15 +45,8 @@ impl AmpDtype {
     pub fn parse(s: &str) -> Option<AmpDtype> {
         match s {
             "bf16" => Some(AmpDtype::Bf16),
-            "fp16" | "f16" => Some(AmpDtype::F16),
+            "fp16" => Some(AmpDtype::F16),
             _ => None,
-        }
-    }
-
-    pub fn kind(self) -> Kind {
-        match self {
-            AmpDtype::Bf16 => Kind::BFloat16,
-            AmpDtype::F16 => Kind::Half,
         }
     }
 
@@ -119,7 +112,7 @@ pub fn with_autocast<T>(device: Device, dtype: Option<AmpDtype>, f: impl FnOnce(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Tensor;
+    use tch::{Kind, Tensor};
 
     #[test]
     fn cpu_bf16_autocast_runs_matmuls_in_bf16_and_restores_state() {

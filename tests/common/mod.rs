@@ -129,6 +129,42 @@ impl Server {
         s
     }
 
+    /// `GET /train/{id}` with the admin `token`.
+    pub fn job(&self, token: &str, id: &str) -> serde_json::Value {
+        reqwest::blocking::Client::new()
+            .get(format!("{}/train/{id}", self.url))
+            .bearer_auth(token)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+
+    /// Polls training job `id` until `pred` holds; panics with the job and the server log after
+    /// `secs` seconds.
+    pub fn wait_for_job(
+        &self,
+        token: &str,
+        id: &str,
+        secs: u64,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let t0 = std::time::Instant::now();
+        loop {
+            let j = self.job(token, id);
+            if pred(&j) {
+                return j;
+            }
+            assert!(
+                t0.elapsed().as_secs() < secs,
+                "job {id} stuck: {}\n{}",
+                serde_json::to_string_pretty(&j).unwrap(),
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
