@@ -11,6 +11,7 @@ small shapes, made by make_test_bundle.py --size small), with the same number of
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,42 +52,56 @@ def main():
     stop = 13
 
     res = {"threads": args.threads, "images": args.images, "max_tokens": args.max_tokens}
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        for i in range(args.images):
-            generate_beam(model, stop, model.prefix(clip[i:i + 1]), 5, args.max_tokens)
-        res["original_s_per_image"] = (time.perf_counter() - t0) / args.images
 
-        t0 = time.perf_counter()
-        for i in range(args.images):
-            prefix = model.prefix(clip[i:i + 1])
-            model.gpt.generate(inputs_embeds=prefix, attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long),
-                               num_beams=5, max_new_tokens=args.max_tokens, eos_token_id=stop, pad_token_id=0,
-                               do_sample=False, early_stopping=False)
-        res["hf_generate_s_per_image"] = (time.perf_counter() - t0) / args.images
-
-    def ours(images, batch):
-        out = subprocess.run([args.clipcap, "bench-decode", "--model", bundle, "--embeddings", emb,
+    def ours(embeddings, images, batch):
+        out = subprocess.run([args.clipcap, "bench-decode", "--model", bundle, "--embeddings", embeddings,
                               "--images", str(images), "--batch", str(batch), "--beam", "5",
                               "--max-tokens", str(args.max_tokens), "--threads", str(args.threads)],
                              check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 
-    one = ours(args.images, 1)
-    res["clipcap_s_per_image"] = one["seconds"] / one["images"]
-    single16 = ours(args.batch_images, 1)
-    batch16 = ours(args.batch_images, args.batch_images)
+    # This machine's speed drifts (shared host), so the three are interleaved image by image:
+    # each round times the original, HF and clipcap on the same image back to back, and the
+    # speed-ups are taken per round; the note reports their median and range.
+    rounds = []
+    with torch.no_grad():
+        for i in range(args.images):
+            prefix = model.prefix(clip[i:i + 1])
+            t0 = time.perf_counter()
+            generate_beam(model, stop, prefix, 5, args.max_tokens)
+            original = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            model.gpt.generate(inputs_embeds=prefix, attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long),
+                               num_beams=5, max_new_tokens=args.max_tokens, eos_token_id=stop, pad_token_id=0,
+                               do_sample=False, early_stopping=False)
+            hf = time.perf_counter() - t0
+            one = os.path.join(tmp, f"clip{i}.safetensors")
+            save_file({"clip": clip[i:i + 1].contiguous()}, one)
+            mine = ours(one, 1, 1)["seconds"]
+            rounds.append({"original_s": original, "hf_generate_s": hf, "clipcap_s": mine})
+            print(f"image {i}: original {original:.2f} s, HF {hf:.2f} s, clipcap {mine:.2f} s "
+                  f"({original / mine:.1f}x, {hf / mine:.1f}x)", flush=True)
+    res["rounds"] = rounds
+    for key in ("original_s", "hf_generate_s", "clipcap_s"):
+        res[key.replace("_s", "_s_per_image")] = statistics.median(r[key] for r in rounds)
+    vs_orig = [r["original_s"] / r["clipcap_s"] for r in rounds]
+    vs_hf = [r["hf_generate_s"] / r["clipcap_s"] for r in rounds]
+    res["speedup_vs_original"] = statistics.median(vs_orig)
+    res["speedup_vs_hf_generate"] = statistics.median(vs_hf)
+
+    single16 = ours(emb, args.batch_images, 1)
+    batch16 = ours(emb, args.batch_images, args.batch_images)
     res["clipcap_batch1_images_per_s"] = single16["images_per_s"]
     res["clipcap_batch16_images_per_s"] = batch16["images_per_s"]
-    res["speedup_vs_original"] = res["original_s_per_image"] / res["clipcap_s_per_image"]
-    res["speedup_vs_hf_generate"] = res["hf_generate_s_per_image"] / res["clipcap_s_per_image"]
     res["batch16_vs_batch1"] = batch16["images_per_s"] / single16["images_per_s"]
     print(json.dumps(res, indent=2))
-    print(f"\nbeam 5, GPT-2 small shapes, {args.threads} threads, {args.max_tokens} max tokens:")
+    print(f"\nbeam 5, GPT-2 small shapes, {args.threads} threads, {args.max_tokens} max tokens, "
+          f"{args.images} images interleaved (medians):")
     print(f"  original (no KV cache): {res['original_s_per_image']:.3f} s/image")
     print(f"  HF generate(num_beams=5): {res['hf_generate_s_per_image']:.3f} s/image")
     print(f"  clipcap, one image at a time: {res['clipcap_s_per_image']:.3f} s/image "
-          f"({res['speedup_vs_original']:.1f}x original, {res['speedup_vs_hf_generate']:.1f}x HF)")
+          f"({res['speedup_vs_original']:.1f}x original [per image {min(vs_orig):.1f}-{max(vs_orig):.1f}], "
+          f"{res['speedup_vs_hf_generate']:.1f}x HF [{min(vs_hf):.1f}-{max(vs_hf):.1f}])")
     print(f"  clipcap, {args.batch_images} images batched: {res['clipcap_batch16_images_per_s']:.2f} images/s "
           f"vs {res['clipcap_batch1_images_per_s']:.2f} one at a time ({res['batch16_vs_batch1']:.1f}x)")
     if args.out:

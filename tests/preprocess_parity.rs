@@ -2,15 +2,12 @@
 //! decode + EXIF transpose + RGB + torchvision Resize(224, bicubic) + CenterCrop(224), in [0, 1].
 //!
 //! Tolerances per image (|diff| in [0, 1] units):
-//! - generated files that no lossy decoder touches (PNG, BMP, TIFF, GIF, lossless WebP) must be
-//!   bit-exact: decoding is exact and the resampler reproduces Pillow's fixed-point arithmetic;
-//! - everything else: mean < 0.5/255 and max < 3/255;
-//! - except chroma-subsampled JPEG (4:2:0, 4:2:2), max < 5/255 (mean bound unchanged).
-//!   zune-jpeg upsamples chroma vertically then horizontally, rounding to 8 bits after each step,
-//!   while libjpeg-turbo's "fancy" h2v2 upsampling rounds once (and uses alternating +1/+2
-//!   biases for h2v1); with its slightly different IDCT this leaves +-1..2 differences in Cb/Cr,
-//!   up to 4/255 in RGB on a few pixels. Measured (Pillow 13 / libjpeg-turbo 3.2): 4:2:0 mean
-//!   ~0.37/255, max 4/255 on 301x227 images; 4:4:4, grey and CMYK JPEGs stay within 2/255.
+//! - generated files that no lossy decoder touches (PNG, BMP, TIFF, GIF, lossless WebP), and
+//!   every JPEG, must be bit-exact: JPEGs are decoded by libjpeg-turbo's decoder as in PIL
+//!   (4:4:4, 4:2:2, 4:2:0, progressive, restart markers, grey, CMYK), and the resampler
+//!   reproduces Pillow's fixed-point arithmetic;
+//! - everything else (lossy WebP): mean < 0.5/255 and max < 3/255.
+//!   (Before the switch from zune-jpeg, chroma-subsampled JPEGs were off by up to 4/255.)
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -19,8 +16,6 @@ use clipcap::preprocess::*;
 
 const MEAN_TOL: f64 = 0.5 / 255.0;
 const MAX_TOL: f64 = 3.0 / 255.0;
-/// Chroma-subsampled JPEG only; see the module documentation.
-const MAX_TOL_SUBSAMPLED_JPEG: f64 = 5.0 / 255.0;
 
 struct Row {
     name: String,
@@ -81,20 +76,14 @@ fn compare(dir: &Path, extra: &[&str]) -> Vec<Row> {
         let note = item["note"].as_str().unwrap_or("").to_string();
         let bytes = std::fs::read(PathBuf::from(item["path"].as_str().unwrap())).unwrap();
         let reference = read_f32(&dir.join(item["ref"].as_str().unwrap()));
-        let subsampled_jpeg = item["format"] == "JPEG"
-            && matches!(item["jpeg_subsampling"].as_i64(), Some(1) | Some(2));
         let mut row = Row {
             name,
             note,
             mean: f64::NAN,
             max: f64::NAN,
             exact: 0.0,
-            lossless: item["lossless"].as_bool().unwrap_or(false),
-            max_tol: if subsampled_jpeg {
-                MAX_TOL_SUBSAMPLED_JPEG
-            } else {
-                MAX_TOL
-            },
+            lossless: item["lossless"].as_bool().unwrap_or(false) || item["format"] == "JPEG",
+            max_tol: MAX_TOL,
             error: None,
         };
         match preprocess_unnormalized(&bytes, &cfg) {

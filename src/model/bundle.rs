@@ -218,6 +218,8 @@ impl Bundle {
         if kind != Kind::Float {
             net.vs.set_kind(kind);
         }
+        let packed = net.gpt.pack_for_cpu();
+        tracing::debug!(packed, "GPT-2 weights packed for MKL");
         Ok(Bundle {
             dir: dir.to_path_buf(),
             manifest,

@@ -4,4 +4,5 @@ pub mod bundle;
 pub mod clip;
 pub mod gpt2;
 pub mod mapper;
+pub mod packed;
 pub mod weights;

@@ -11,8 +11,9 @@
 //!    files (verified with Pillow 13.0): 16-bit RGB/RGBA/LA PNGs are opened as 8-bit modes by
 //!    keeping the HIGH byte of every sample (truncation, not rounding), while 16-bit grey is
 //!    opened as mode `I;16`, whose conversion to RGB CLIPS each value to 255 (so a typical
-//!    16-bit grey image turns almost white; we reproduce that on purpose). CMYK JPEGs are
-//!    treated as Adobe-inverted, as PIL does (`CMYK;I` raw mode);
+//!    16-bit grey image turns almost white; we reproduce that on purpose). JPEG pixels come
+//!    from libjpeg-turbo's decoder, PIL's own (see `jpeg`); CMYK JPEGs are treated as
+//!    Adobe-inverted, as PIL does (`CMYK;I` raw mode);
 //! 4. resize so that the shorter side is `size` with PIL's bicubic resampling
 //!    (`libImaging/Resample.c`: separable, antialiased, 8-bit fixed-point coefficients,
 //!    horizontal pass first, each pass clipped to `u8`), with torchvision's `Resize(size)`
@@ -20,14 +21,15 @@
 //! 5. center crop `size`x`size` like torchvision's `CenterCrop` (Python banker's rounding);
 //! 6. scale to `[0, 1]` and normalize with the CLIP mean/std, CHW `f32`.
 //!
-//! Parity with PIL (`tests/preprocess_parity.rs`): bit-exact for PNG, BMP, TIFF, GIF and WebP;
-//! JPEG differs slightly because zune-jpeg's IDCT and chroma upsampling are not
-//! libjpeg-turbo's (mean |diff| below 0.5/255, max 4/255 for 4:2:0 files).
+//! Parity with PIL (`tests/preprocess_parity.rs`): bit-exact for every format, JPEG included
+//! (4:4:4, 4:2:2, 4:2:0, progressive, grey, CMYK).
 //!
 //! Note: OpenAI's `clip.load` transform converts to RGB *after* resizing and cropping; for RGB
 //! and greyscale input the order makes no difference, for RGBA/palette/CMYK/16-bit input it
 //! does (PIL resizes RGBA premultiplied and palette images with nearest neighbour). We convert
 //! first, which is what the reference script in `scripts/ref_preprocess.py` does too.
+
+mod jpeg;
 
 use std::io::Cursor;
 use std::ops::Range;
@@ -153,8 +155,13 @@ fn decode_known_format(
         return Err(ImageError::Empty);
     }
     let orientation = exif_orientation(&mut decoder, format);
-    let img = DynamicImage::from_decoder(decoder).map_err(decode_error)?;
-    let rgb = to_rgb_like_pil(img);
+    let rgb = if format == ImageFormat::Jpeg {
+        // Headers and metadata came from the image crate; pixels from libjpeg-turbo, as PIL.
+        drop(decoder);
+        jpeg::decode_rgb(bytes)?
+    } else {
+        to_rgb_like_pil(DynamicImage::from_decoder(decoder).map_err(decode_error)?)
+    };
     Ok(match orientation {
         Some(o) => transpose_exif(&rgb, o),
         None => rgb,
