@@ -363,9 +363,17 @@ impl Decoder {
                 }
             })
             .collect();
-        // The one host read per step: a flag per image.
-        let flags: Vec<bool> =
-            Vec::<bool>::try_from(Tensor::cat(&flags, 0).to_device(Device::Cpu))?;
+        // The one host read per step: a flag per image, and the beam reorder (so the cache
+        // copies only the rows whose history changed).
+        let flags = Tensor::cat(&flags, 0).to_kind(Kind::Int64);
+        let n_flags = flags.size()[0] as usize;
+        let host: Vec<i64> = match &reorder {
+            Some(r) => Vec::try_from(Tensor::cat(&[&flags, r], 0).to_device(Device::Cpu))?,
+            None => Vec::try_from(flags.to_device(Device::Cpu))?,
+        };
+        let (flags, reorder) = host.split_at(n_flags);
+        let flags: Vec<bool> = flags.iter().map(|&f| f != 0).collect();
+        let reorder = (!reorder.is_empty()).then_some(reorder);
         let mut finished = vec![];
         let mut keep_rows: Vec<i64> = vec![];
         let mut removed_any = false;
@@ -401,20 +409,14 @@ impl Decoder {
             self.cache = None;
             return Ok(finished);
         }
-        let device = self.model.device;
-        let index = match (reorder, removed_any) {
+        let index: Option<Vec<i64>> = match (reorder, removed_any) {
             (None, false) => None,
-            (Some(r), false) => Some(r),
-            (r, true) => {
-                let keep = Tensor::from_slice(&keep_rows).to_device(device);
-                Some(match r {
-                    Some(r) => r.index_select(0, &keep),
-                    None => keep,
-                })
-            }
+            (Some(r), false) => Some(r.to_vec()),
+            (Some(r), true) => Some(keep_rows.iter().map(|&j| r[j as usize]).collect()),
+            (None, true) => Some(keep_rows),
         };
         if let (Some(idx), Some(cache)) = (index, self.cache.as_mut()) {
-            cache.select_rows(&idx);
+            cache.select_rows_from(&idx);
         }
         Ok(finished)
     }
@@ -542,21 +544,24 @@ fn beam_step(c: &mut Cohort, logits: &Tensor, stop: &Tensor) -> Tensor {
     let (n, k) = (c.n(), c.k);
     let history = c.tokens.view([n * k, -1]);
     let l = adjust_logits(&c.opts, logits, &history);
-    let logp = l.softmax(-1, Kind::Float).log().view([n, k, -1]);
-    let vocab = logp.size()[2];
+    // The [n, k, V] passes below dominate a batched step (16 MB each at 16 images), so they
+    // run in place on one buffer; the arithmetic is the original's, operation for operation.
+    let mut avg = l.softmax(-1, Kind::Float).view([n, k, -1]);
+    let _ = avg.log_();
     // Stopped beams may only continue with token 0, at no cost.
-    let frozen = Tensor::full([vocab], f64::NEG_INFINITY, (Kind::Float, logp.device()));
-    let _ = frozen.get(0).fill_(0.0);
-    let logp = logp.where_self(
-        &c.stopped.logical_not().unsqueeze(-1),
-        &frozen.view([1, 1, vocab]),
-    );
-    let sums = c.scores.unsqueeze(-1) + &logp; // [n, k, V]
+    let stopped = c.stopped.unsqueeze(-1);
+    let _ = avg.masked_fill_(&stopped, f64::NEG_INFINITY);
+    let _ = avg.narrow(2, 0, 1).masked_fill_(&stopped, 0.0);
+    let _ = avg.g_add_(&c.scores.unsqueeze(-1)); // sums of log-probabilities
     let lengths = &c.lengths + c.stopped.logical_not().to_kind(Kind::Float);
-    let avg = sums / lengths.unsqueeze(-1);
-    let (best, flat) = avg.view([n, k * vocab]).topk(k, -1, true, true);
-    let src = flat.divide_scalar_mode(vocab, "floor");
-    let tok = flat.remainder(vocab);
+    let _ = avg.g_div_(&lengths.unsqueeze(-1));
+    // The k best of k x V candidates: the k best of each beam first, then the k best of those
+    // k x k. The same candidates as one top-k over k x V, which libtorch runs on one thread
+    // (0.86 vs 0.56 ms per step here).
+    let (beam_best, beam_tok) = avg.topk(k, -1, true, true); // [n, k, k]
+    let (best, pick) = beam_best.view([n, k * k]).topk(k, -1, true, true);
+    let src = pick.divide_scalar_mode(k, "floor");
+    let tok = beam_tok.view([n, k * k]).gather(1, &pick, false);
     c.lengths = lengths.gather(1, &src, false);
     c.scores = &best * &c.lengths;
     let hist = c

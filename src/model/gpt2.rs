@@ -536,6 +536,46 @@ impl KvCache {
         self.next_pos = self.next_pos.index_select(0, idx);
     }
 
+    /// `select_rows` with the index on the host: rows that keep their own history are not
+    /// copied (in beam search most beams extend themselves), and when few rows change only
+    /// those are copied in place.
+    pub fn select_rows_from(&mut self, idx: &[i64]) {
+        let rows = self.rows();
+        let device = self.valid.device();
+        if idx.len() as i64 == rows {
+            let changed: Vec<i64> = (0..rows).filter(|&r| idx[r as usize] != r).collect();
+            if changed.is_empty() {
+                return;
+            }
+            // Gather then copy: 2 row copies per changed row, against 1 per row for a full
+            // gather; so only when at most half the rows change.
+            if 2 * changed.len() as i64 <= rows {
+                let sources: Vec<i64> = changed.iter().map(|&r| idx[r as usize]).collect();
+                let dst = Tensor::from_slice(&changed).to_device(device);
+                let src = Tensor::from_slice(&sources).to_device(device);
+                let len = self.len;
+                // The sources are gathered before any row is written, so swapped rows are safe.
+                let move_rows = |t: &mut Tensor, cols: Option<i64>| {
+                    let mut view = match cols {
+                        Some(c) => t.narrow(2, 0, c),
+                        None => t.shallow_clone(),
+                    };
+                    let moved = view.index_select(0, &src);
+                    let _ = view.index_copy_(0, &dst, &moved);
+                };
+                if len > 0 {
+                    for t in self.k.iter_mut().chain(self.v.iter_mut()) {
+                        move_rows(t, Some(len));
+                    }
+                }
+                move_rows(&mut self.valid, None);
+                move_rows(&mut self.next_pos, None);
+                return;
+            }
+        }
+        self.select_rows(&Tensor::from_slice(idx).to_device(device));
+    }
+
     /// Appends the rows of `other` below ours, right-aligning the shorter side with invalid
     /// leading columns. Used when new requests join a running decode.
     pub fn append_rows(&mut self, other: KvCache) {
