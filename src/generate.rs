@@ -4,7 +4,9 @@
 //! with the same options form a *cohort* (`k` rows each: beams, or samples). Each
 //! [`Decoder::step`] runs **one** GPT-2 step for all rows of all cohorts with the KV cache,
 //! then each cohort picks its next tokens with a few batched tensor ops on the device. The
-//! only host transfer per step is one boolean per image (is it finished?). New cohorts can
+//! only host transfer per step is one read of a few integers: a flag per image (is it
+//! finished?) and, for beam search, the source row of each beam (so the KV cache copies only
+//! the rows whose history changed). New cohorts can
 //! join between steps ([`Decoder::add`]), which is what continuous batching needs.
 //!
 //! Beam search reproduces ClipCap's `generate_beam` (log of softmax, stopped beams extended

@@ -13,7 +13,17 @@ use clipcap::train::trainer::caption_loss;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
+/// libtorch's default generator is one per process and these tests run on parallel threads: a
+/// test seeds it and then draws (inputs, dropout masks), so each takes this lock first, or
+/// another test's draws (e.g. a VarStore's random init) land between the seed and the draws.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn torch_rng() -> std::sync::MutexGuard<'static, ()> {
+    TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn one_step(only_prefix: bool, amp: Option<AmpDtype>) {
+    let _rng = torch_rng();
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("bundle");
     common::make_bundle(
@@ -173,6 +183,7 @@ fn only_prefix_step_matches_pytorch() {
 #[test]
 fn dropout_is_seeded_and_zero_dropout_is_eval_mode() {
     use clipcap::train::trainer::caption_loss_with_dropout;
+    let _rng = torch_rng();
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("bundle");
     common::make_bundle(&bundle, &["--size", "tiny", "--seed", "6"]);
