@@ -25,32 +25,34 @@ const CBLAS_PACKED: c_int = 151;
 const CBLAS_B_MATRIX: c_int = 162;
 
 type PackGetSize = unsafe extern "C" fn(c_int, c_int, c_int, c_int) -> usize;
+/// `cblas_sgemm_pack(layout, identifier, trans, m, n, k, alpha, src, ld, dest)`.
 type Pack = unsafe extern "C" fn(
-    c_int,
-    c_int,
-    c_int,
-    c_int,
-    c_int,
-    c_int,
-    f32,
-    *const f32,
-    c_int,
-    *mut f32,
+    layout: c_int,
+    identifier: c_int,
+    trans: c_int,
+    m: c_int,
+    n: c_int,
+    k: c_int,
+    alpha: f32,
+    src: *const f32,
+    ld: c_int,
+    dest: *mut f32,
 );
+/// `cblas_sgemm_compute(layout, transa, transb, m, n, k, a, lda, b, ldb, beta, c, ldc)`.
 type Compute = unsafe extern "C" fn(
-    c_int,
-    c_int,
-    c_int,
-    c_int,
-    c_int,
-    c_int,
-    *const f32,
-    c_int,
-    *const f32,
-    c_int,
-    f32,
-    *mut f32,
-    c_int,
+    layout: c_int,
+    transa: c_int,
+    transb: c_int,
+    m: c_int,
+    n: c_int,
+    k: c_int,
+    a: *const f32,
+    lda: c_int,
+    b: *const f32,
+    ldb: c_int,
+    beta: f32,
+    c: *mut f32,
+    ldc: c_int,
 );
 
 unsafe extern "C" {

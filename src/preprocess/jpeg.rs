@@ -152,7 +152,14 @@ mod tests {
         let mut bad = jpg[..4].to_vec();
         bad.extend_from_slice(&[0xFF, 0xC0, 0, 0]);
         let e = decode_rgb(&bad).unwrap_err().to_string();
-        assert!(!e.is_empty(), "{e}");
+        assert!(e.starts_with("cannot decode image: "), "{e}");
+        // A fatal libjpeg error (12-bit precision in the frame header) unwinds into an error
+        // carrying libjpeg's message.
+        let mut bad = jpg.clone();
+        let sof = bad.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        bad[sof + 4] = 9;
+        let e = decode_rgb(&bad).unwrap_err().to_string();
+        assert!(e.contains("precision 9"), "{e}");
     }
 
     #[test]
