@@ -7,8 +7,9 @@
 //! (`--profile dev`: the project's one optimized profile, so torch-sys's C++ is not compiled a
 //! second time for the bench profile. Set CLIPCAP_BENCH_BUNDLE=DIR to reuse a bundle.)
 #![allow(clippy::arc_with_non_send_sync)] // bundles stay on the test thread
-use clipcap::generate::{caption_embeddings, Decoder, GenOptions};
+use clipcap::generate::{caption_embeddings, Decoder};
 use clipcap::model::bundle::Bundle;
+use clipcap::options::GenOptions;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -52,7 +53,7 @@ fn photo(w: u32, h: u32) -> Vec<u8> {
 
 fn benches(c: &mut Criterion) {
     let bundle = Arc::new(Bundle::load(&bundle_dir(), Device::Cpu, Kind::Float).unwrap());
-    let cfg = clipcap::pipeline::preprocess_config(&bundle.manifest.image, 40_000_000);
+    let cfg = clipcap::engine::pipeline::preprocess_config(&bundle.manifest.image, 40_000_000);
     let jpeg = photo(640, 480);
     c.bench_function("preprocess/jpeg_640x480", |b| {
         b.iter(|| clipcap::preprocess::preprocess_bytes(&jpeg, &cfg).unwrap())
@@ -63,7 +64,7 @@ fn benches(c: &mut Criterion) {
     for n in [1usize, 16] {
         let pixels: Vec<&[f32]> = (0..n).map(|_| px.as_slice()).collect();
         g.bench_function(format!("vit_b32_batch_{n}"), |b| {
-            b.iter(|| clipcap::pipeline::encode(&bundle, &pixels, n).unwrap())
+            b.iter(|| clipcap::engine::pipeline::encode(&bundle, &pixels, n).unwrap())
         });
     }
     g.finish();

@@ -55,7 +55,7 @@ def main():
 
     def ours(embeddings, images, batch):
         out = subprocess.run([args.clipcap, "bench-decode", "--model", bundle, "--embeddings", embeddings,
-                              "--images", str(images), "--batch", str(batch), "--beam", "5",
+                              "--images", str(images), "--batch", str(batch), "--beam-size", "5",
                               "--max-tokens", str(args.max_tokens), "--threads", str(args.threads)],
                              check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])

@@ -47,9 +47,9 @@ PY
 # Speed: beam 5 from embeddings, batch 1/16/64.
 for dt in f32 f16 bf16; do
   "$BIN" bench-decode --model "$B" --device cuda --dtype "$dt" --images 64 --batch 1,16,64 \
-    --beam 5 --max-tokens 67 --repeat 2 | tee -a "$OUT/bench-decode.jsonl" || status=1
+    --beam-size 5 --max-tokens 67 --repeat 2 | tee -a "$OUT/bench-decode.jsonl" || status=1
 done
-"$BIN" bench-decode --model "$B" --device cpu --dtype f32 --images 16 --batch 1,16 --beam 5 \
+"$BIN" bench-decode --model "$B" --device cpu --dtype f32 --images 16 --batch 1,16 --beam-size 5 \
   --max-tokens 67 | tee -a "$OUT/bench-decode.jsonl" || status=1
 # Mixed-precision training on CUDA: a small synthetic set, 3 epochs per mode.
 # (AMP_DEVICE=cpu runs this part on a CPU machine, to check the script itself.)

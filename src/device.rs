@@ -1,52 +1,152 @@
 //! Choosing the compute device and dtype from user-facing names.
 use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use std::str::FromStr;
 use tch::{Device, Kind};
 
-/// `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available, else CPU).
-pub fn parse_device(name: &str) -> Result<Device> {
-    let d = match name {
-        "cpu" => Device::Cpu,
-        "auto" => Device::cuda_if_available(),
-        "cuda" => Device::Cuda(0),
-        s if s.starts_with("cuda:") => match s[5..].parse::<usize>() {
-            Ok(i) => Device::Cuda(i),
-            Err(_) => bail!("unknown device {name:?} (use cpu, cuda, cuda:N or auto)"),
-        },
-        _ => bail!("unknown device {name:?} (use cpu, cuda, cuda:N or auto)"),
-    };
-    if let Device::Cuda(i) = d {
-        if !tch::Cuda::is_available() {
-            bail!("device {name:?} asked for, but CUDA is not available in this build or host");
-        }
-        if i >= tch::Cuda::device_count() as usize {
-            bail!(
-                "device {name:?} asked for, but only {} CUDA device(s) exist",
-                tch::Cuda::device_count()
-            );
-        }
-    }
-    Ok(d)
+/// A device as users name it: `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceChoice {
+    Auto,
+    Cpu,
+    Cuda(usize),
 }
 
-/// `f32`, `f16`, `bf16` or `auto` (f32 on CPU, f16 on CUDA); half types only on CUDA.
-pub fn parse_dtype(name: &str, device: Device) -> Result<Kind> {
-    let k = match name {
-        "f32" | "float32" => Kind::Float,
-        "f16" | "float16" | "half" => Kind::Half,
-        "bf16" | "bfloat16" => Kind::BFloat16,
-        "auto" => {
-            if device.is_cuda() {
-                Kind::Half
-            } else {
-                Kind::Float
+impl FromStr for DeviceChoice {
+    type Err = anyhow::Error;
+    fn from_str(name: &str) -> Result<Self> {
+        Ok(match name {
+            "cpu" => DeviceChoice::Cpu,
+            "auto" => DeviceChoice::Auto,
+            "cuda" => DeviceChoice::Cuda(0),
+            s if s.starts_with("cuda:") => match s[5..].parse::<usize>() {
+                Ok(i) => DeviceChoice::Cuda(i),
+                Err(_) => bail!("unknown device {name:?} (use cpu, cuda, cuda:N or auto)"),
+            },
+            _ => bail!("unknown device {name:?} (use cpu, cuda, cuda:N or auto)"),
+        })
+    }
+}
+
+impl TryFrom<String> for DeviceChoice {
+    type Error = anyhow::Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<DeviceChoice> for String {
+    fn from(d: DeviceChoice) -> String {
+        d.to_string()
+    }
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceChoice::Auto => f.write_str("auto"),
+            DeviceChoice::Cpu => f.write_str("cpu"),
+            DeviceChoice::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl DeviceChoice {
+    /// The libtorch device, refusing CUDA that this build or host does not have.
+    pub fn resolve(self) -> Result<Device> {
+        let d = match self {
+            DeviceChoice::Cpu => Device::Cpu,
+            DeviceChoice::Auto => Device::cuda_if_available(),
+            DeviceChoice::Cuda(i) => Device::Cuda(i),
+        };
+        if let Device::Cuda(i) = d {
+            if !tch::Cuda::is_available() {
+                bail!("device {self} asked for, but CUDA is not available in this build or host");
+            }
+            if i >= tch::Cuda::device_count() as usize {
+                bail!(
+                    "device {self} asked for, but only {} CUDA device(s) exist",
+                    tch::Cuda::device_count()
+                );
             }
         }
-        _ => bail!("unknown dtype {name:?} (use f32, f16, bf16 or auto)"),
-    };
-    if k != Kind::Float && !device.is_cuda() {
-        bail!("dtype {name} needs a CUDA device; the CPU runs f32");
+        Ok(d)
     }
-    Ok(k)
+}
+
+/// A compute dtype as users name it: `f32`, `f16`, `bf16` or `auto` (f16 on CUDA, f32 on the CPU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DtypeChoice {
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+impl FromStr for DtypeChoice {
+    type Err = anyhow::Error;
+    fn from_str(name: &str) -> Result<Self> {
+        Ok(match name {
+            "f32" | "float32" => DtypeChoice::F32,
+            "f16" | "float16" | "half" => DtypeChoice::F16,
+            "bf16" | "bfloat16" => DtypeChoice::Bf16,
+            "auto" => DtypeChoice::Auto,
+            _ => bail!("unknown dtype {name:?} (use f32, f16, bf16 or auto)"),
+        })
+    }
+}
+
+impl TryFrom<String> for DtypeChoice {
+    type Error = anyhow::Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<DtypeChoice> for String {
+    fn from(d: DtypeChoice) -> String {
+        d.to_string()
+    }
+}
+
+impl std::fmt::Display for DtypeChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DtypeChoice::Auto => "auto",
+            DtypeChoice::F32 => "f32",
+            DtypeChoice::F16 => "f16",
+            DtypeChoice::Bf16 => "bf16",
+        })
+    }
+}
+
+impl DtypeChoice {
+    /// The libtorch kind on `device`; half types only on CUDA.
+    pub fn resolve(self, device: Device) -> Result<Kind> {
+        let k = match self {
+            DtypeChoice::F32 => Kind::Float,
+            DtypeChoice::F16 => Kind::Half,
+            DtypeChoice::Bf16 => Kind::BFloat16,
+            DtypeChoice::Auto if device.is_cuda() => Kind::Half,
+            DtypeChoice::Auto => Kind::Float,
+        };
+        if k != Kind::Float && !device.is_cuda() {
+            bail!("dtype {self} needs a CUDA device; the CPU runs f32");
+        }
+        Ok(k)
+    }
+}
+
+/// `cpu`, `cuda`, `cuda:N` or `auto`, checked against this host.
+pub fn parse_device(name: &str) -> Result<Device> {
+    name.parse::<DeviceChoice>()?.resolve()
+}
+
+/// `f32`, `f16`, `bf16` or `auto` on `device`.
+pub fn parse_dtype(name: &str, device: Device) -> Result<Kind> {
+    name.parse::<DtypeChoice>()?.resolve(device)
 }
 
 pub fn device_name(d: Device) -> String {
@@ -62,5 +162,60 @@ pub fn dtype_name(k: Kind) -> &'static str {
         Kind::Half => "f16",
         Kind::BFloat16 => "bf16",
         _ => "f32",
+    }
+}
+
+/// The CPU's model name (from /proc/cpuinfo), for benchmark output.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+/// What this build and host can use, as `clipcap info` prints it.
+pub fn describe() -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "libtorch",
+            option_env!("CLIPCAP_LIBTORCH_LIB")
+                .unwrap_or("?")
+                .to_string(),
+        ),
+        ("cpu", cpu_model()),
+        ("torch threads", tch::get_num_threads().to_string()),
+        ("cuda available", tch::Cuda::is_available().to_string()),
+        ("cuda devices", tch::Cuda::device_count().to_string()),
+        (
+            "cudnn available",
+            tch::Cuda::cudnn_is_available().to_string(),
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_bad_ones_are_refused() {
+        for n in ["cpu", "auto", "cuda:0", "cuda:3"] {
+            assert_eq!(n.parse::<DeviceChoice>().unwrap().to_string(), n);
+        }
+        assert_eq!(
+            "cuda".parse::<DeviceChoice>().unwrap(),
+            DeviceChoice::Cuda(0)
+        );
+        assert!("gpu".parse::<DeviceChoice>().is_err());
+        assert!("cuda:x".parse::<DeviceChoice>().is_err());
+        assert_eq!("half".parse::<DtypeChoice>().unwrap(), DtypeChoice::F16);
+        assert!("f8".parse::<DtypeChoice>().is_err());
+        assert_eq!(DtypeChoice::Auto.resolve(Device::Cpu).unwrap(), Kind::Float);
+        assert!(DtypeChoice::Bf16.resolve(Device::Cpu).is_err());
     }
 }

@@ -46,3 +46,39 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     drop(f);
     rename_durable(&tmp, path)
 }
+
+/// Writes `bytes` to `path` atomically (temp file + rename) without fsync: readers never see a
+/// half-written file, but a crash may lose it. For bulk output that can be regenerated (the
+/// synth images), where an fsync per file would cost more than producing it.
+pub fn write_atomic_nosync(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_path(path);
+    let result = std::fs::write(&tmp, bytes)
+        .with_context(|| format!("writing {}", tmp.display()))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+        });
+    if result.is_err() {
+        // Leave no temporary behind (the caller may retry into the same directory).
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_atomic_nosync_replaces_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.bin");
+        write_atomic_nosync(&path, b"first").unwrap();
+        write_atomic_nosync(&path, b"second").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // A missing directory fails without leaving anything behind.
+        assert!(write_atomic_nosync(&dir.path().join("no/such/b.bin"), b"x").is_err());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

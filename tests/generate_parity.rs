@@ -4,8 +4,9 @@
 #![allow(clippy::arc_with_non_send_sync)] // bundles stay on the test thread
 mod common;
 
-use clipcap::generate::{caption_embeddings, GenOptions, Strategy};
+use clipcap::generate::caption_embeddings;
 use clipcap::model::bundle::Bundle;
+use clipcap::options::{GenOptions, Strategy};
 use serde::Deserialize;
 use std::path::Path;
 use std::sync::Arc;

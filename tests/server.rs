@@ -68,9 +68,21 @@ fn every_input_form_gives_the_same_caption() {
     assert!(!want.is_empty());
     assert_eq!(raw["model"], "tiny");
     assert_eq!(raw["results"][0]["captions"].as_array().unwrap().len(), 1);
-    for k in ["queue", "encode", "decode", "total"] {
-        assert!(raw["timings_ms"][k].as_f64().unwrap() >= 0.0);
-    }
+    // The request's phases happen one after another inside its total, and the header says
+    // the same as the body.
+    let t = &raw["timings_ms"];
+    let phase = |k: &str| t[k].as_f64().unwrap();
+    assert!(phase("decode") > 0.0, "{t}");
+    let parts = phase("preprocess") + phase("queue") + phase("encode") + phase("decode");
+    assert!(
+        parts <= phase("total") + 1e-6,
+        "phases {parts} ms within total {t}"
+    );
+    assert!(
+        timing.contains(&format!("decode;dur={:.2}", phase("decode"))),
+        "{timing} vs {t}"
+    );
+    assert_eq!(raw["model_version"], 1);
     // Multipart with two images and an option as a form field.
     let form = multipart::Form::new()
         .part(
@@ -108,7 +120,8 @@ fn every_input_form_gives_the_same_caption() {
         scores.windows(2).all(|w| w[0] >= w[1]),
         "n-best sorted by score: {scores:?}"
     );
-    // Greedy and seeded sampling are accepted and reproducible.
+    // Greedy matches the command line's greedy caption of the same file; seeded sampling is
+    // reproducible and another seed samples differently.
     let g = |q: &str| -> String {
         let v: Value = c
             .post(format!("{}/caption?{q}", s.url))
@@ -120,13 +133,52 @@ fn every_input_form_gives_the_same_caption() {
             .unwrap();
         caption_of(&v, 0)
     };
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &img).unwrap();
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_clipcap"))
+        .args([
+            "caption",
+            "--model",
+            bundle(),
+            "--greedy",
+            "--max-tokens",
+            "10",
+        ])
+        .arg(file.path())
+        .output()
+        .unwrap();
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    let cli_caption = String::from_utf8(cli.stdout).unwrap();
+    let cli_caption = cli_caption
+        .trim_end_matches('\n')
+        .split('\t')
+        .nth(1)
+        .unwrap()
+        .to_string();
     assert_eq!(
         g("strategy=greedy&max_tokens=10"),
-        g("strategy=greedy&max_tokens=10")
+        cli_caption,
+        "HTTP vs CLI greedy"
     );
+    let sampled = g("strategy=sample&seed=5&temperature=2&max_tokens=10");
     assert_eq!(
-        g("strategy=sample&seed=5&top_p=0.9&max_tokens=10"),
-        g("strategy=sample&seed=5&top_p=0.9&max_tokens=10")
+        sampled,
+        g("strategy=sample&seed=5&temperature=2&max_tokens=10")
+    );
+    let others: std::collections::BTreeSet<String> = (6..10)
+        .map(|seed| {
+            g(&format!(
+                "strategy=sample&seed={seed}&temperature=2&max_tokens=10"
+            ))
+        })
+        .collect();
+    assert!(
+        others.iter().any(|o| *o != sampled),
+        "four other seeds all gave {sampled:?}"
     );
 }
 
@@ -333,88 +385,6 @@ fn concurrent_requests_share_batches() {
 }
 
 #[test]
-fn deadline_answers_504_and_frees_the_rows() {
-    let s = start(&[("CLIPCAP_REQUEST_TIMEOUT_MS", "150")]);
-    let c = client();
-    // Four images x 16 beams x 256 tokens cannot finish in 150 ms.
-    let form = multipart::Form::new()
-        .part("image", multipart::Part::bytes(png(64, 64, 9)))
-        .part("image", multipart::Part::bytes(png(64, 64, 8)))
-        .part("image", multipart::Part::bytes(png(64, 64, 7)))
-        .part("image", multipart::Part::bytes(png(64, 64, 6)));
-    let r = c
-        .post(format!("{}/caption?beam_size=16&max_tokens=256", s.url))
-        .multipart(form)
-        .send()
-        .unwrap();
-    let v = expect_error(r, 504, "deadline_exceeded");
-    assert!(v["error"].as_str().unwrap().contains("150 ms"), "{v}");
-    // The worker drops the rows at its next step boundary.
-    let deadline_metric = "clipcap_images_total{model=\"tiny\",outcome=\"deadline\"}";
-    assert!(
-        poll(|| s.metric(deadline_metric).unwrap_or(0.0) >= 4.0),
-        "{}",
-        s.log()
-    );
-    // The worker is free again: nothing queued, still answering.
-    assert!(poll(|| s.metric("clipcap_queue_depth") == Some(0.0)));
-    let ready = c.get(format!("{}/ready", s.url)).send().unwrap();
-    assert_eq!(ready.status(), 200);
-}
-
-#[test]
-fn client_disconnect_cancels_its_work() {
-    let s = start(&[]);
-    // Four images x 16 beams x 256 tokens: far longer than the client waits.
-    let form = multipart::Form::new()
-        .part("image", multipart::Part::bytes(png(64, 64, 10)))
-        .part("image", multipart::Part::bytes(png(64, 64, 11)))
-        .part("image", multipart::Part::bytes(png(64, 64, 12)))
-        .part("image", multipart::Part::bytes(png(64, 64, 13)));
-    let quick = Client::builder()
-        .timeout(Duration::from_millis(700))
-        .build()
-        .unwrap();
-    let r = quick
-        .post(format!("{}/caption?beam_size=16&max_tokens=256", s.url))
-        .multipart(form)
-        .send();
-    assert!(
-        r.is_err(),
-        "the request should still be running when the client leaves"
-    );
-    let cancelled = "clipcap_images_total{model=\"tiny\",outcome=\"cancelled\"}";
-    assert!(
-        poll(|| s.metric(cancelled).unwrap_or(0.0) >= 4.0),
-        "abandoned work was not dropped:\n{}",
-        s.log()
-    );
-    assert_eq!(
-        s.metric("clipcap_images_total{model=\"tiny\",outcome=\"ok\"}"),
-        None
-    );
-    let ok = client()
-        .post(format!("{}/caption?max_tokens=4", s.url))
-        .header("content-type", "image/png")
-        .body(png(32, 32, 1))
-        .send()
-        .unwrap();
-    assert_eq!(ok.status(), 200);
-}
-
-/// Waits up to 5 s for `cond`.
-fn poll(mut cond: impl FnMut() -> bool) -> bool {
-    let t0 = std::time::Instant::now();
-    while t0.elapsed() < Duration::from_secs(5) {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
-
-#[test]
 fn health_ready_info_metrics_openapi_and_request_ids() {
     let s = start(&[]);
     let c = client();
@@ -618,36 +588,18 @@ fn overload_gets_429_with_retry_after() {
 }
 
 #[test]
-fn sigterm_finishes_in_flight_requests_then_exits() {
+fn sigterm_on_an_idle_server_exits_cleanly_and_refuses_new_connections() {
+    // Draining in-flight work is covered in-process (tests/engine.rs); this checks the signal.
     let mut s = start(&[]);
-    let url = format!("{}/caption?beam_size=8&max_tokens=120", s.url);
-    let inflight = std::thread::spawn(move || {
-        client()
-            .post(url)
-            .header("content-type", "image/png")
-            .body(png(64, 64, 7))
-            .send()
-            .map(|r| r.status().as_u16())
-    });
-    std::thread::sleep(Duration::from_millis(150));
+    let ok = client()
+        .post(format!("{}/caption?max_tokens=4", s.url))
+        .header("content-type", "image/png")
+        .body(png(32, 32, 7))
+        .send()
+        .unwrap();
+    assert_eq!(ok.status(), 200);
     s.terminate();
-    let status = inflight
-        .join()
-        .unwrap()
-        .expect("in-flight request answered");
-    assert_eq!(status, 200, "in-flight request finished during shutdown");
-    let t0 = std::time::Instant::now();
-    let code = loop {
-        if let Some(st) = s.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            t0.elapsed().as_secs() < 30,
-            "server did not exit:\n{}",
-            s.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let code = s.child.wait().unwrap();
     assert!(code.success(), "exit status {code:?}\n{}", s.log());
     assert!(
         client().get(format!("{}/health", s.url)).send().is_err(),

@@ -1,14 +1,11 @@
 //! `clipcap score` (COCO results against COCO references) and `clipcap eval` (caption a
 //! prepared split with a bundle, then score it).
-use crate::cli::DecodeArgs;
-use crate::model::bundle::Bundle;
+use crate::options::DecodeOptions;
 use crate::train::data::Dataset;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
-use tch::{Kind, Tensor};
 
 #[derive(Args, Debug)]
 pub struct ScoreArgs {
@@ -40,11 +37,11 @@ pub struct EvalArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     #[command(flatten)]
-    pub decode: DecodeArgs,
+    pub decode: DecodeOptions,
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: crate::device::DeviceChoice,
     #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    pub dtype: crate::device::DtypeChoice,
     /// Images decoded together.
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
@@ -73,13 +70,24 @@ pub fn score(a: ScoreArgs) -> Result<()> {
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
-    let device = crate::device::parse_device(&a.device)?;
-    let kind = crate::device::parse_dtype(&a.dtype, device)?;
-    let bundle = Arc::new(Bundle::load(&a.model, device, kind)?);
-    let opts = a.decode.options(&bundle.manifest.generation)?;
     let data = Dataset::open(&a.data)?;
+    let (engine, model) = crate::engine::Engine::local(&a.model, a.device, a.dtype, a.batch)?;
+    let opts = a
+        .decode
+        .resolve(&model.generation)
+        .map_err(crate::options::OptionError::for_flags)?;
     // Features from another encoder would silently give nonsense captions.
-    let enc = bundle.dir.join(&bundle.manifest.files.encoder);
+    if data.meta.embedding_dim != model.embedding_dim {
+        bail!(
+            "{} holds {}-value embeddings but {} takes {} (prepared with another encoder?)",
+            a.data.display(),
+            data.meta.embedding_dim,
+            a.model.display(),
+            model.embedding_dim
+        );
+    }
+    let manifest = crate::model::bundle::Manifest::read(&a.model)?;
+    let enc = a.model.join(&manifest.files.encoder);
     let hash = {
         use sha2::{Digest, Sha256};
         hex::encode(Sha256::digest(std::fs::read(&enc)?))
@@ -118,22 +126,23 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     for chunk in ids.chunks(a.batch.max(1)) {
         let idx: Vec<i64> = chunk.iter().map(|id| rows[id]).collect();
-        let clip = data
-            .embeddings
-            .index_select(0, &Tensor::from_slice(&idx))
-            .to_device(device)
-            .to_kind(Kind::Float);
-        let caps = crate::generate::caption_embeddings(bundle.clone(), &clip, &opts)?;
-        for (id, c) in chunk.iter().zip(caps) {
+        let out = engine
+            .caption_embeddings_blocking(&model, data.embedding_rows(&idx), opts.clone())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        for (id, img) in chunk.iter().zip(out.images) {
             cands.insert(
                 id.clone(),
-                c.first().map(|c| c.text.clone()).unwrap_or_default(),
+                img.captions
+                    .first()
+                    .map(|c| c.text.clone())
+                    .unwrap_or_default(),
             );
         }
         bar.inc(chunk.len() as u64);
     }
     bar.finish();
     let secs = t0.elapsed().as_secs_f64();
+    engine.shutdown();
     if let Some(out) = &a.out {
         let results: Vec<_> = cands
             .iter()

@@ -6,11 +6,11 @@
 //! model.safetensors  mapper (`clip_project.*`) + GPT-2 (`gpt.transformer.*`) weights
 //! tokenizer.json     GPT-2 byte-level BPE for the `tokenizers` crate
 //! ```
-use crate::generate::GenerationDefaults;
 use crate::model::clip::ImageEncoder;
 use crate::model::gpt2::{Gpt2, Gpt2Config};
 use crate::model::mapper::{Mapper, MapperConfig};
 use crate::model::weights;
+use crate::options::GenOptions;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -73,7 +73,7 @@ pub struct Manifest {
     /// encoded and its first token used, as the original does), `"<|endoftext|>"` for ours.
     pub stop_tokens: Vec<String>,
     #[serde(default)]
-    pub generation: GenerationDefaults,
+    pub generation: GenOptions,
     /// Where the weights came from (free-form: source checkpoint, training run, dataset…).
     #[serde(default)]
     pub provenance: BTreeMap<String, serde_json::Value>,

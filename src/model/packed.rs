@@ -55,9 +55,22 @@ type Compute = unsafe extern "C" fn(
     ldc: c_int,
 );
 
+// `dlsym(RTLD_DEFAULT = NULL, …)` and `MADV_HUGEPAGE = 14` are glibc/Linux facts, and MKL is
+// only inside x86-64 libtorch builds: elsewhere packing is simply unavailable.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 unsafe extern "C" {
     fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
     fn madvise(addr: *mut c_void, len: usize, advice: c_int) -> c_int;
+}
+
+#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+unsafe fn dlsym(_handle: *mut c_void, _symbol: *const c_char) -> *mut c_void {
+    std::ptr::null_mut()
+}
+
+#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+unsafe fn madvise(_addr: *mut c_void, _len: usize, _advice: c_int) -> c_int {
+    0
 }
 
 /// Linux `MADV_HUGEPAGE`.
@@ -100,9 +113,58 @@ fn mkl() -> Option<&'static Mkl> {
     .as_ref()
 }
 
-/// Whether packed matrices can be made here (MKL present and `CLIPCAP_PACKED_GEMM` not `0`).
+/// Whether packed matrices can be made here: MKL present, `CLIPCAP_PACKED_GEMM` not `0`, and
+/// a packed product checked against libtorch's `addmm` once per process (on a mismatch the
+/// plain `addmm` is used, with a warning).
 pub fn available() -> bool {
-    std::env::var("CLIPCAP_PACKED_GEMM").map_or(true, |v| v != "0") && mkl().is_some()
+    static CHECKED: OnceLock<bool> = OnceLock::new();
+    std::env::var("CLIPCAP_PACKED_GEMM").map_or(true, |v| v != "0")
+        && mkl().is_some()
+        && *CHECKED.get_or_init(|| match self_check() {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::warn!(%why, "MKL's packed GEMM disagrees with addmm here; not using it");
+                false
+            }
+        })
+}
+
+/// One product of a small packed matrix against `addmm` at a few row counts, and the property
+/// captions rely on: a row's result is bit-identical whatever the number of rows multiplied
+/// with it (MKL's code path is chosen per CPU; on some, e.g. AVX2-only hosts, it is not).
+/// Deterministic inputs, no draw from libtorch's generator.
+fn self_check() -> Result<(), String> {
+    let (n_in, n_out) = (64i64, 48i64);
+    let w = Tensor::arange(n_in * n_out, (Kind::Float, Device::Cpu))
+        .sin()
+        .view([n_in, n_out]);
+    let packed = PackedMatrix::pack(&w, WeightLayout::InOut).ok_or("packing failed")?;
+    for m in [1i64, 5, 17] {
+        let x = Tensor::arange(m * n_in, (Kind::Float, Device::Cpu))
+            .cos()
+            .view([m, n_in]);
+        let d = f64::try_from((packed.matmul(&x, None) - x.mm(&w)).abs().max())
+            .map_err(|e| e.to_string())?;
+        if d.is_nan() || d >= 1e-3 {
+            return Err(format!("{m} rows: max difference {d} from addmm"));
+        }
+    }
+    let x = Tensor::arange(80 * n_in, (Kind::Float, Device::Cpu))
+        .cos()
+        .view([80, n_in]);
+    let alone = packed.matmul(&x.narrow(0, 0, 1), None);
+    for m in [2i64, 5, 13, 80] {
+        if !packed
+            .matmul(&x.narrow(0, 0, m), None)
+            .narrow(0, 0, 1)
+            .equal(&alone)
+        {
+            return Err(format!(
+                "a row's result changes when {m} rows are multiplied together"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// How the source weight is laid out.
@@ -134,8 +196,16 @@ impl std::fmt::Debug for PackedMatrix {
 }
 
 impl PackedMatrix {
-    /// Packs a 2-D f32 CPU `weight`. `None` if MKL is missing or the tensor does not fit.
+    /// Packs a 2-D f32 CPU `weight`. `None` if packing is unavailable here (see
+    /// [`available`]) or the tensor does not fit.
     pub fn new(weight: &Tensor, src: WeightLayout) -> Option<PackedMatrix> {
+        if !available() {
+            return None;
+        }
+        Self::pack(weight, src)
+    }
+
+    fn pack(weight: &Tensor, src: WeightLayout) -> Option<PackedMatrix> {
         let mkl = mkl()?;
         if weight.device() != Device::Cpu || weight.kind() != Kind::Float || weight.dim() != 2 {
             return None;
@@ -201,8 +271,21 @@ impl PackedMatrix {
         }
     }
 
-    /// `x · W (+ bias)` for `x` `[M, in]` (f32, CPU): `[M, out]`.
+    /// `x · W (+ bias)` for `x` `[M, in]` (f32, CPU): `[M, out]`. Panics on any other
+    /// input (a CUDA tensor's data pointer must never reach MKL).
     pub fn matmul(&self, x: &Tensor, bias: Option<&Tensor>) -> Tensor {
+        assert!(
+            x.device() == Device::Cpu && x.kind() == Kind::Float,
+            "packed matmul takes f32 CPU input, got {:?} on {:?}",
+            x.kind(),
+            x.device()
+        );
+        if let Some(b) = bias {
+            assert!(
+                b.device() == Device::Cpu && b.kind() == Kind::Float,
+                "packed matmul: the bias must be f32 on the CPU"
+            );
+        }
         let m = x.size()[0];
         let mut out = Tensor::empty([m, self.n_out], (Kind::Float, Device::Cpu));
         match bias {
@@ -224,7 +307,10 @@ impl PackedMatrix {
             k, self.n_in,
             "packed matmul: input width differs from the weight"
         );
-        assert_eq!(x.kind(), Kind::Float, "packed matmul: f32 input only");
+        assert!(
+            x.kind() == Kind::Float && x.device() == Device::Cpu,
+            "packed matmul: f32 CPU input only"
+        );
         assert_eq!(out.size(), [m, self.n_out], "packed matmul: output shape");
         assert!(
             out.kind() == Kind::Float && out.device() == Device::Cpu && out.is_contiguous(),
@@ -270,15 +356,20 @@ mod tests {
 
     #[test]
     fn packed_products_match_libtorch_for_any_row_count_and_layout() {
-        if !available() {
-            eprintln!("skipped: this libtorch has no MKL");
+        if mkl().is_none() {
+            eprintln!("SKIPPED: this libtorch has no MKL, so nothing is ever packed");
             return;
+        }
+        if !available() {
+            // Packing is refused on this CPU; the refusal itself must be for a stated reason.
+            let why = self_check().expect_err("unavailable although the self-check passes");
+            eprintln!("packing refused on this CPU ({why}); checking products only");
         }
         tch::manual_seed(1);
         let w = Tensor::randn([96, 200], (Kind::Float, Device::Cpu)); // [in, out]
         let b = Tensor::randn([200], (Kind::Float, Device::Cpu));
-        let inout = PackedMatrix::new(&w, WeightLayout::InOut).unwrap();
-        let outin = PackedMatrix::new(&w.tr().contiguous(), WeightLayout::OutIn).unwrap();
+        let inout = PackedMatrix::pack(&w, WeightLayout::InOut).unwrap();
+        let outin = PackedMatrix::pack(&w.tr().contiguous(), WeightLayout::OutIn).unwrap();
         for m in [0, 1, 5, 8, 13, 80] {
             let x = Tensor::randn([m, 96], (Kind::Float, Device::Cpu));
             let want = b.addmm(&x, &w).to_kind(Kind::Double);
@@ -298,17 +389,23 @@ mod tests {
         let x = Tensor::randn([1, 96], (Kind::Float, Device::Cpu));
         let _ = inout.matmul(&x, Some(&b));
         assert!(b.equal(&b0), "the bias changed");
-        // A row's result does not depend on how many rows are multiplied with it (captions are
-        // the same alone or in a batch).
+        // Where packing is used, a row's result does not depend on how many rows are
+        // multiplied with it (captions are the same alone or in a batch).
         let x = Tensor::randn([80, 96], (Kind::Float, Device::Cpu));
         let alone = inout.matmul(&x.narrow(0, 0, 1), Some(&b));
         for m in [2, 5, 13, 80] {
             let rows = inout.matmul(&x.narrow(0, 0, m), Some(&b));
             assert!(
-                rows.narrow(0, 0, 1).equal(&alone),
-                "row 0 differs with {m} rows"
+                !available() || rows.narrow(0, 0, 1).equal(&alone),
+                "row 0 differs with {m} rows, yet packing is in use"
             );
         }
+        // Only f32 CPU input is taken: anything else panics before MKL sees a pointer.
+        let half = Tensor::randn([2, 96], (Kind::Float, Device::Cpu)).to_kind(Kind::Half);
+        let refused =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inout.matmul(&half, None)));
+        assert!(refused.is_err(), "an f16 input reached MKL");
+        assert!(!available() || self_check().is_ok());
         // A transposed (non-contiguous) input is made contiguous first.
         let x = Tensor::randn([96, 3], (Kind::Float, Device::Cpu)).tr();
         let d = f64::try_from((inout.matmul(&x, Some(&b)) - b.addmm(&x, &w)).abs().max()).unwrap();

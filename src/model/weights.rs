@@ -12,6 +12,39 @@ pub fn read_safetensors(file: &Path) -> Result<BTreeMap<String, Tensor>> {
     Ok(list.into_iter().collect())
 }
 
+/// The rows of 2-D tensor `name` in a safetensors file, as f32 vectors.
+pub fn read_rows(file: &Path, name: &str) -> Result<Vec<Vec<f32>>> {
+    let t = read_safetensors(file)?
+        .remove(name)
+        .with_context(|| format!("{}: no tensor {name:?}", file.display()))?;
+    Ok(tensor_rows(&t))
+}
+
+/// `n` rows of `dim` standard-normal values from libtorch's generator seeded with `seed`
+/// (the same values `torch.manual_seed(seed); torch.randn(n, dim)` gives).
+pub fn random_rows(n: usize, dim: usize, seed: i64) -> Vec<Vec<f32>> {
+    tch::manual_seed(seed);
+    tensor_rows(&Tensor::randn(
+        [n as i64, dim as i64],
+        (tch::Kind::Float, tch::Device::Cpu),
+    ))
+}
+
+/// A `[N, D]` tensor as `N` f32 vectors.
+pub fn tensor_rows(t: &Tensor) -> Vec<Vec<f32>> {
+    let t = t
+        .to_kind(tch::Kind::Float)
+        .to_device(tch::Device::Cpu)
+        .contiguous();
+    let size = t.size();
+    let width = size.get(1).copied().unwrap_or(0).max(0) as usize;
+    let flat = Vec::<f32>::try_from(t.view([-1])).unwrap_or_default();
+    if width == 0 {
+        return vec![vec![]; size.first().copied().unwrap_or(0).max(0) as usize];
+    }
+    flat.chunks(width).map(|c| c.to_vec()).collect()
+}
+
 /// Maps a GPT-2 tensor name as found in a file to our variable name, or `None` for tensors
 /// that carry no weights (HF's per-layer `attn.bias`/`attn.masked_bias` causal-mask buffers).
 /// Accepts `GPT2LMHeadModel` names with or without `transformer.`, after `file_prefix`

@@ -2,11 +2,11 @@
 //!
 //! `POST /train` names a prepared dataset under the data root (never a path outside it), a
 //! served model as base, an output bundle name and hyper-parameters.
-use crate::model::mapper::MappingType;
 use crate::serve::error::ApiError;
+use crate::serve::openapi::ErrorBody;
 use crate::serve::AppState;
 use crate::train::jobs::loss_svg;
-use crate::train::trainer::TrainSpec;
+use crate::train::spec::{TrainParams, TrainSpec};
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -23,35 +23,34 @@ pub fn train_routes() -> Router<AppState> {
         .route("/train/{id}/loss.svg", get(svg))
 }
 
-/// The body of `POST /train`.
-#[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-struct TrainRequest {
+/// The body of `POST /train`: names (never paths) and the hyper-parameters, whose defaults are
+/// the original's.
+#[derive(Deserialize, Debug, utoipa::ToSchema)]
+pub struct TrainRequest {
+    /// A prepared dataset: a folder under the server's data root (`clipcap prepare`'s output).
     dataset: String,
+    /// The trained bundle's name: written under the bundles folder, served under this name
+    /// with `activate`.
     output: String,
+    /// The served model whose encoder, tokenizer and GPT-2 the run starts from (default: the
+    /// default model).
     base: Option<String>,
+    /// Serve the trained bundle as `output` when the job succeeds.
     #[serde(default)]
     activate: bool,
     /// Start from the base model's mapper and GPT-2 weights (fine-tune) instead of a fresh mapper.
     #[serde(default)]
     init_from_base: bool,
-    epochs: Option<usize>,
-    batch_size: Option<usize>,
-    lr: Option<f64>,
-    warmup: Option<i64>,
-    only_prefix: Option<bool>,
-    mapping: Option<String>,
-    prefix_length: Option<i64>,
-    clip_length: Option<i64>,
-    num_layers: Option<i64>,
-    normalize_prefix: Option<bool>,
-    seed: Option<u64>,
-    val_split: Option<String>,
-    grad_clip: Option<f64>,
-    save_every: Option<usize>,
-    eos: Option<bool>,
-    dropout: Option<f64>,
-    amp: Option<String>,
+    #[serde(flatten)]
+    #[schema(inline)]
+    params: TrainParams,
+}
+
+/// The job manager (present whenever admin routes are enabled).
+fn jobs(st: &AppState) -> Result<&std::sync::Arc<crate::train::jobs::JobManager>, ApiError> {
+    st.jobs
+        .as_ref()
+        .ok_or_else(|| ApiError::Forbidden("training is disabled on this server".into()))
 }
 
 /// A name of letters, digits, '-', '_' and '.', not starting with '.'.
@@ -86,7 +85,7 @@ fn dataset_dir(st: &AppState, name: &str) -> Result<std::path::PathBuf, ApiError
             "must be a relative path inside the data root, without '..'",
         ));
     }
-    let root = st.jobs.data_root();
+    let root = std::path::PathBuf::from(&st.cfg.training.data_root);
     let root = std::fs::canonicalize(&root).map_err(|_| {
         ApiError::option(
             "dataset",
@@ -114,10 +113,29 @@ fn dataset_dir(st: &AppState, name: &str) -> Result<std::path::PathBuf, ApiError
     Ok(dir)
 }
 
-async fn start(State(st): State<AppState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+/// Starts a training job on a prepared dataset under the data root.
+#[utoipa::path(post, path = "/train", tag = "admin", request_body = TrainRequest,
+    responses((status = 202, description = "Queued: `{id, state, status_url}`; Location names the job"),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 422, description = "A bad field (named)", body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub(crate) async fn start(
+    State(st): State<AppState>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
     let value: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::Malformed(format!("invalid JSON: {e}")))?;
-    // The path of the offending field, for type errors as well as unknown fields.
+    let Some(fields) = value.as_object() else {
+        return Err(ApiError::Malformed("the body must be a JSON object".into()));
+    };
+    let allowed = crate::serve::openapi::field_names::<TrainRequest>();
+    if let Some(k) = fields.keys().find(|k| !allowed.contains(k)) {
+        return Err(ApiError::option(
+            crate::serve::validation::echo(k),
+            format!("unknown field; allowed: {}", allowed.join(", ")),
+        ));
+    }
+    // The path of the offending field, for type errors as well as missing fields.
     let req: TrainRequest = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let msg = e.inner().to_string();
@@ -126,16 +144,17 @@ async fn start(State(st): State<AppState>, body: axum::body::Bytes) -> Result<Re
     })?;
     let data = dataset_dir(&st, &req.dataset)?;
     check_name("output", &req.output)?;
-    let base_model = st
-        .shared
-        .resolve(req.base.as_deref())
-        .map_err(|e| match e {
-            ApiError::InvalidOption { message, .. } => ApiError::option("base", message),
-            other => other,
-        })?;
+    let base_model =
+        st.engine
+            .resolve(req.base.as_deref())
+            .map_err(|e| match ApiError::from(e) {
+                ApiError::InvalidOption { message, .. } => ApiError::option("base", message),
+                other => other,
+            })?;
     let mut spec = TrainSpec {
         data,
-        out: st.jobs.bundles_dir().join(&req.output),
+        out: std::path::PathBuf::from(&st.cfg.training.bundles_dir).join(&req.output),
+        params: req.params,
         ..Default::default()
     };
     if req.init_from_base {
@@ -143,36 +162,9 @@ async fn start(State(st): State<AppState>, body: axum::body::Bytes) -> Result<Re
     } else {
         spec.base = Some(base_model.dir.clone());
     }
-    macro_rules! take {
-        ($($f:ident),*) => { $( if let Some(v) = req.$f.clone() { spec.$f = v; } )* };
-    }
-    take!(
-        epochs,
-        batch_size,
-        lr,
-        warmup,
-        only_prefix,
-        prefix_length,
-        clip_length,
-        num_layers,
-        normalize_prefix,
-        seed,
-        val_split,
-        grad_clip,
-        save_every,
-        eos,
-        dropout,
-        amp
-    );
-    if let Some(m) = &req.mapping {
-        spec.mapping = m
-            .parse::<MappingType>()
-            .map_err(|_| ApiError::option("mapping", "must be mlp or transformer"))?;
-    }
     spec.name = Some(req.output.clone());
     spec.validate().map_err(|(f, m)| ApiError::option(f, m))?;
-    let job = st
-        .jobs
+    let job = jobs(&st)?
         .submit(req.dataset, req.output, base_model.name, req.activate, spec)
         .map_err(|e| ApiError::Internal(format!("{e:#}")))?;
     let url = format!("/train/{}", job.id);
@@ -189,9 +181,11 @@ fn field_of(msg: &str) -> String {
     msg.split('`').nth(1).unwrap_or("body").to_string()
 }
 
-async fn list(State(st): State<AppState>) -> Json<serde_json::Value> {
-    let jobs: Vec<_> = st
-        .jobs
+/// Every training job.
+#[utoipa::path(get, path = "/train", tag = "admin", responses((status = 200, description = "`{jobs: [...]}`")),
+    security(("admin_token" = [])))]
+pub(crate) async fn list(State(st): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let jobs: Vec<_> = jobs(&st)?
         .list()
         .into_iter()
         .map(|j| {
@@ -200,15 +194,18 @@ async fn list(State(st): State<AppState>) -> Json<serde_json::Value> {
                    "loss": j.loss, "status_url": format!("/train/{}", j.id)})
         })
         .collect();
-    Json(json!({"jobs": jobs}))
+    Ok(Json(json!({"jobs": jobs})))
 }
 
-async fn show(
+/// One job: state, progress, loss history.
+#[utoipa::path(get, path = "/train/{id}", tag = "admin", params(("id" = String, Path)),
+    responses((status = 200, description = "The job record"), (status = 404, body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub(crate) async fn show(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let j = st
-        .jobs
+    let j = jobs(&st)?
         .get(&id)
         .ok_or_else(|| ApiError::NotFound(format!("no training job {id:?}")))?;
     let mut v = serde_json::to_value(&j).map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -216,8 +213,15 @@ async fn show(
     Ok(Json(v))
 }
 
-async fn cancel(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    match st.jobs.cancel(&id) {
+/// Cancels a queued or running job (a running one stops at its next step, checkpoint kept).
+#[utoipa::path(delete, path = "/train/{id}", tag = "admin", params(("id" = String, Path)),
+    responses((status = 200, description = "Cancel requested"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub(crate) async fn cancel(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    match jobs(&st)?.cancel(&id) {
         Ok(Some(j)) => Ok((
             StatusCode::OK,
             Json(json!({"id": j.id, "state": j.state, "cancel_requested": true})),
@@ -228,8 +232,15 @@ async fn cancel(State(st): State<AppState>, Path(id): Path<String>) -> Result<Re
     }
 }
 
-async fn resume(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    match st.jobs.resume(&id) {
+/// Re-queues an interrupted, cancelled or failed job; it continues from its checkpoint.
+#[utoipa::path(post, path = "/train/{id}/resume", tag = "admin", params(("id" = String, Path)),
+    responses((status = 202, description = "Queued"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub(crate) async fn resume(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    match jobs(&st)?.resume(&id) {
         Ok(Some(j)) => Ok((
             StatusCode::ACCEPTED,
             Json(json!({"id": j.id, "state": j.state})),
@@ -240,9 +251,15 @@ async fn resume(State(st): State<AppState>, Path(id): Path<String>) -> Result<Re
     }
 }
 
-async fn svg(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let j = st
-        .jobs
+/// The loss curve as SVG.
+#[utoipa::path(get, path = "/train/{id}/loss.svg", tag = "admin", params(("id" = String, Path)),
+    responses((status = 200, description = "SVG", content_type = "image/svg+xml"), (status = 404, body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub(crate) async fn svg(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let j = jobs(&st)?
         .get(&id)
         .ok_or_else(|| ApiError::NotFound(format!("no training job {id:?}")))?;
     Ok(([(header::CONTENT_TYPE, "image/svg+xml")], loss_svg(&j)).into_response())

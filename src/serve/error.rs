@@ -1,4 +1,5 @@
 //! Every error the API returns, mapped to an HTTP status and a JSON body in one place.
+use crate::engine::EngineError;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -97,13 +98,46 @@ impl ApiError {
     }
 }
 
+/// The one place engine errors become HTTP errors.
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        use crate::preprocess::ImageError;
+        let text = e.to_string();
+        match e {
+            EngineError::QueueFull
+            | EngineError::Stopped
+            | EngineError::NoModel
+            | EngineError::ModelChanged(_)
+            | EngineError::Cancelled => ApiError::Unavailable(text),
+            EngineError::UnknownModel { .. } => ApiError::option("model", text),
+            EngineError::Deadline(_) => ApiError::DeadlineExceeded(text),
+            EngineError::Inference(_) => ApiError::Internal(text),
+            EngineError::Image { ref error, .. } => match error {
+                ImageError::TooLarge { .. } => ApiError::TooLarge(text),
+                ImageError::UnsupportedFormat => ApiError::UnsupportedMedia(text),
+                _ => ApiError::InvalidImage(text),
+            },
+            EngineError::Embedding { .. } => ApiError::option("embedding", text),
+            EngineError::InvalidOption(o) => ApiError::option(o.field, o.message),
+            EngineError::Load { .. } => ApiError::option("path", text),
+            EngineError::NotLoaded(_) => ApiError::NotFound(text),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
-            tracing::error!(error = %self, "request failed");
-        }
-        let mut body = json!({"error": self.to_string(), "type": self.kind()});
+        // A 500's detail (paths, panic text) is for the log, which carries the request id;
+        // the client gets an opaque message and the x-request-id header to quote.
+        let shown = if let ApiError::Internal(detail) = &self {
+            tracing::error!(error = %detail, "request failed");
+            "internal error; the server log has the details under this request's x-request-id"
+                .to_string()
+        } else {
+            self.to_string()
+        };
+        let mut body = json!({"error": shown, "type": self.kind()});
         if let ApiError::InvalidOption { field, .. } = &self {
             body["field"] = json!(field);
         }

@@ -1,27 +1,27 @@
 //! The HTTP captioning server: `clipcap serve`.
 //!
-//! `routes` maps HTTP to typed requests (`validation`) and typed errors (`error`); the
-//! `batcher` worker thread owns the models and does all tensor work; `admin` loads models and
-//! runs training jobs; `metrics` exports Prometheus counters.
+//! `routes` maps HTTP to typed requests (`validation`) and calls the [`Engine`]; `error` maps
+//! every error to a status and a JSON body; `admin` loads models and runs training jobs;
+//! `metrics` holds the Prometheus registry. Nothing here touches tch.
 pub mod admin;
-pub mod batcher;
 pub mod bench;
 pub mod error;
 pub mod metrics;
+pub mod openapi;
 pub mod routes;
 pub mod validation;
 
 use crate::config::{parse_model_entry, Config};
-use crate::model::bundle::Bundle;
+use crate::engine::{Engine, EngineConfig, SchedulerConfig};
+use crate::train::jobs::{JobManager, LocalTrainer};
 use anyhow::{Context, Result};
-use batcher::{BatchConfig, Command, ModelInfo, Shared, WorkerHandle};
 use clap::Args;
 use error::ApiError;
-use std::path::{Path, PathBuf};
+use metrics::HttpMetrics;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tch::{Device, Kind};
 
 #[derive(Args, Debug, Default)]
 pub struct ServeArgs {
@@ -87,46 +87,75 @@ impl ServeArgs {
 #[derive(Clone)]
 pub struct AppState {
     pub cfg: Arc<Config>,
-    pub shared: Arc<Shared>,
-    pub worker: WorkerHandle,
+    pub engine: Engine,
+    pub http: Arc<HttpMetrics>,
     pub draining: Arc<AtomicBool>,
-    pub preprocess_slots: Arc<tokio::sync::Semaphore>,
-    pub device: Device,
-    pub kind: Kind,
-    pub jobs: Arc<crate::train::jobs::JobManager>,
+    /// Training jobs; `None` when admin routes are disabled (no admin token).
+    pub jobs: Option<Arc<JobManager>>,
 }
 
 impl AppState {
-    /// Loads a bundle on a blocking thread and installs it in the worker under `name`.
-    pub async fn install_bundle(
-        &self,
-        name: &str,
-        dir: &Path,
-        make_default: bool,
-    ) -> Result<ModelInfo, ApiError> {
-        let (device, kind, dir2) = (self.device, self.kind, dir.to_path_buf());
-        let bundle = tokio::task::spawn_blocking(move || Bundle::load(&dir2, device, kind))
-            .await
-            .map_err(|e| ApiError::Internal(format!("loading thread: {e}")))?
-            .map_err(|e| {
-                ApiError::option(
-                    "path",
-                    format!("cannot load bundle {}: {e:#}", dir.display()),
-                )
-            })?;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.worker.submit(Command::Install {
-            name: name.to_string(),
-            bundle: Box::new(bundle),
-            make_default,
-            reply: tx,
-        })?;
-        match rx.await {
-            Ok(Ok(info)) => Ok(info),
-            Ok(Err(e)) => Err(ApiError::Internal(e)),
-            Err(_) => Err(ApiError::Unavailable("the inference worker stopped".into())),
+    /// The state for `engine`, with a training job manager when admin routes are enabled.
+    pub fn new(cfg: Arc<Config>, engine: Engine, http: Arc<HttpMetrics>) -> Result<Self> {
+        let jobs = if cfg.auth.admin_token.is_empty() {
+            None
+        } else {
+            let device = cfg.inference.device.resolve()?;
+            Some(JobManager::open(
+                PathBuf::from(&cfg.training.jobs_dir),
+                Arc::new(LocalTrainer { device }),
+                Some(Arc::new(engine.clone())),
+                &http.registry,
+            )?)
+        };
+        Ok(AppState {
+            cfg,
+            engine,
+            http,
+            draining: Arc::new(AtomicBool::new(false)),
+            jobs,
+        })
+    }
+}
+
+/// The engine a configuration asks for (its models start loading at once, on the worker).
+pub fn engine_for(cfg: &Config, registry: &prometheus::Registry) -> Result<Engine> {
+    let device = cfg.inference.device.resolve()?;
+    let kind = cfg.inference.dtype.resolve(device)?;
+    let models: Vec<(String, PathBuf)> = cfg
+        .models
+        .models
+        .iter()
+        .map(|m| parse_model_entry(m))
+        .collect();
+    for (name, dir) in &models {
+        if !dir.join(crate::model::bundle::MANIFEST).exists() {
+            anyhow::bail!(
+                "model {name}: no bundle at {} (run scripts/build-demo.sh for the default bundle)",
+                dir.display()
+            );
         }
     }
+    let i = &cfg.inference;
+    let engine_cfg = EngineConfig {
+        device,
+        kind,
+        scheduler: SchedulerConfig {
+            max_batch_images: i.max_batch_images,
+            max_batch_delay: Duration::from_millis(i.max_batch_delay_ms),
+            continuous: i.continuous_batching,
+            max_running_images: i.max_running_images,
+            queue_capacity: i.queue_capacity,
+        },
+        max_pixels: i.max_pixels,
+        preprocess_threads: i.preprocess_threads,
+    };
+    Ok(Engine::start(
+        engine_cfg,
+        registry,
+        models,
+        cfg.models.default_model.clone(),
+    ))
 }
 
 fn init_tracing(cfg: &Config) {
@@ -135,7 +164,7 @@ fn init_tracing(cfg: &Config) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);
-    let _ = if cfg.server.log_format == "json" {
+    let _ = if cfg.server.log_format == crate::config::LogFormat::Json {
         builder.json().flatten_event(true).try_init()
     } else {
         builder.try_init()
@@ -151,87 +180,42 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if cfg.inference.torch_threads > 0 {
         tch::set_num_threads(cfg.inference.torch_threads as i32);
     }
-    let device = crate::device::parse_device(&cfg.inference.device)?;
-    let kind = crate::device::parse_dtype(&cfg.inference.dtype, device)?;
-    let models: Vec<(String, PathBuf)> = cfg
-        .models
-        .models
-        .iter()
-        .map(|m| parse_model_entry(m))
-        .collect();
-    for (name, dir) in &models {
-        if !dir.join(crate::model::bundle::MANIFEST).exists() {
-            anyhow::bail!(
-                "model {name}: no bundle at {} (run scripts/build-demo.sh for the default bundle)",
-                dir.display()
-            );
-        }
-    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(serve(cfg, models, device, kind))
+    rt.block_on(async move {
+        // Bind first: a taken port fails fast, before any model starts loading.
+        let listener = tokio::net::TcpListener::bind(&cfg.server.bind)
+            .await
+            .with_context(|| format!("binding {}", cfg.server.bind))?;
+        let http = Arc::new(HttpMetrics::new());
+        let engine = engine_for(&cfg, &http.registry)?;
+        let state = AppState::new(Arc::new(cfg), engine, http)?;
+        serve(listener, state, shutdown_signal()).await
+    })
 }
 
-async fn serve(
-    cfg: Config,
-    models: Vec<(String, PathBuf)>,
-    device: Device,
-    kind: Kind,
+/// Serves `state` on `listener` until `stop` resolves, then drains: no new connections,
+/// in-flight requests get `shutdown_grace_ms`, training jobs stop at their next step
+/// (checkpoint kept), and the worker finishes what it runs.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    // Bind first: a taken port fails fast, before any model starts loading on another thread.
-    let listener = tokio::net::TcpListener::bind(&cfg.server.bind)
-        .await
-        .with_context(|| format!("binding {}", cfg.server.bind))?;
-    let shared = Arc::new(Shared::new());
-    let batch = BatchConfig {
-        max_batch_images: cfg.inference.max_batch_images,
-        max_batch_delay: Duration::from_millis(cfg.inference.max_batch_delay_ms),
-        continuous: cfg.inference.continuous_batching,
-        max_running_images: cfg.inference.max_running_images,
-    };
-    let load: batcher::BundleLoader = Arc::new(move |dir: &Path| Bundle::load(dir, device, kind));
-    let (worker, worker_thread) = batcher::spawn(
-        shared.clone(),
-        batch,
-        cfg.inference.queue_capacity,
-        models,
-        cfg.models.default_model.clone(),
-        load,
-    );
-    let threads = match cfg.inference.preprocess_threads {
-        0 => std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2),
-        n => n,
-    };
-    let cfg = Arc::new(cfg);
-    let draining = Arc::new(AtomicBool::new(false));
-    let jobs = crate::train::jobs::JobManager::open(cfg.clone(), shared.clone(), device)?;
-    let state = AppState {
-        cfg: cfg.clone(),
-        shared: shared.clone(),
-        worker,
-        draining: draining.clone(),
-        preprocess_slots: Arc::new(tokio::sync::Semaphore::new(threads)),
-        device,
-        kind,
-        jobs: jobs.clone(),
-    };
-    jobs.attach(state.clone());
-    let app = with_layers(routes::router(state.clone()));
+    let app = app(state.clone());
     tracing::info!(addr = %listener.local_addr()?, "listening");
     // Machine-readable line for scripts and tests that bind port 0.
     println!("clipcap listening on http://{}", listener.local_addr()?);
-
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let draining = state.draining.clone();
     let signal = async move {
-        shutdown_signal().await;
+        stop.await;
         draining.store(true, Ordering::Relaxed);
         tracing::info!("shutting down: no new connections, finishing in-flight requests");
         let _ = stop_tx.send(true);
     };
-    let grace = Duration::from_millis(cfg.server.shutdown_grace_ms);
+    let grace = Duration::from_millis(state.cfg.server.shutdown_grace_ms);
     let server = axum::serve(listener, app).with_graceful_shutdown(signal);
     tokio::select! {
         r = server => r?,
@@ -240,12 +224,19 @@ async fn serve(
             tokio::time::sleep(grace).await;
         } => tracing::warn!("grace period over; closing remaining connections"),
     }
-    jobs.shutdown();
-    drop(state);
-    // The worker exits once every sender is gone and its running jobs are answered.
-    let _ = tokio::task::spawn_blocking(move || worker_thread.join()).await;
+    if let Some(jobs) = &state.jobs {
+        let jobs = jobs.clone();
+        let _ = tokio::task::spawn_blocking(move || jobs.shutdown()).await;
+    }
+    let engine = state.engine.clone();
+    let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The router with its layers (request ids, tracing, panics as opaque 500s).
+pub fn app(state: AppState) -> axum::Router {
+    with_layers(routes::router(state))
 }
 
 fn with_layers(router: axum::Router) -> axum::Router {

@@ -1,7 +1,9 @@
 //! HTTP routes: /caption, health and readiness, info, metrics, OpenAPI, the browser page, and
 //! the admin model routes.
-use crate::serve::batcher::{CaptionJob, Command, ImageOutput, JobOutput, ModelInfo};
+use crate::engine::{CaptionOutput, ImageOutput};
+use crate::options::DecodeOptions;
 use crate::serve::error::ApiError;
+use crate::serve::openapi::{CaptionForm, CaptionJson, ErrorBody, RawImage};
 use crate::serve::validation::{self, RawOptions};
 use crate::serve::AppState;
 use axum::body::Body;
@@ -11,14 +13,13 @@ use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use utoipa::ToSchema;
 
 const PAGE: &str = include_str!("page.html");
-const OPENAPI: &str = include_str!("openapi.json");
 
 pub fn router(state: AppState) -> Router {
     let admin = Router::new()
@@ -36,10 +37,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ready", get(ready))
         .route("/info", get(info))
         .route("/metrics", get(metrics))
-        .route(
-            "/openapi.json",
-            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
-        )
+        .route("/openapi.json", get(openapi_json))
         .merge(admin)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -54,7 +52,7 @@ async fn track(State(st): State<AppState>, req: Request<Body>, next: Next) -> Re
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
-    let m = &st.shared.metrics;
+    let m = &st.http;
     let t0 = Instant::now();
     let limited = route == "/caption";
     let resp = if limited && m.inflight.get() as usize >= st.cfg.server.max_inflight_requests {
@@ -82,7 +80,7 @@ async fn track(State(st): State<AppState>, req: Request<Body>, next: Next) -> Re
 struct InflightGuard(AppState);
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.0.shared.metrics.inflight.dec();
+        self.0.http.inflight.dec();
     }
 }
 
@@ -97,12 +95,12 @@ fn secret_eq(given: &str, expected: &str) -> bool {
         == 0
 }
 
+/// The credentials of `Authorization: Bearer <token>` (the scheme is case-insensitive,
+/// RFC 7235).
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 async fn require_admin(State(st): State<AppState>, req: Request<Body>, next: Next) -> Response {
@@ -134,17 +132,40 @@ fn check_api_key(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// Marks the job cancelled when the handler is dropped (client gone) before it finished.
-struct CancelOnDrop(Arc<AtomicBool>, bool);
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if !self.1 {
-            self.0.store(true, Ordering::Relaxed);
-        }
-    }
-}
-
-async fn caption(State(st): State<AppState>, req: Request<Body>) -> Result<Response, ApiError> {
+/// Captions one or more images.
+#[utoipa::path(
+    post,
+    path = "/caption",
+    tag = "caption",
+    params(
+        ("model" = Option<String>, Query, description = "Model name (default: the server's default model)"),
+        DecodeOptions,
+    ),
+    request_body(
+        description = "The image(s): multipart/form-data (field `image`, repeatable; other fields are options), a raw image body, or JSON with base64 images. Options may also come as query parameters; body fields win.",
+        content(
+            (CaptionForm = "multipart/form-data"),
+            (RawImage = "image/*"),
+            (CaptionJson = "application/json"),
+        )
+    ),
+    responses(
+        (status = 200, description = "Captions for every image, in order", body = CaptionResponse),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "API key missing or wrong", body = ErrorBody),
+        (status = 413, description = "Body, images per request or pixels over a limit", body = ErrorBody),
+        (status = 415, description = "Unsupported content type or image format", body = ErrorBody),
+        (status = 422, description = "Bad option (field named) or undecodable image", body = ErrorBody),
+        (status = 429, description = "Too many requests in flight (Retry-After)", body = ErrorBody),
+        (status = 503, description = "Queue full, no model, or shutting down (Retry-After)", body = ErrorBody),
+        (status = 504, description = "The deadline passed", body = ErrorBody),
+    ),
+    security((), ("api_key" = []))
+)]
+pub(crate) async fn caption(
+    State(st): State<AppState>,
+    req: Request<Body>,
+) -> Result<Response, ApiError> {
     let t0 = Instant::now();
     let deadline = (st.cfg.server.request_timeout_ms > 0)
         .then(|| t0 + Duration::from_millis(st.cfg.server.request_timeout_ms));
@@ -155,9 +176,31 @@ async fn caption(State(st): State<AppState>, req: Request<Body>) -> Result<Respo
     check_api_key(&st, &parts.headers)?;
     let mut raw = RawOptions::default();
     validation::parse_query(parts.uri.query(), &mut raw)?;
-    let limit = st.cfg.server.max_body_bytes;
-    if let Some(len) = parts
+    let body = read_body(&parts.headers, body, st.cfg.server.max_body_bytes).await?;
+    let ct = parts
         .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let images =
+        validation::parse_body(ct, body, st.cfg.server.max_images_per_request, &mut raw).await?;
+    let model = st.engine.resolve(raw.model.as_deref())?;
+    let opts = raw.resolve(&model.generation)?;
+    let n_images = images.len();
+    let out = st
+        .engine
+        .caption(&model, images, opts.clone(), deadline)
+        .await?;
+    let total_ms = t0.elapsed().as_secs_f64() * 1e3;
+    Ok(caption_response(out, n_images, total_ms, &opts))
+}
+
+/// The body, refused early (413) when its announced or actual length is over `limit`.
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<axum::body::Bytes, ApiError> {
+    if let Some(len) = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok())
@@ -168,7 +211,7 @@ async fn caption(State(st): State<AppState>, req: Request<Body>) -> Result<Respo
             )));
         }
     }
-    let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
         if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
             || e.to_string().contains("length limit")
         {
@@ -176,118 +219,113 @@ async fn caption(State(st): State<AppState>, req: Request<Body>) -> Result<Respo
         } else {
             ApiError::Malformed(format!("cannot read the body: {e}"))
         }
-    })?;
-    let ct = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
-    let images =
-        validation::parse_body(ct, body, st.cfg.server.max_images_per_request, &mut raw).await?;
-    let model = st.shared.resolve(raw.model.as_deref())?;
-    let opts = raw.resolve(&model.generation)?;
-
-    // Decode + resize off the async runtime, a bounded number at a time.
-    let pre_cfg = crate::pipeline::preprocess_config(&model.image, st.cfg.inference.max_pixels);
-    let mut tasks = Vec::with_capacity(images.len());
-    for bytes in images {
-        let permit = st.preprocess_slots.clone().acquire_owned().await;
-        let cfg = pre_cfg.clone();
-        tasks.push(tokio::task::spawn_blocking(move || {
-            let _p = permit;
-            crate::preprocess::preprocess_bytes(&bytes, &cfg)
-        }));
-    }
-    let mut pixels = Vec::with_capacity(tasks.len());
-    for (i, t) in tasks.into_iter().enumerate() {
-        match t.await {
-            Ok(Ok(p)) => pixels.push(p),
-            Ok(Err(e)) => return Err(image_error(i, e)),
-            Err(_) => {
-                return Err(ApiError::InvalidImage(format!(
-                    "image {i}: decoding failed"
-                )))
-            }
-        }
-    }
-    let n_images = pixels.len();
-    let pre_ms = t0.elapsed().as_secs_f64() * 1e3;
-
-    let cancel = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    st.worker.submit(Command::Caption(CaptionJob {
-        model: model.name.clone(),
-        pixels,
-        opts: opts.clone(),
-        deadline,
-        enqueued: Instant::now(),
-        cancel: cancel.clone(),
-        reply: tx,
-    }))?;
-    let mut guard = CancelOnDrop(cancel, false);
-    let wait = async {
-        rx.await
-            .unwrap_or_else(|_| Err(ApiError::Unavailable("the inference worker stopped".into())))
-    };
-    let out = match deadline {
-        Some(d) => match tokio::time::timeout_at(d.into(), wait).await {
-            Ok(r) => r,
-            Err(_) => Err(ApiError::DeadlineExceeded(format!(
-                "no captions within the {} ms deadline",
-                st.cfg.server.request_timeout_ms
-            ))),
-        },
-        None => wait.await,
-    };
-    // On success the job is done; otherwise the guard tells the worker to drop its rows.
-    guard.1 = out.is_ok();
-    let out = out?;
-    let total_ms = t0.elapsed().as_secs_f64() * 1e3;
-    Ok(caption_response(out, n_images, pre_ms, total_ms, &opts))
+    })
 }
 
-fn image_error(i: usize, e: crate::preprocess::ImageError) -> ApiError {
-    use crate::preprocess::ImageError as E;
-    match e {
-        E::TooLarge { .. } => ApiError::TooLarge(format!("image {i}: {e}")),
-        E::UnsupportedFormat => ApiError::UnsupportedMedia(format!("image {i}: {e}")),
-        other => ApiError::InvalidImage(format!("image {i}: {other}")),
-    }
+/// One caption and its score (mean log-probability per generated token).
+#[derive(Serialize, ToSchema)]
+pub struct ScoredCaption {
+    pub text: String,
+    pub score: f64,
+}
+
+/// Where one image's time went, in milliseconds.
+#[derive(Serialize, ToSchema)]
+pub struct ImageTimings {
+    pub queue: f64,
+    pub encode: f64,
+    pub decode: f64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ImageResult {
+    pub index: usize,
+    /// The best caption.
+    pub caption: String,
+    /// The `n` best captions, best first.
+    pub captions: Vec<ScoredCaption>,
+    pub timings_ms: ImageTimings,
+    /// Rows (images × beams) in the decode batch when this image joined it.
+    pub batch_rows: i64,
+}
+
+/// Where the request's time went, in milliseconds (also in the `Server-Timing` header).
+#[derive(Serialize, ToSchema)]
+pub struct RequestTimings {
+    pub preprocess: f64,
+    pub queue: f64,
+    pub encode: f64,
+    pub decode: f64,
+    pub total: f64,
+}
+
+/// The answer of `POST /caption`.
+#[derive(Serialize, ToSchema)]
+pub struct CaptionResponse {
+    /// The model that captioned, and its version (it increments on every swap).
+    pub model: String,
+    pub model_version: u64,
+    pub images: usize,
+    /// The options as applied (the model's defaults with the request's changes).
+    pub options: crate::options::GenOptions,
+    pub results: Vec<ImageResult>,
+    pub timings_ms: RequestTimings,
 }
 
 fn caption_response(
-    out: JobOutput,
+    out: CaptionOutput,
     n: usize,
-    pre_ms: f64,
     total_ms: f64,
-    opts: &crate::generate::GenOptions,
+    opts: &crate::options::GenOptions,
 ) -> Response {
+    let pre_ms = out.preprocess_ms;
     let max = |f: fn(&ImageOutput) -> f64| out.images.iter().map(f).fold(0.0, f64::max);
     let (queue, encode, decode) = (
         max(|i| i.queue_ms),
         max(|i| i.encode_ms),
         max(|i| i.decode_ms),
     );
-    let results: Vec<_> = out
+    let results = out
         .images
         .iter()
         .enumerate()
-        .map(|(i, img)| {
-            json!({
-                "index": i,
-                "caption": img.captions.first().map(|c| c.text.clone()).unwrap_or_default(),
-                "captions": img.captions.iter().map(|c| json!({"text": c.text, "score": c.score})).collect::<Vec<_>>(),
-                "timings_ms": {"queue": img.queue_ms, "encode": img.encode_ms, "decode": img.decode_ms},
-                "batch_rows": img.batch_rows,
-            })
+        .map(|(index, img)| ImageResult {
+            index,
+            caption: img
+                .captions
+                .first()
+                .map(|c| c.text.clone())
+                .unwrap_or_default(),
+            captions: img
+                .captions
+                .iter()
+                .map(|c| ScoredCaption {
+                    text: c.text.clone(),
+                    score: c.score,
+                })
+                .collect(),
+            timings_ms: ImageTimings {
+                queue: img.queue_ms,
+                encode: img.encode_ms,
+                decode: img.decode_ms,
+            },
+            batch_rows: img.batch_rows,
         })
         .collect();
-    let body = json!({
-        "model": out.model,
-        "images": n,
-        "options": opts,
-        "results": results,
-        "timings_ms": {"preprocess": pre_ms, "queue": queue, "encode": encode, "decode": decode, "total": total_ms},
-    });
+    let body = CaptionResponse {
+        model: out.model.clone(),
+        model_version: out.model_version,
+        images: n,
+        options: opts.clone(),
+        results,
+        timings_ms: RequestTimings {
+            preprocess: pre_ms,
+            queue,
+            encode,
+            decode,
+            total: total_ms,
+        },
+    };
     let timing = format!(
         "preprocess;dur={pre_ms:.2}, queue;dur={queue:.2}, encode;dur={encode:.2}, decode;dur={decode:.2}, total;dur={total_ms:.2}"
     );
@@ -295,20 +333,28 @@ fn caption_response(
     if let Ok(v) = HeaderValue::from_str(&timing) {
         resp.headers_mut().insert("server-timing", v);
     }
+    if let Ok(v) = HeaderValue::from_str(&format!("{}/{}", out.model, out.model_version)) {
+        resp.headers_mut().insert("x-clipcap-model", v);
+    }
     resp
 }
 
-async fn health() -> Json<serde_json::Value> {
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/health", tag = "operations",
+    responses((status = 200, description = "`{\"status\": \"ok\"}`")))]
+pub(crate) async fn health() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-async fn ready(State(st): State<AppState>) -> Response {
-    let models = st.shared.models.read().unwrap().len();
-    let answering = st.shared.worker_answering(Duration::from_secs(5));
+/// Readiness: a model is loaded, the worker answers, and the server is not draining.
+#[utoipa::path(get, path = "/ready", tag = "operations",
+    responses((status = 200, description = "Ready"), (status = 503, description = "Not ready (body says why)")))]
+pub(crate) async fn ready(State(st): State<AppState>) -> Response {
+    let r = st.engine.readiness();
     let draining = st.draining.load(Ordering::Relaxed);
-    let ok = models > 0 && answering && !draining;
-    let body =
-        json!({"ready": ok, "models": models, "worker_answering": answering, "draining": draining});
+    let ok = r.ready() && !draining;
+    let body = json!({"ready": ok, "models": r.models, "worker_alive": r.worker_alive,
+        "worker_answering": r.worker_answering, "draining": draining});
     let status = if ok {
         StatusCode::OK
     } else {
@@ -317,22 +363,22 @@ async fn ready(State(st): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn info(State(st): State<AppState>) -> Json<serde_json::Value> {
-    let mut models: Vec<ModelInfo> = st.shared.models.read().unwrap().values().cloned().collect();
-    models.sort_by(|a, b| a.name.cmp(&b.name));
+/// Served models, limits and batching settings.
+#[utoipa::path(get, path = "/info", tag = "operations", responses((status = 200, description = "Server information")))]
+pub(crate) async fn info(State(st): State<AppState>) -> Json<serde_json::Value> {
     let c = &st.cfg;
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
-        "default_model": *st.shared.default_model.read().unwrap(),
-        "models": models,
+        "default_model": st.engine.default_model(),
+        "models": st.engine.models(),
         "cuda_available": tch::Cuda::is_available(),
         "limits": {
             "max_body_bytes": c.server.max_body_bytes,
             "max_images_per_request": c.server.max_images_per_request,
             "max_pixels": c.inference.max_pixels,
             "request_timeout_ms": c.server.request_timeout_ms,
-            "max_beam_size": crate::generate::MAX_BEAM,
-            "max_tokens": crate::generate::MAX_TOKENS,
+            "max_beam_size": crate::options::MAX_BEAM,
+            "max_tokens": crate::options::MAX_TOKENS,
         },
         "batching": {
             "max_batch_images": c.inference.max_batch_images,
@@ -345,26 +391,40 @@ async fn info(State(st): State<AppState>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn metrics(State(st): State<AppState>) -> Response {
-    st.shared.metrics.queue_depth.set(st.worker.queued() as i64);
+/// Prometheus metrics (`clipcap_*`).
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
+pub(crate) async fn metrics(State(st): State<AppState>) -> Response {
+    st.engine
+        .metrics()
+        .queue_depth
+        .set(st.engine.queued() as i64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.shared.metrics.render(),
+        st.http.render(),
     )
         .into_response()
 }
 
-#[derive(Deserialize)]
+/// Loads (or swaps in) a bundle.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct LoadModel {
+pub struct LoadModel {
+    /// The name it is served under (letters, digits, '-', '_', '.').
     name: String,
+    /// The bundle folder on the server.
     path: String,
+    /// Make it the default model.
     #[serde(default)]
     default: bool,
 }
 
 /// Loads (or swaps in) a bundle without a restart: `{"name", "path", "default"?}`.
-async fn load_model(
+#[utoipa::path(post, path = "/admin/models", tag = "admin", request_body = LoadModel,
+    responses((status = 200, description = "Loaded; the new version is served from now on"),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 422, description = "The bundle cannot be loaded (reason given)", body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub(crate) async fn load_model(
     State(st): State<AppState>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
@@ -385,20 +445,30 @@ async fn load_model(
         ));
     }
     let info = st
-        .install_bundle(&req.name, std::path::Path::new(&req.path), req.default)
+        .engine
+        .install(&req.name, std::path::Path::new(&req.path), req.default)
         .await?;
     Ok((StatusCode::OK, Json(json!({"loaded": info}))).into_response())
 }
 
-async fn unload_model(
+#[utoipa::path(delete, path = "/admin/models/{name}", tag = "admin",
+    params(("name" = String, Path, description = "A served model")),
+    responses((status = 204, description = "Unloaded (running requests finish)"), (status = 404, body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub(crate) async fn unload_model(
     State(st): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    st.worker.submit(Command::Unload { name, reply: tx })?;
-    match rx.await {
-        Ok(Ok(())) => Ok(StatusCode::NO_CONTENT.into_response()),
-        Ok(Err(e)) => Err(ApiError::NotFound(e)),
-        Err(_) => Err(ApiError::Unavailable("the inference worker stopped".into())),
-    }
+    st.engine.unload(&name).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations", responses((status = 200, description = "OpenAPI 3.1")))]
+pub(crate) async fn openapi_json() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        crate::serve::openapi::json(),
+    )
+        .into_response()
 }

@@ -4,95 +4,71 @@
 //! options), a raw image (`Content-Type: image/*` or `application/octet-stream`), and JSON
 //! `{"image": "<base64>"}` / `{"images": [...]}` with options as fields. Options may also come
 //! as query parameters; body fields win.
-use crate::generate::{GenOptions, Strategy};
+use crate::options::{DecodeOptions, GenOptions};
 use crate::serve::error::ApiError;
 use base64::Engine;
 use bytes::Bytes;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
-/// Options as the client wrote them, before the model's defaults are applied.
+/// Longest client-given name echoed back in an error.
+const ECHO_MAX: usize = 64;
+
+/// A client-given name, cut to [`ECHO_MAX`] characters for error messages.
+pub fn echo(name: &str) -> String {
+    if name.chars().count() <= ECHO_MAX {
+        name.to_string()
+    } else {
+        format!("{}…", name.chars().take(ECHO_MAX).collect::<String>())
+    }
+}
+
+/// Options as the client wrote them (query, form fields, JSON fields), before the model's
+/// defaults are applied. Text from queries and forms and JSON values are both accepted.
 #[derive(Debug, Default, Clone)]
 pub struct RawOptions {
     pub model: Option<String>,
-    fields: Vec<(String, String)>,
+    fields: Map<String, Value>,
 }
 
-/// The option names a request may use.
-pub const OPTION_NAMES: &[&str] = &[
-    "model",
-    "strategy",
-    "beam_size",
-    "max_tokens",
-    "n",
-    "temperature",
-    "top_p",
-    "top_k",
-    "seed",
-    "repetition_penalty",
-    "no_repeat_ngram",
-];
-
 impl RawOptions {
-    /// Records one option given as text (query, form field, or a JSON scalar).
-    pub fn set(&mut self, name: &str, value: String) -> Result<(), ApiError> {
-        if !OPTION_NAMES.contains(&name) {
+    /// Records one option; unknown names are refused at once (and never echoed unbounded).
+    pub fn set(&mut self, name: &str, value: Value) -> Result<(), ApiError> {
+        if name == "model" {
+            self.model = Some(match value {
+                Value::String(s) => s,
+                other => other.to_string(),
+            });
+            return Ok(());
+        }
+        let names = DecodeOptions::field_names();
+        if !names.contains(&name) {
             return Err(ApiError::option(
-                name,
-                format!("unknown option; allowed: {}", OPTION_NAMES.join(", ")),
+                echo(name),
+                format!("unknown option; allowed: model, {}", names.join(", ")),
             ));
         }
-        if name == "model" {
-            self.model = Some(value);
-        } else {
-            self.fields.retain(|(k, _)| k != name);
-            self.fields.push((name.to_string(), value));
-        }
+        self.fields.insert(name.to_string(), value);
         Ok(())
+    }
+
+    /// Records one option given as text (query string or form field).
+    pub fn set_text(&mut self, name: &str, value: String) -> Result<(), ApiError> {
+        self.set(name, Value::String(value))
+    }
+
+    /// The options as the one typed definition (field named on a bad value).
+    pub fn parse(&self) -> Result<DecodeOptions, ApiError> {
+        serde_path_to_error::deserialize(Value::Object(self.fields.clone())).map_err(|e| {
+            let field = e.path().to_string();
+            ApiError::option(field, e.into_inner().to_string())
+        })
     }
 
     /// The model's defaults with these options applied and validated.
     pub fn resolve(&self, defaults: &GenOptions) -> Result<GenOptions, ApiError> {
-        let mut o = defaults.clone();
-        // A sampling seed should not leak from one request into the next.
-        let mut n_given = false;
-        for (k, v) in &self.fields {
-            let v = v.trim();
-            fn num<T: std::str::FromStr>(k: &str, v: &str, what: &str) -> Result<T, ApiError> {
-                v.parse()
-                    .map_err(|_| ApiError::option(k, format!("must be {what}, got {v:?}")))
-            }
-            match k.as_str() {
-                "strategy" => {
-                    o.strategy = v
-                        .parse::<Strategy>()
-                        .map_err(|_| ApiError::option(k, "must be one of beam, greedy, sample"))?
-                }
-                "beam_size" => o.beam_size = num(k, v, "an integer")?,
-                "max_tokens" => o.max_tokens = num(k, v, "an integer")?,
-                "n" => {
-                    o.n_best = num(k, v, "an integer")?;
-                    n_given = true;
-                }
-                "temperature" => o.temperature = num(k, v, "a number")?,
-                "top_p" => o.top_p = num(k, v, "a number")?,
-                "top_k" => o.top_k = num(k, v, "an integer")?,
-                "seed" => o.seed = Some(num(k, v, "a non-negative integer")?),
-                "repetition_penalty" => o.repetition_penalty = num(k, v, "a number")?,
-                "no_repeat_ngram" => o.no_repeat_ngram = num(k, v, "an integer")?,
-                _ => unreachable!("checked in set"),
-            }
-        }
-        if !n_given {
-            o.n_best = o.n_best.min(match o.strategy {
-                Strategy::Greedy => 1,
-                Strategy::Beam => o.beam_size,
-                Strategy::Sample => o.n_best,
-            });
-        }
-        o.validate().map_err(|e| {
-            ApiError::option(if e.field == "n_best" { "n" } else { e.field }, e.message)
-        })?;
-        Ok(o)
+        self.parse()?
+            .resolve(defaults)
+            .map_err(|e| ApiError::option(e.field, e.message))
     }
 }
 
@@ -109,7 +85,7 @@ pub fn parse_query(query: Option<&str>, opts: &mut RawOptions) -> Result<(), Api
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q)
         .map_err(|e| ApiError::Malformed(format!("bad query string: {e}")))?;
     for (k, v) in pairs {
-        opts.set(&k, v)?;
+        opts.set_text(&k, v)?;
     }
     Ok(())
 }
@@ -189,8 +165,8 @@ async fn parse_multipart(
             images.push(data);
         } else {
             let text = String::from_utf8(data.to_vec())
-                .map_err(|_| ApiError::option(name.clone(), "must be UTF-8 text"))?;
-            opts.set(&name, text)?;
+                .map_err(|_| ApiError::option(echo(&name), "must be UTF-8 text"))?;
+            opts.set_text(&name, text)?;
         }
     }
     Ok(images)
@@ -228,16 +204,13 @@ fn parse_json(
                     images.push(decode_b64(item, &format!("images[{i}]"))?);
                 }
             }
-            _ => {
-                let text = match v {
-                    Value::String(s) => s,
-                    Value::Number(n) => n.to_string(),
-                    Value::Bool(b) => b.to_string(),
-                    Value::Null => continue,
-                    _ => return Err(ApiError::option(k, "must be a string or a number")),
-                };
-                opts.set(&k, text)?;
-            }
+            _ => match v {
+                Value::Null => continue,
+                Value::Array(_) | Value::Object(_) => {
+                    return Err(ApiError::option(echo(&k), "must be a string or a number"))
+                }
+                v => opts.set(&k, v)?,
+            },
         }
     }
     Ok(images)
@@ -269,28 +242,33 @@ mod tests {
     #[test]
     fn options_name_the_field_and_range() {
         let mut o = RawOptions::default();
-        o.set("beam_size", "0".into()).unwrap();
+        o.set_text("beam_size", "0".into()).unwrap();
         let e = o.resolve(&GenOptions::default()).unwrap_err();
         assert!(
             matches!(&e, ApiError::InvalidOption { field, message } if field == "beam_size" && message.contains("between 1 and 16")),
             "{e:?}"
         );
         let mut o = RawOptions::default();
-        o.set("temperature", "hot".into()).unwrap();
+        o.set_text("temperature", "hot".into()).unwrap();
         let e = o.resolve(&GenOptions::default()).unwrap_err().to_string();
         assert!(e.starts_with("temperature:"), "{e}");
         let mut o = RawOptions::default();
         assert!(o
-            .set("beams", "3".into())
+            .set_text("beams", "3".into())
             .unwrap_err()
             .to_string()
             .contains("unknown option"));
+        // A huge unknown name comes back cut, never whole.
+        let long = "x".repeat(1 << 20);
+        let e = o.set_text(&long, "1".into()).unwrap_err().to_string();
+        assert!(e.len() < 2000, "{} bytes", e.len());
     }
 
     #[test]
     fn n_follows_the_strategy() {
+        use crate::options::Strategy;
         let mut o = RawOptions::default();
-        o.set("strategy", "greedy".into()).unwrap();
+        o.set_text("strategy", "greedy".into()).unwrap();
         let r = o
             .resolve(&GenOptions {
                 n_best: 3,
@@ -298,7 +276,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!((r.strategy, r.n_best), (Strategy::Greedy, 1));
-        o.set("n", "2".into()).unwrap();
+        o.set_text("n", "2".into()).unwrap();
         assert_eq!(
             o.resolve(&GenOptions::default()).unwrap_err().to_string(),
             "n: must be 1 for greedy decoding"

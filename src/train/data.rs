@@ -63,6 +63,13 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    /// The f32 embeddings of `rows`, one vector each (what the engine takes).
+    pub fn embedding_rows(&self, rows: &[i64]) -> Vec<Vec<f32>> {
+        crate::model::weights::tensor_rows(
+            &self.embeddings.index_select(0, &Tensor::from_slice(rows)),
+        )
+    }
+
     pub fn open(dir: &Path) -> Result<Self> {
         let meta: DatasetMeta = serde_json::from_str(
             &std::fs::read_to_string(dir.join(META))

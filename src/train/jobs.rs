@@ -3,17 +3,22 @@
 //! Each job lives in `jobs_dir/<id>/`: `job.json` (spec, state, progress, loss history; written
 //! atomically), `train.log`, and `ckpt/` (the trainer's checkpoint). A restart reloads every
 //! job; one that was running becomes `interrupted` and can be resumed from its checkpoint.
-use crate::config::Config;
-use crate::serve::batcher::Shared;
-use crate::train::trainer::{self, LossPoint, Outcome, Progress, TrainSpec};
+//!
+//! The manager knows two narrow handles, no server: a [`TrainRunner`] that trains (the real
+//! [`LocalTrainer`], or a fake in tests) and a [`ModelInstaller`] that serves a finished
+//! bundle (the [`Engine`]).
+use crate::engine::Engine;
+use crate::train::spec::TrainSpec;
+use crate::train::trainer::{self, LossPoint, Outcome, Progress};
 use anyhow::{Context, Result};
+use prometheus::{GaugeVec, IntGaugeVec, Opts, Registry};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -83,6 +88,91 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Runs one training (or resumes it from the checkpoint in `ckpt`).
+pub trait TrainRunner: Send + Sync {
+    fn train(
+        &self,
+        spec: &TrainSpec,
+        ckpt: &Path,
+        resume: bool,
+        cancel: &AtomicBool,
+        report: &mut dyn FnMut(&Progress),
+    ) -> Result<Outcome>;
+}
+
+/// Trains in this process on `device`.
+pub struct LocalTrainer {
+    pub device: tch::Device,
+}
+
+impl TrainRunner for LocalTrainer {
+    fn train(
+        &self,
+        spec: &TrainSpec,
+        ckpt: &Path,
+        resume: bool,
+        cancel: &AtomicBool,
+        report: &mut dyn FnMut(&Progress),
+    ) -> Result<Outcome> {
+        trainer::train(spec, self.device, ckpt, resume, cancel, report)
+    }
+}
+
+/// Serves a trained bundle under a name; answers the version it got.
+pub trait ModelInstaller: Send + Sync {
+    fn install(&self, name: &str, dir: &Path) -> std::result::Result<u64, String>;
+}
+
+impl ModelInstaller for Engine {
+    fn install(&self, name: &str, dir: &Path) -> std::result::Result<u64, String> {
+        self.install_blocking(name, dir, false)
+            .map(|info| info.version)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Training metrics, registered in the server's registry.
+struct TrainMetrics {
+    jobs: IntGaugeVec,
+    step: IntGaugeVec,
+    loss: GaugeVec,
+    samples_per_second: GaugeVec,
+}
+
+impl TrainMetrics {
+    fn register(registry: &Registry) -> Result<Self> {
+        let m = TrainMetrics {
+            jobs: IntGaugeVec::new(
+                Opts::new("clipcap_train_jobs", "Training jobs by state"),
+                &["state"],
+            )?,
+            step: IntGaugeVec::new(
+                Opts::new(
+                    "clipcap_train_step",
+                    "Current optimizer step of a training job",
+                ),
+                &["job"],
+            )?,
+            loss: GaugeVec::new(
+                Opts::new("clipcap_train_loss", "Latest training loss of a job"),
+                &["job"],
+            )?,
+            samples_per_second: GaugeVec::new(
+                Opts::new(
+                    "clipcap_train_samples_per_second",
+                    "Training throughput of a job",
+                ),
+                &["job"],
+            )?,
+        };
+        registry.register(Box::new(m.jobs.clone()))?;
+        registry.register(Box::new(m.step.clone()))?;
+        registry.register(Box::new(m.loss.clone()))?;
+        registry.register(Box::new(m.samples_per_second.clone()))?;
+        Ok(m)
+    }
+}
+
 struct Inner {
     jobs: BTreeMap<String, JobRecord>,
     queue: VecDeque<String>,
@@ -90,23 +180,34 @@ struct Inner {
     stopping: bool,
 }
 
-pub struct JobManager {
-    cfg: Arc<Config>,
-    shared: Arc<Shared>,
-    device: tch::Device,
+/// What the manager and its thread share (the thread holds no handle to the manager).
+struct Core {
     dir: PathBuf,
+    runner: Arc<dyn TrainRunner>,
+    installer: Option<Arc<dyn ModelInstaller>>,
+    metrics: TrainMetrics,
     inner: Mutex<Inner>,
-    wake: Condvar,
-    /// Needed to activate trained bundles; cleared on shutdown (it holds the worker's queue).
-    state: Mutex<Option<crate::serve::AppState>>,
-    runtime: OnceLock<tokio::runtime::Handle>,
+    /// Signalled on every change of a job or the queue.
+    changed: Condvar,
+}
+
+/// The job queue and its training thread; dropping it stops the thread (see [`shutdown`]).
+///
+/// [`shutdown`]: JobManager::shutdown
+pub struct JobManager {
+    core: Arc<Core>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl JobManager {
-    /// Loads every job under `jobs_dir`; running ones become interrupted, queued ones re-queue.
-    pub fn open(cfg: Arc<Config>, shared: Arc<Shared>, device: tch::Device) -> Result<Arc<Self>> {
-        let dir = PathBuf::from(&cfg.training.jobs_dir);
+    /// Loads every job under `dir` (running ones become interrupted, queued ones re-queue)
+    /// and starts the training thread.
+    pub fn open(
+        dir: PathBuf,
+        runner: Arc<dyn TrainRunner>,
+        installer: Option<Arc<dyn ModelInstaller>>,
+        registry: &Registry,
+    ) -> Result<Arc<Self>> {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut jobs = BTreeMap::new();
         let mut queue = VecDeque::new();
@@ -133,71 +234,90 @@ impl JobManager {
                 }
             }
         }
-        let m = Arc::new(JobManager {
-            cfg,
-            shared,
-            device,
+        // Queued jobs resume in the order they were created (ids start with the time).
+        queue.make_contiguous().sort();
+        let core = Arc::new(Core {
             dir,
+            runner,
+            installer,
+            metrics: TrainMetrics::register(registry)?,
             inner: Mutex::new(Inner {
                 jobs,
                 queue,
                 cancel: HashMap::new(),
                 stopping: false,
             }),
-            wake: Condvar::new(),
-            state: Mutex::new(None),
-            runtime: OnceLock::new(),
-            thread: Mutex::new(None),
+            changed: Condvar::new(),
         });
-        m.update_metrics();
-        Ok(m)
-    }
-
-    /// Starts the training thread (needs the app state to activate trained bundles).
-    pub fn attach(self: &Arc<Self>, state: crate::serve::AppState) {
-        *self.state.lock().unwrap() = Some(state);
-        if let Ok(h) = tokio::runtime::Handle::try_current() {
-            let _ = self.runtime.set(h);
-        }
-        let me = self.clone();
-        let t = std::thread::Builder::new()
+        core.update_metrics();
+        let c = core.clone();
+        let thread = std::thread::Builder::new()
             .name("clipcap-train".into())
-            .spawn(move || me.run())
-            .expect("spawning the training thread");
-        *self.thread.lock().unwrap() = Some(t);
+            .spawn(move || c.run())
+            .context("spawning the training thread")?;
+        Ok(Arc::new(JobManager {
+            core,
+            thread: Mutex::new(Some(thread)),
+        }))
     }
 
     /// Stops taking jobs; a running job is cancelled at its next step (checkpoint kept) and
-    /// recorded as interrupted, so a restart can resume it.
+    /// recorded as interrupted, so a restart can resume it. Blocks until the thread ends.
     pub fn shutdown(&self) {
         {
-            let mut inner = self.inner.lock().unwrap();
+            let mut inner = self.core.inner.lock().unwrap();
             inner.stopping = true;
             for flag in inner.cancel.values() {
                 flag.store(true, Ordering::Relaxed);
             }
         }
-        self.wake.notify_all();
+        self.core.changed.notify_all();
         if let Some(t) = self.thread.lock().unwrap().take() {
             let _ = t.join();
         }
-        self.state.lock().unwrap().take();
-    }
-
-    pub fn data_root(&self) -> PathBuf {
-        PathBuf::from(&self.cfg.training.data_root)
-    }
-
-    pub fn bundles_dir(&self) -> PathBuf {
-        PathBuf::from(&self.cfg.training.bundles_dir)
     }
 
     pub fn list(&self) -> Vec<JobRecord> {
-        self.inner.lock().unwrap().jobs.values().cloned().collect()
+        self.core
+            .inner
+            .lock()
+            .unwrap()
+            .jobs
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn get(&self, id: &str) -> Option<JobRecord> {
-        self.inner.lock().unwrap().jobs.get(id).cloned()
+        self.core.inner.lock().unwrap().jobs.get(id).cloned()
+    }
+
+    /// Waits until job `id` satisfies `done` (woken on every change, not polled); `None` if
+    /// the job is unknown or `timeout` passes first.
+    pub fn wait_for(
+        &self,
+        id: &str,
+        timeout: Duration,
+        done: impl Fn(&JobRecord) -> bool,
+    ) -> Option<JobRecord> {
+        let until = Instant::now() + timeout;
+        let mut inner = self.core.inner.lock().unwrap();
+        loop {
+            let job = inner.jobs.get(id)?;
+            if done(job) {
+                return Some(job.clone());
+            }
+            let now = Instant::now();
+            if now >= until {
+                return None;
+            }
+            inner = self
+                .core
+                .changed
+                .wait_timeout(inner, until - now)
+                .unwrap()
+                .0;
+        }
     }
 
     /// Queues a new job.
@@ -223,7 +343,7 @@ impl JobManager {
             output,
             base,
             activate,
-            epochs: spec.epochs,
+            epochs: spec.params.epochs,
             spec,
             epoch: 0,
             step: 0,
@@ -238,20 +358,22 @@ impl JobManager {
             activated: false,
             runs: 0,
         };
-        std::fs::create_dir_all(self.dir.join(&id))?;
-        write_record(&self.dir, &job)?;
-        let mut inner = self.inner.lock().unwrap();
+        let dir = &self.core.dir;
+        std::fs::create_dir_all(dir.join(&id))?;
+        write_record(dir, &job)?;
+        let mut inner = self.core.inner.lock().unwrap();
         inner.jobs.insert(id.clone(), job.clone());
         inner.queue.push_back(id);
         drop(inner);
-        self.wake.notify_all();
-        self.update_metrics();
+        self.core.changed.notify_all();
+        self.core.update_metrics();
         Ok(job)
     }
 
     /// Cancels a queued or running job. Errors: `Ok(None)` when unknown, `Err` when finished.
     pub fn cancel(&self, id: &str) -> std::result::Result<Option<JobRecord>, String> {
-        let mut inner = self.inner.lock().unwrap();
+        let core = &self.core;
+        let mut inner = core.inner.lock().unwrap();
         let flag = inner.cancel.get(id).cloned();
         let Some(job) = inner.jobs.get_mut(id) else {
             return Ok(None);
@@ -262,9 +384,10 @@ impl JobManager {
                 job.updated_unix = now();
                 let job = job.clone();
                 inner.queue.retain(|q| q != id);
-                write_record(&self.dir, &job).map_err(|e| e.to_string())?;
+                write_record(&core.dir, &job).map_err(|e| e.to_string())?;
                 drop(inner);
-                self.update_metrics();
+                core.changed.notify_all();
+                core.update_metrics();
                 Ok(Some(job))
             }
             JobState::Running => {
@@ -279,7 +402,8 @@ impl JobManager {
 
     /// Re-queues an interrupted, cancelled or failed job; it continues from its checkpoint.
     pub fn resume(&self, id: &str) -> std::result::Result<Option<JobRecord>, String> {
-        let mut inner = self.inner.lock().unwrap();
+        let core = &self.core;
+        let mut inner = core.inner.lock().unwrap();
         let Some(job) = inner.jobs.get_mut(id) else {
             return Ok(None);
         };
@@ -289,11 +413,11 @@ impl JobManager {
                 job.error = None;
                 job.updated_unix = now();
                 let job = job.clone();
-                write_record(&self.dir, &job).map_err(|e| e.to_string())?;
+                write_record(&core.dir, &job).map_err(|e| e.to_string())?;
                 inner.queue.push_back(id.to_string());
                 drop(inner);
-                self.wake.notify_all();
-                self.update_metrics();
+                core.changed.notify_all();
+                core.update_metrics();
                 Ok(Some(job))
             }
             s => Err(format!(
@@ -302,20 +426,27 @@ impl JobManager {
             )),
         }
     }
+}
 
+impl Drop for JobManager {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl Core {
     fn update_metrics(&self) {
         let inner = self.inner.lock().unwrap();
         for s in JobState::ALL {
             let n = inner.jobs.values().filter(|j| j.state == s).count();
-            self.shared
-                .metrics
-                .train_jobs
+            self.metrics
+                .jobs
                 .with_label_values(&[s.name()])
                 .set(n as i64);
         }
     }
 
-    fn run(self: Arc<Self>) {
+    fn run(&self) {
         loop {
             let id = {
                 let mut inner = self.inner.lock().unwrap();
@@ -326,7 +457,7 @@ impl JobManager {
                     if let Some(id) = inner.queue.pop_front() {
                         break id;
                     }
-                    inner = self.wake.wait(inner).unwrap();
+                    inner = self.changed.wait(inner).unwrap();
                 }
             };
             self.run_job(&id);
@@ -340,9 +471,11 @@ impl JobManager {
         job.updated_unix = now();
         let job = job.clone();
         drop(inner);
+        // On disk before anyone is told: a waiter may read the record.
         if let Err(e) = write_record(&self.dir, &job) {
             tracing::error!(job = id, error = %e, "cannot write job record");
         }
+        self.changed.notify_all();
         Some(job)
     }
 
@@ -374,12 +507,12 @@ impl JobManager {
         self.log(id, &format!("start (run {}, resume {resume})", job.runs));
         tracing::info!(job = id, dataset = %job.dataset, output = %job.output, "training job started");
         let ckpt = self.dir.join(id).join("ckpt");
-        let m = &self.shared.metrics;
+        let m = &self.metrics;
         let mut last_write = Instant::now();
         let mut report = |p: &Progress| {
-            m.train_step.with_label_values(&[id]).set(p.step);
-            m.train_loss.with_label_values(&[id]).set(p.loss);
-            m.train_samples_per_second
+            m.step.with_label_values(&[id]).set(p.step);
+            m.loss.with_label_values(&[id]).set(p.loss);
+            m.samples_per_second
                 .with_label_values(&[id])
                 .set(p.samples_per_s);
             let flush = last_write.elapsed().as_millis() > 500 || p.step == p.total_steps;
@@ -401,18 +534,19 @@ impl JobManager {
             }
         };
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            trainer::train(&job.spec, self.device, &ckpt, resume, &flag, &mut report)
+            self.runner
+                .train(&job.spec, &ckpt, resume, &flag, &mut report)
         }))
         .unwrap_or_else(|_| Err(anyhow::anyhow!("the trainer panicked")));
-        self.inner.lock().unwrap().cancel.remove(id);
-        let stopping = self.inner.lock().unwrap().stopping;
+        let stopping = {
+            let mut inner = self.inner.lock().unwrap();
+            inner.cancel.remove(id);
+            inner.stopping
+        };
         match result {
             Ok(Outcome::Finished { bundle, progress }) => {
                 self.log(id, &format!("finished: {}", bundle.display()));
-                let mut activated = false;
-                if job.activate {
-                    activated = self.activate(&job.output, &bundle);
-                }
+                let activated = job.activate && self.activate(&job.output, &bundle);
                 self.set(id, |j| {
                     j.state = JobState::Succeeded;
                     j.bundle = Some(bundle.display().to_string());
@@ -445,15 +579,14 @@ impl JobManager {
         self.update_metrics();
     }
 
-    /// Installs the trained bundle in the inference worker under `name`.
+    /// Serves the trained bundle under `name`.
     fn activate(&self, name: &str, dir: &Path) -> bool {
-        let state = self.state.lock().unwrap().clone();
-        let (Some(state), Some(rt)) = (state, self.runtime.get()) else {
+        let Some(installer) = &self.installer else {
             return false;
         };
-        match rt.block_on(state.install_bundle(name, dir, false)) {
-            Ok(info) => {
-                tracing::info!(model = %info.name, version = info.version, "trained bundle activated");
+        match installer.install(name, dir) {
+            Ok(version) => {
+                tracing::info!(model = %name, version, "trained bundle activated");
                 true
             }
             Err(e) => {
@@ -517,4 +650,294 @@ pub fn loss_svg(job: &JobRecord) -> String {
         train = line(&job.loss_history),
         val = line(&job.val_loss_history),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// What the fake trainer does once started, as the test says.
+    enum Then {
+        Finish,
+        Fail(&'static str),
+        /// Run until cancelled, then report it like the real trainer (checkpoint kept).
+        UntilCancelled,
+    }
+
+    /// A trainer the test steers: it says when it starts (and whether it resumes), then waits
+    /// for the test's word.
+    struct Gated {
+        started: Mutex<mpsc::Sender<bool>>,
+        then: Mutex<mpsc::Receiver<Then>>,
+    }
+
+    impl TrainRunner for Gated {
+        fn train(
+            &self,
+            spec: &TrainSpec,
+            _ckpt: &Path,
+            resume: bool,
+            cancel: &AtomicBool,
+            report: &mut dyn FnMut(&Progress),
+        ) -> Result<Outcome> {
+            self.started.lock().unwrap().send(resume).unwrap();
+            let progress = Progress {
+                step: 7,
+                total_steps: 7,
+                epochs: spec.params.epochs,
+                ..Default::default()
+            };
+            report(&progress);
+            match self.then.lock().unwrap().recv().unwrap() {
+                Then::Finish => Ok(Outcome::Finished {
+                    bundle: spec.out.clone(),
+                    progress,
+                }),
+                Then::Fail(why) => Err(anyhow::anyhow!(why)),
+                Then::UntilCancelled => {
+                    while !cancel.load(Ordering::Relaxed) {
+                        std::thread::park_timeout(Duration::from_millis(1));
+                    }
+                    Ok(Outcome::Cancelled { progress })
+                }
+            }
+        }
+    }
+
+    #[derive(Default)]
+    struct Installs(Mutex<Vec<(String, PathBuf)>>);
+    impl ModelInstaller for Installs {
+        fn install(&self, name: &str, dir: &Path) -> std::result::Result<u64, String> {
+            let mut v = self.0.lock().unwrap();
+            v.push((name.to_string(), dir.to_path_buf()));
+            Ok(v.len() as u64)
+        }
+    }
+
+    struct Rig {
+        jobs: Arc<JobManager>,
+        started: mpsc::Receiver<bool>,
+        then: mpsc::Sender<Then>,
+        installs: Arc<Installs>,
+    }
+
+    fn rig(dir: &Path) -> Rig {
+        let (started_tx, started) = mpsc::channel();
+        let (then, then_rx) = mpsc::channel();
+        let installs = Arc::new(Installs::default());
+        let runner = Arc::new(Gated {
+            started: Mutex::new(started_tx),
+            then: Mutex::new(then_rx),
+        });
+        let jobs = JobManager::open(
+            dir.to_path_buf(),
+            runner,
+            Some(installs.clone()),
+            &Registry::new(),
+        )
+        .unwrap();
+        Rig {
+            jobs,
+            started,
+            then,
+            installs,
+        }
+    }
+
+    const WAIT: Duration = Duration::from_secs(20);
+
+    fn spec(out: &str) -> TrainSpec {
+        TrainSpec {
+            out: PathBuf::from(out),
+            params: crate::train::spec::TrainParams {
+                epochs: 3,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn state_is(s: JobState) -> impl Fn(&JobRecord) -> bool {
+        move |j| j.state == s
+    }
+
+    fn on_disk(dir: &Path, id: &str) -> JobRecord {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(id).join("job.json")).unwrap())
+            .unwrap()
+    }
+
+    #[test]
+    fn a_job_runs_succeeds_and_activates_its_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = rig(dir.path());
+        let job = r
+            .jobs
+            .submit(
+                "d".into(),
+                "mine".into(),
+                "demo".into(),
+                true,
+                spec("/b/mine"),
+            )
+            .unwrap();
+        assert_eq!(job.state, JobState::Queued);
+        assert!(
+            !r.started.recv_timeout(WAIT).unwrap(),
+            "a first run does not resume"
+        );
+        let running = r
+            .jobs
+            .wait_for(&job.id, WAIT, state_is(JobState::Running))
+            .unwrap();
+        assert_eq!(running.runs, 1);
+        r.then.send(Then::Finish).unwrap();
+        let done = r
+            .jobs
+            .wait_for(&job.id, WAIT, state_is(JobState::Succeeded))
+            .unwrap();
+        assert!(done.activated);
+        assert_eq!((done.step, done.bundle.as_deref()), (7, Some("/b/mine")));
+        assert_eq!(
+            *r.installs.0.lock().unwrap(),
+            vec![("mine".to_string(), PathBuf::from("/b/mine"))]
+        );
+        assert_eq!(on_disk(dir.path(), &job.id).state, JobState::Succeeded);
+        // A finished job can be neither cancelled nor resumed.
+        assert!(r
+            .jobs
+            .cancel(&job.id)
+            .unwrap_err()
+            .contains("already succeeded"));
+        assert!(r.jobs.resume(&job.id).is_err());
+        assert!(matches!(r.jobs.cancel("nope"), Ok(None)));
+    }
+
+    #[test]
+    fn cancel_then_resume_continues_from_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = rig(dir.path());
+        let a = r
+            .jobs
+            .submit("d".into(), "a".into(), "demo".into(), false, spec("/b/a"))
+            .unwrap();
+        let b = r
+            .jobs
+            .submit("d".into(), "b".into(), "demo".into(), false, spec("/b/b"))
+            .unwrap();
+        assert!(!r.started.recv_timeout(WAIT).unwrap());
+        r.jobs
+            .wait_for(&a.id, WAIT, state_is(JobState::Running))
+            .unwrap();
+        // b waits behind a: cancelling it never runs it.
+        assert_eq!(
+            r.jobs.cancel(&b.id).unwrap().unwrap().state,
+            JobState::Cancelled
+        );
+        r.then.send(Then::UntilCancelled).unwrap();
+        assert!(r.jobs.resume(&a.id).unwrap_err().contains("is running"));
+        r.jobs.cancel(&a.id).unwrap();
+        let cancelled = r
+            .jobs
+            .wait_for(&a.id, WAIT, state_is(JobState::Cancelled))
+            .unwrap();
+        assert!(!cancelled.activated);
+        assert_eq!(
+            r.jobs.resume(&a.id).unwrap().unwrap().state,
+            JobState::Queued
+        );
+        assert!(
+            r.started.recv_timeout(WAIT).unwrap(),
+            "the second run resumes"
+        );
+        r.then.send(Then::Finish).unwrap();
+        let done = r
+            .jobs
+            .wait_for(&a.id, WAIT, state_is(JobState::Succeeded))
+            .unwrap();
+        assert_eq!(done.runs, 2);
+        assert!(!done.activated, "activate was not asked for");
+        assert!(r.installs.0.lock().unwrap().is_empty());
+        assert_eq!(r.jobs.get(&b.id).unwrap().runs, 0);
+    }
+
+    #[test]
+    fn a_failure_is_recorded_and_can_be_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = rig(dir.path());
+        let a = r
+            .jobs
+            .submit("d".into(), "a".into(), "demo".into(), true, spec("/b/a"))
+            .unwrap();
+        r.started.recv_timeout(WAIT).unwrap();
+        r.then.send(Then::Fail("disk on fire")).unwrap();
+        let failed = r
+            .jobs
+            .wait_for(&a.id, WAIT, state_is(JobState::Failed))
+            .unwrap();
+        assert_eq!(failed.error.as_deref(), Some("disk on fire"));
+        assert_eq!(
+            on_disk(dir.path(), &a.id).error.as_deref(),
+            Some("disk on fire")
+        );
+        let again = r.jobs.resume(&a.id).unwrap().unwrap();
+        assert_eq!((again.state, again.error), (JobState::Queued, None));
+        assert!(r.started.recv_timeout(WAIT).unwrap());
+        r.then.send(Then::Finish).unwrap();
+        r.jobs
+            .wait_for(&a.id, WAIT, state_is(JobState::Succeeded))
+            .unwrap();
+    }
+
+    #[test]
+    fn shutdown_interrupts_and_a_restart_recovers_every_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = {
+            let r = rig(dir.path());
+            let a = r
+                .jobs
+                .submit("d".into(), "a".into(), "demo".into(), false, spec("/b/a"))
+                .unwrap();
+            let b = r
+                .jobs
+                .submit("d".into(), "b".into(), "demo".into(), false, spec("/b/b"))
+                .unwrap();
+            r.started.recv_timeout(WAIT).unwrap();
+            r.jobs
+                .wait_for(&a.id, WAIT, state_is(JobState::Running))
+                .unwrap();
+            r.then.send(Then::UntilCancelled).unwrap();
+            r.jobs.shutdown();
+            assert_eq!(r.jobs.get(&a.id).unwrap().state, JobState::Interrupted);
+            assert_eq!(r.jobs.get(&b.id).unwrap().state, JobState::Queued);
+            (a.id, b.id)
+        };
+        // As after kill -9: a record that still says running.
+        let mut rec = on_disk(dir.path(), &a);
+        rec.state = JobState::Running;
+        write_record(dir.path(), &rec).unwrap();
+        let r = rig(dir.path());
+        assert_eq!(r.jobs.get(&a).unwrap().state, JobState::Interrupted);
+        assert_eq!(on_disk(dir.path(), &a).state, JobState::Interrupted);
+        // The queued one runs by itself after the restart.
+        assert!(!r.started.recv_timeout(WAIT).unwrap());
+        r.jobs
+            .wait_for(&b, WAIT, state_is(JobState::Running))
+            .unwrap();
+        r.then.send(Then::Finish).unwrap();
+        r.jobs
+            .wait_for(&b, WAIT, state_is(JobState::Succeeded))
+            .unwrap();
+        r.jobs.resume(&a).unwrap();
+        assert!(
+            r.started.recv_timeout(WAIT).unwrap(),
+            "an interrupted job resumes"
+        );
+        r.then.send(Then::Finish).unwrap();
+        let done = r
+            .jobs
+            .wait_for(&a, WAIT, state_is(JobState::Succeeded))
+            .unwrap();
+        assert_eq!(done.runs, 2);
+    }
 }

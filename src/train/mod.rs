@@ -1,18 +1,21 @@
 //! Training: `prepare` extracts CLIP features once; `train` fits the mapper (and optionally
 //! GPT-2) on them; `jobs` runs trainings for the server.
 pub mod amp;
+pub mod checkpoint;
 pub mod data;
+mod export;
 pub mod jobs;
 pub mod optim;
 pub mod prepare;
+pub mod spec;
 pub mod trainer;
 
-use crate::model::mapper::MappingType;
 use anyhow::Result;
 use clap::Args;
+use spec::{TrainParams, TrainSpec};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
-use trainer::{Outcome, TrainSpec};
+use trainer::Outcome;
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -28,55 +31,17 @@ pub struct TrainArgs {
     /// Bundle providing encoder, tokenizer and GPT-2 (default: the one `prepare` used).
     #[arg(long)]
     pub base: Option<PathBuf>,
-    #[arg(long, default_value = "mlp")]
-    pub mapping: MappingType,
-    /// Freeze GPT-2 and train the mapper only.
-    #[arg(long = "only-prefix")]
-    pub only_prefix: bool,
-    #[arg(long = "prefix-length", default_value_t = 10)]
-    pub prefix_length: i64,
-    #[arg(long = "clip-length", default_value_t = 10)]
-    pub clip_length: i64,
-    #[arg(long = "num-layers", default_value_t = 8)]
-    pub num_layers: i64,
-    #[arg(long = "normalize-prefix")]
-    pub normalize_prefix: bool,
-    #[arg(long, default_value_t = 10)]
-    pub epochs: usize,
-    #[arg(long = "batch-size", default_value_t = 40)]
-    pub batch_size: usize,
-    #[arg(long, default_value_t = 2e-5)]
-    pub lr: f64,
-    #[arg(long, default_value_t = 5000)]
-    pub warmup: i64,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    #[arg(long = "val-split", default_value = "val")]
-    pub val_split: String,
-    /// Clip the global gradient norm (0 = off).
-    #[arg(long = "grad-clip", default_value_t = 0.0)]
-    pub grad_clip: f64,
-    /// Also checkpoint every N steps.
-    #[arg(long = "save-every", default_value_t = 0)]
-    pub save_every: usize,
-    /// Do not append <|endoftext|> (train exactly like the original; stop on '.').
-    #[arg(long = "no-eos")]
-    pub no_eos: bool,
-    /// GPT-2's dropout while training (the original's 0.1; ignored with --only-prefix).
-    #[arg(long, default_value_t = 0.1)]
-    pub dropout: f64,
-    /// Mixed precision: none, bf16 (autocast) or fp16 (autocast + dynamic loss scaling). For
-    /// CUDA; also honoured on the CPU (bf16 there is only fast with AVX512-BF16/AMX).
-    #[arg(long, default_value = "none")]
-    pub amp: String,
+    #[command(flatten)]
+    pub params: TrainParams,
     /// Continue from the checkpoint in --checkpoint-dir.
     #[arg(long)]
     pub resume: bool,
     /// Where checkpoints go (default: OUT.ckpt).
     #[arg(long = "checkpoint-dir")]
     pub checkpoint_dir: Option<PathBuf>,
+    /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: crate::device::DeviceChoice,
     /// Bundle name in the manifest.
     #[arg(long)]
     pub name: Option<String>,
@@ -89,30 +54,14 @@ impl TrainArgs {
             out: self.out.clone(),
             base: self.base.clone(),
             init: self.init.clone(),
-            mapping: self.mapping,
-            only_prefix: self.only_prefix,
-            prefix_length: self.prefix_length,
-            clip_length: self.clip_length,
-            num_layers: self.num_layers,
-            normalize_prefix: self.normalize_prefix,
-            epochs: self.epochs,
-            batch_size: self.batch_size,
-            lr: self.lr,
-            warmup: self.warmup,
-            seed: self.seed,
-            val_split: self.val_split.clone(),
-            grad_clip: self.grad_clip,
-            save_every: self.save_every,
-            eos: !self.no_eos,
-            dropout: self.dropout,
-            amp: self.amp.clone(),
             name: self.name.clone(),
+            params: self.params.clone(),
         }
     }
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let device = crate::device::parse_device(&a.device)?;
+    let device = a.device.resolve()?;
     let spec = a.spec();
     let ckpt = a.checkpoint_dir.clone().unwrap_or_else(|| {
         let mut p = a.out.clone().into_os_string();

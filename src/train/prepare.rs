@@ -271,7 +271,7 @@ fn sha256_file(p: &Path) -> Result<String> {
 fn prepare(a: &PrepareArgs, bundle: &Arc<Bundle>, items: Vec<Item>) -> Result<()> {
     let chunks_dir = a.out.join("chunks");
     std::fs::create_dir_all(&chunks_dir)?;
-    let cfg = crate::pipeline::preprocess_config(&bundle.manifest.image, a.max_pixels);
+    let cfg = crate::engine::pipeline::preprocess_config(&bundle.manifest.image, a.max_pixels);
     let n_chunks = items.len().div_ceil(a.chunk_size.max(1));
     let bar = if a.quiet {
         indicatif::ProgressBar::hidden()
@@ -307,7 +307,7 @@ fn prepare(a: &PrepareArgs, bundle: &Arc<Bundle>, items: Vec<Item>) -> Result<()
             .iter()
             .map(|i| std::fs::read(&i.path).unwrap_or_default())
             .collect();
-        let pixels = crate::pipeline::preprocess_many(&bytes, &cfg);
+        let pixels = crate::engine::pipeline::preprocess_many(&bytes, &cfg);
         let mut ok: Vec<&[f32]> = vec![];
         let mut rows = vec![];
         let mut skipped = vec![];
@@ -331,7 +331,8 @@ fn prepare(a: &PrepareArgs, bundle: &Arc<Bundle>, items: Vec<Item>) -> Result<()
                 }
             }
         }
-        let emb = crate::pipeline::encode(bundle, &ok, a.batch_size)?.to_device(Device::Cpu);
+        let emb =
+            crate::engine::pipeline::encode(bundle, &ok, a.batch_size)?.to_device(Device::Cpu);
         let tpath = chunks_dir.join(format!("chunk_{ci:06}.safetensors"));
         let tmp = crate::fsutil::temp_path(&tpath);
         Tensor::write_safetensors(&[("embeddings", &emb)], &tmp)?;

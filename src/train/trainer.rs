@@ -1,12 +1,15 @@
-//! The training loop: ClipCap's objective (caption tokens after a mapped CLIP prefix),
-//! AdamW with linear warmup and decay, atomic checkpoints that resume exactly, and a bundle
-//! written at the end.
-use crate::model::bundle::{self, BundleFiles, CaptionNet, ImageSpec, Manifest};
+//! The training loop: ClipCap's objective (caption tokens after a mapped CLIP prefix) and AdamW
+//! with linear warmup and decay. Checkpoints (which resume exactly) are in `checkpoint`, the
+//! bundle written at the end in `export`, the hyper-parameters in `spec`.
+use crate::model::bundle::{CaptionNet, Manifest};
 use crate::model::gpt2::Gpt2Config;
-use crate::model::mapper::{MapperConfig, MappingType};
+use crate::model::mapper::MapperConfig;
 use crate::train::amp::{with_autocast, AmpDtype};
+use crate::train::checkpoint::{self, CheckpointState};
 use crate::train::data::{max_seq_len, Batch, Dataset, Split};
+use crate::train::export;
 use crate::train::optim::{lr_factor, AdamW, AdamWConfig};
+use crate::train::spec::TrainSpec;
 use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -17,111 +20,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 use tokenizers::Tokenizer;
-
-/// Everything that defines a training run (CLI flags or a POST /train body).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct TrainSpec {
-    pub data: PathBuf,
-    pub out: PathBuf,
-    /// Bundle providing the encoder, tokenizer and GPT-2 (default: the one `prepare` used).
-    pub base: Option<PathBuf>,
-    /// Start from this bundle's mapper and GPT-2 weights (and its mapper shape).
-    pub init: Option<PathBuf>,
-    pub mapping: MappingType,
-    pub only_prefix: bool,
-    pub prefix_length: i64,
-    pub clip_length: i64,
-    pub num_layers: i64,
-    pub normalize_prefix: bool,
-    pub epochs: usize,
-    pub batch_size: usize,
-    pub lr: f64,
-    pub warmup: i64,
-    pub seed: u64,
-    pub val_split: String,
-    /// Clip the global gradient norm to this (0 = off).
-    pub grad_clip: f64,
-    /// Also checkpoint every this many steps (0 = at epoch ends only).
-    pub save_every: usize,
-    /// Append `<|endoftext|>` to captions so the model learns to stop (the original does not).
-    pub eos: bool,
-    /// GPT-2's dropout while training (the original: 0.1 from GPT-2's config; not applied with
-    /// `only_prefix`, where GPT-2 stays in eval mode).
-    pub dropout: f64,
-    /// Mixed precision: "none", "bf16" (autocast) or "fp16" (autocast + loss scaling). Meant for
-    /// CUDA; honoured on the CPU too (bf16 there is only fast with AVX512-BF16/AMX).
-    pub amp: String,
-    /// Bundle name written into the manifest (default: the output folder's name).
-    pub name: Option<String>,
-}
-
-impl Default for TrainSpec {
-    fn default() -> Self {
-        TrainSpec {
-            data: PathBuf::new(),
-            out: PathBuf::new(),
-            base: None,
-            init: None,
-            mapping: MappingType::Mlp,
-            only_prefix: false,
-            prefix_length: 10,
-            clip_length: 10,
-            num_layers: 8,
-            normalize_prefix: false,
-            epochs: 10,
-            batch_size: 40,
-            lr: 2e-5,
-            warmup: 5000,
-            seed: 0,
-            val_split: "val".into(),
-            grad_clip: 0.0,
-            save_every: 0,
-            eos: true,
-            dropout: 0.1,
-            amp: "none".into(),
-            name: None,
-        }
-    }
-}
-
-impl TrainSpec {
-    /// Checks the hyper-parameters; errors name the field.
-    pub fn validate(&self) -> std::result::Result<(), (String, String)> {
-        let e = |f: &str, m: &str| Err((f.to_string(), m.to_string()));
-        if self.epochs == 0 || self.epochs > 10_000 {
-            return e("epochs", "must be between 1 and 10000");
-        }
-        if self.batch_size == 0 || self.batch_size > 4096 {
-            return e("batch_size", "must be between 1 and 4096");
-        }
-        if !(self.lr > 0.0 && self.lr < 1.0) {
-            return e("lr", "must be > 0 and < 1");
-        }
-        if self.warmup < 0 {
-            return e("warmup", "must be >= 0");
-        }
-        if !(1..=256).contains(&self.prefix_length) {
-            return e("prefix_length", "must be between 1 and 256");
-        }
-        if !(1..=256).contains(&self.clip_length) {
-            return e("clip_length", "must be between 1 and 256");
-        }
-        if !(1..=48).contains(&self.num_layers) {
-            return e("num_layers", "must be between 1 and 48");
-        }
-        if !(0.0..1.0).contains(&self.dropout) {
-            return e("dropout", "must be >= 0 and < 1");
-        }
-        if self.grad_clip.is_nan() || self.grad_clip < 0.0 {
-            return e("grad_clip", "must be >= 0");
-        }
-        if !matches!(self.amp.as_str(), "none" | "bf16" | "fp16") {
-            return e("amp", "must be none, bf16 or fp16");
-        }
-        Ok(())
-    }
-}
 
 /// One point of the loss curve.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -146,24 +44,10 @@ pub struct Progress {
     pub val_history: Vec<LossPoint>,
 }
 
-/// Saved with every checkpoint: where to continue.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct CheckpointState {
-    spec: TrainSpec,
-    /// Epoch in progress (0-based) and batches of it already done.
-    epoch: usize,
-    batch_in_epoch: usize,
-    global_step: i64,
-    history: Vec<LossPoint>,
-    val_history: Vec<LossPoint>,
-}
-
 pub enum Outcome {
     Finished { bundle: PathBuf, progress: Progress },
     Cancelled { progress: Progress },
 }
-
-pub const CHECKPOINT: &str = "checkpoint.safetensors";
 
 /// Runs (or resumes, when `ckpt_dir` holds a checkpoint and `resume` is set) a training run.
 /// `cancel` is checked between steps; a cancelled run saves a checkpoint first.
@@ -175,9 +59,115 @@ pub fn train(
     cancel: &AtomicBool,
     report: &mut dyn FnMut(&Progress),
 ) -> Result<Outcome> {
+    let SetUp {
+        origin,
+        corpus,
+        mut net,
+        trainable,
+    } = set_up(spec, device)?;
+    let mut opt = AdamW::new(
+        AdamWConfig {
+            lr: spec.params.lr,
+            ..Default::default()
+        },
+        trainable,
+    );
+    let start = checkpoint::start(spec, ckpt_dir, resume, &mut net, &mut opt)?;
+    if start.resumed {
+        tracing::info!(
+            epoch = start.state.epoch,
+            step = start.state.global_step,
+            "resumed from checkpoint"
+        );
+    }
+    let mut run = Run::new(spec, device, &corpus, net, opt, start);
+    while run.state.epoch < spec.params.epochs {
+        if let EpochEnd::Cancelled = run.train_epoch(cancel, report)? {
+            run.progress.history = run.state.history.clone();
+            return Ok(Outcome::Cancelled {
+                progress: run.progress,
+            });
+        }
+        run.validation()?;
+        run.end_epoch(report)?;
+    }
+    let manifest = export::manifest(
+        spec,
+        &origin.base,
+        &origin.base_manifest,
+        origin.mapper_cfg,
+        origin.gpt2_cfg,
+        &run.state.history,
+        &run.state.val_history,
+    )?;
+    export::write_bundle(
+        &spec.out,
+        &manifest,
+        &run.net,
+        &origin.base,
+        &origin.base_manifest,
+    )?;
+    run.progress.history = run.state.history.clone();
+    Ok(Outcome::Finished {
+        bundle: spec.out.clone(),
+        progress: run.progress,
+    })
+}
+
+/// The base bundle a run builds on and the network's shapes: what the exported bundle says.
+struct Origin {
+    base: PathBuf,
+    base_manifest: Manifest,
+    gpt2_cfg: Gpt2Config,
+    mapper_cfg: MapperConfig,
+}
+
+/// The tokenized captions a run trains and validates on, with their CLIP embeddings.
+struct Corpus {
+    data: Dataset,
+    train_set: Split,
+    val_set: Option<Split>,
+    /// The longest training caption: every batch (validation's too) pads to it.
+    max_len: usize,
+}
+
+/// Everything a run needs before its optimizer: `set_up`'s result.
+struct SetUp {
+    origin: Origin,
+    corpus: Corpus,
+    net: CaptionNet,
+    /// The parameters to optimize, sorted by name (GPT-2's left out with `only_prefix`).
+    trainable: Vec<(String, Tensor)>,
+}
+
+/// Checks the spec, then loads the dataset, the base bundle's tokenizer and the network.
+fn set_up(spec: &TrainSpec, device: Device) -> Result<SetUp> {
     spec.validate()
         .map_err(|(f, m)| anyhow::anyhow!("{f}: {m}"))?;
     let data = Dataset::open(&spec.data)?;
+    let (base, base_manifest, tokenizer, eos_id) = open_base(spec, &data)?;
+    let (gpt2_cfg, mapper_cfg) = model_configs(spec, &data, &base_manifest)?;
+    let (net, trainable) = build_net(spec, device, &gpt2_cfg, &mapper_cfg, &base, &base_manifest)?;
+    let corpus = tokenize_corpus(spec, data, &tokenizer, eos_id)?;
+    Ok(SetUp {
+        origin: Origin {
+            base,
+            base_manifest,
+            gpt2_cfg,
+            mapper_cfg,
+        },
+        corpus,
+        net,
+        trainable,
+    })
+}
+
+/// The base bundle (`base`, else `init`, else the one `prepare` used), its manifest, its
+/// tokenizer and the tokenizer's `<|endoftext|>` id (required with `eos`).
+fn open_base(
+    spec: &TrainSpec,
+    data: &Dataset,
+) -> Result<(PathBuf, Manifest, Tokenizer, Option<i64>)> {
     let base = match (&spec.base, &spec.init) {
         (Some(b), _) => b.clone(),
         (None, Some(i)) => i.clone(),
@@ -189,9 +179,18 @@ pub fn train(
     let tokenizer = Tokenizer::from_file(&tok_path)
         .map_err(|e| anyhow::anyhow!("loading tokenizer {}: {e}", tok_path.display()))?;
     let eos_id = tokenizer.token_to_id("<|endoftext|>").map(|i| i as i64);
-    if spec.eos && eos_id.is_none() {
+    if spec.params.eos && eos_id.is_none() {
         bail!("the tokenizer has no <|endoftext|> token to append");
     }
+    Ok((base, base_manifest, tokenizer, eos_id))
+}
+
+/// GPT-2's and the mapper's shapes: `init`'s, else the base's GPT-2 and the spec's mapper.
+fn model_configs(
+    spec: &TrainSpec,
+    data: &Dataset,
+    base_manifest: &Manifest,
+) -> Result<(Gpt2Config, MapperConfig)> {
     let (gpt2_cfg, mapper_cfg): (Gpt2Config, MapperConfig) = match &spec.init {
         Some(init) => {
             let m = Manifest::read(init)?;
@@ -200,12 +199,12 @@ pub fn train(
         None => (
             base_manifest.gpt2.clone(),
             MapperConfig {
-                mapping: spec.mapping,
+                mapping: spec.params.mapping,
                 prefix_dim: data.embeddings.size()[1],
-                prefix_length: spec.prefix_length,
-                clip_length: spec.clip_length,
-                num_layers: spec.num_layers,
-                normalize_prefix: spec.normalize_prefix,
+                prefix_length: spec.params.prefix_length,
+                clip_length: spec.params.clip_length,
+                num_layers: spec.params.num_layers,
+                normalize_prefix: spec.params.normalize_prefix,
             },
         ),
     };
@@ -216,9 +215,21 @@ pub fn train(
             mapper_cfg.prefix_dim
         );
     }
+    Ok((gpt2_cfg, mapper_cfg))
+}
 
-    tch::manual_seed(spec.seed as i64);
-    let mut net = CaptionNet::new(&gpt2_cfg, &mapper_cfg, device)?;
+/// The network, seeded with `seed` and loaded from `init` (or GPT-2 from the base and a fresh
+/// mapper), with the parameters to train, sorted by name; `only_prefix` freezes GPT-2.
+fn build_net(
+    spec: &TrainSpec,
+    device: Device,
+    gpt2_cfg: &Gpt2Config,
+    mapper_cfg: &MapperConfig,
+    base: &Path,
+    base_manifest: &Manifest,
+) -> Result<(CaptionNet, Vec<(String, Tensor)>)> {
+    tch::manual_seed(spec.params.seed as i64);
+    let mut net = CaptionNet::new(gpt2_cfg, mapper_cfg, device)?;
     match &spec.init {
         Some(init) => {
             let m = Manifest::read(init)?;
@@ -241,17 +252,27 @@ pub fn train(
         .vs
         .variables()
         .into_iter()
-        .filter(|(n, _)| !(spec.only_prefix && n.starts_with("gpt.")))
+        .filter(|(n, _)| !(spec.params.only_prefix && n.starts_with("gpt.")))
         .collect();
     trainable.sort_by(|a, b| a.0.cmp(&b.0));
-    if spec.only_prefix {
+    if spec.params.only_prefix {
         for (n, t) in net.vs.variables() {
             if n.starts_with("gpt.") {
                 let _ = t.shallow_clone().set_requires_grad(false);
             }
         }
     }
+    Ok((net, trainable))
+}
 
+/// Tokenizes the training splits ("train" and "restval", or without them every split but the
+/// validation one) and the validation split, when the dataset has it.
+fn tokenize_corpus(
+    spec: &TrainSpec,
+    data: Dataset,
+    tokenizer: &Tokenizer,
+    eos_id: Option<i64>,
+) -> Result<Corpus> {
     let mut train_splits = vec!["train", "restval"];
     if !data.has_split("train") && !data.has_split("restval") {
         // A dataset without splits trains on everything but the validation split.
@@ -261,14 +282,14 @@ pub fn train(
         let mut s: Vec<String> = data.records.iter().map(|r| r.split.clone()).collect();
         s.sort();
         s.dedup();
-        s.retain(|x| *x != spec.val_split);
+        s.retain(|x| *x != spec.params.val_split);
         s
     } else {
         train_splits.iter().map(|s| s.to_string()).collect()
     };
     let split_refs: Vec<&str> = split_names.iter().map(|s| s.as_str()).collect();
-    let eos = if spec.eos { eos_id } else { None };
-    let train_set = data.tokenize(&tokenizer, &split_refs, eos)?;
+    let eos = if spec.params.eos { eos_id } else { None };
+    let train_set = data.tokenize(tokenizer, &split_refs, eos)?;
     if train_set.is_empty() {
         bail!(
             "no training captions in {} (splits {:?})",
@@ -276,219 +297,270 @@ pub fn train(
             split_names
         );
     }
-    let val_set = if data.has_split(&spec.val_split) {
-        Some(data.tokenize(&tokenizer, &[spec.val_split.as_str()], eos)?)
+    let val_set = if data.has_split(&spec.params.val_split) {
+        Some(data.tokenize(tokenizer, &[spec.params.val_split.as_str()], eos)?)
     } else {
         None
     };
     let max_len = max_seq_len(&train_set.tokens);
-    let batches_per_epoch = train_set.len().div_ceil(spec.batch_size);
-    let total_steps = (batches_per_epoch * spec.epochs) as i64;
+    Ok(Corpus {
+        data,
+        train_set,
+        val_set,
+        max_len,
+    })
+}
 
-    let mut opt = AdamW::new(
-        AdamWConfig {
-            lr: spec.lr,
+/// The order of an epoch's samples: it depends only on the seed and the epoch, so a resumed
+/// run sees the same batches as an uninterrupted one.
+fn epoch_order(seed: u64, epoch: usize, len: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..len).collect();
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
+    order.shuffle(&mut rng);
+    order
+}
+
+/// How `Run::train_epoch` ended.
+enum EpochEnd {
+    Finished,
+    /// `cancel` was set; the checkpoint is saved.
+    Cancelled,
+}
+
+/// A run in progress: the network, its optimizer, where the run stands and what it reports.
+struct Run<'a> {
+    spec: &'a TrainSpec,
+    device: Device,
+    corpus: &'a Corpus,
+    net: CaptionNet,
+    opt: AdamW,
+    /// The checkpoint file.
+    ckpt: PathBuf,
+    state: CheckpointState,
+    progress: Progress,
+    batches_per_epoch: usize,
+    total_steps: i64,
+    /// GPT-2's dropout: 0 with `only_prefix`.
+    dropout: f64,
+    amp: Option<AmpDtype>,
+    fp16: bool,
+    /// fp16's dynamic loss scale: halved when the gradients overflow, doubled every 2000 steps.
+    loss_scale: f64,
+    started: Instant,
+    /// The global step this process started at (for the speed and ETA).
+    start_step: i64,
+    /// Loss sum and step count since the last point of the loss curve.
+    window: (f64, usize),
+}
+
+impl<'a> Run<'a> {
+    fn new(
+        spec: &'a TrainSpec,
+        device: Device,
+        corpus: &'a Corpus,
+        net: CaptionNet,
+        opt: AdamW,
+        start: checkpoint::Start,
+    ) -> Run<'a> {
+        let batches_per_epoch = corpus.train_set.len().div_ceil(spec.params.batch_size);
+        let total_steps = (batches_per_epoch * spec.params.epochs) as i64;
+        let state = start.state;
+        // GPT-2 trains in train mode (dropout), as the original's model.train(); with
+        // --only-prefix it stays in eval mode (the original's ClipCaptionPrefix.train()).
+        let dropout = if spec.params.only_prefix {
+            0.0
+        } else {
+            spec.params.dropout
+        };
+        let amp = spec.params.amp.dtype();
+        let fp16 = amp == Some(AmpDtype::F16);
+        let progress = Progress {
+            epochs: spec.params.epochs,
+            total_steps,
+            history: state.history.clone(),
+            val_history: state.val_history.clone(),
             ..Default::default()
-        },
-        std::mem::take(&mut trainable),
-    );
-    let mut state = CheckpointState {
-        spec: spec.clone(),
-        epoch: 0,
-        batch_in_epoch: 0,
-        global_step: 0,
-        history: vec![],
-        val_history: vec![],
-    };
-    std::fs::create_dir_all(ckpt_dir)?;
-    let ckpt = ckpt_dir.join(CHECKPOINT);
-    if resume && ckpt.exists() {
-        state = load_checkpoint(&ckpt, &mut net, &mut opt)?;
-        if state.spec != *spec {
-            bail!(
-                "the checkpoint in {} was made with a different spec",
-                ckpt_dir.display()
-            );
+        };
+        Run {
+            spec,
+            device,
+            corpus,
+            net,
+            opt,
+            ckpt: start.path,
+            start_step: state.global_step,
+            state,
+            progress,
+            batches_per_epoch,
+            total_steps,
+            dropout,
+            amp,
+            fp16,
+            loss_scale: 65536.0f64,
+            started: Instant::now(),
+            window: (0.0f64, 0usize),
         }
-        tracing::info!(
-            epoch = state.epoch,
-            step = state.global_step,
-            "resumed from checkpoint"
-        );
     }
 
-    // GPT-2 trains in train mode (dropout), as the original's model.train(); with
-    // --only-prefix it stays in eval mode (the original's ClipCaptionPrefix.train()).
-    let dropout = if spec.only_prefix { 0.0 } else { spec.dropout };
-    let amp = AmpDtype::parse(&spec.amp);
-    let fp16 = amp == Some(AmpDtype::F16);
-    let mut loss_scale = 65536.0f64;
-    let started = Instant::now();
-    let start_step = state.global_step;
-    let mut progress = Progress {
-        epochs: spec.epochs,
-        total_steps,
-        history: state.history.clone(),
-        val_history: state.val_history.clone(),
-        ..Default::default()
-    };
-    let mut window = (0.0f64, 0usize);
-    while state.epoch < spec.epochs {
-        let epoch = state.epoch;
-        // The order of an epoch depends only on the seed and the epoch: resumable exactly.
-        let mut order: Vec<usize> = (0..train_set.len()).collect();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(
-            spec.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64),
-        );
-        order.shuffle(&mut rng);
-        let batches: Vec<&[usize]> = order.chunks(spec.batch_size).collect();
-        while state.batch_in_epoch < batches.len() {
+    /// Trains the rest of the current epoch (all of it unless resumed mid-epoch), reporting
+    /// after every step. `cancel` is checked before each step; a cancelled run checkpoints.
+    fn train_epoch(
+        &mut self,
+        cancel: &AtomicBool,
+        report: &mut dyn FnMut(&Progress),
+    ) -> Result<EpochEnd> {
+        let epoch = self.state.epoch;
+        let order = epoch_order(self.spec.params.seed, epoch, self.corpus.train_set.len());
+        let batches: Vec<&[usize]> = order.chunks(self.spec.params.batch_size).collect();
+        while self.state.batch_in_epoch < batches.len() {
             if cancel.load(Ordering::Relaxed) {
-                save_checkpoint(&ckpt, &net, &opt, &state)?;
-                progress.history = state.history.clone();
-                return Ok(Outcome::Cancelled { progress });
+                self.save_checkpoint()?;
+                return Ok(EpochEnd::Cancelled);
             }
-            let idx = batches[state.batch_in_epoch];
-            let batch = train_set.batch(idx, max_len, &data.embeddings, device);
-            let lr = spec.lr * lr_factor(state.global_step, spec.warmup, total_steps);
-            opt.zero_grad();
-            // Dropout masks come from torch's generator, seeded per step so that a resumed run
-            // draws the same masks as an uninterrupted one.
-            if dropout > 0.0 {
-                tch::manual_seed(
-                    (spec.seed.wrapping_mul(1_000_003) as i64).wrapping_add(state.global_step),
+            let idx = batches[self.state.batch_in_epoch];
+            let batch = self.corpus.train_set.batch(
+                idx,
+                self.corpus.max_len,
+                &self.corpus.data.embeddings,
+                self.device,
+            );
+            let lr = self.spec.params.lr
+                * lr_factor(
+                    self.state.global_step,
+                    self.spec.params.warmup,
+                    self.total_steps,
                 );
-            }
-            // Autocast covers the forward pass only; backward follows the recorded dtypes.
-            let loss = with_autocast(device, amp, || {
-                caption_loss_with_dropout(&net, &batch, dropout)
-            });
-            let loss_v = if fp16 {
-                (&loss * loss_scale).backward();
-                opt.scale_grads(1.0 / loss_scale);
-                f64::try_from(&loss)?
-            } else {
-                loss.backward();
-                f64::try_from(&loss)?
-            };
-            let grads_ok = if fp16 {
-                let n = opt.grad_norm();
-                if !n.is_finite() {
-                    loss_scale /= 2.0;
-                    false
-                } else {
-                    if state.global_step % 2000 == 1999 {
-                        loss_scale *= 2.0;
-                    }
-                    true
-                }
-            } else {
-                true
-            };
-            if grads_ok {
-                if spec.grad_clip > 0.0 {
-                    opt.clip_grad_norm(spec.grad_clip);
-                }
-                opt.step(lr);
-            }
-            state.global_step += 1;
-            state.batch_in_epoch += 1;
-            window.0 += loss_v;
-            window.1 += 1;
-            let log_every = (batches_per_epoch / 20).clamp(1, 50);
-            if window.1 >= log_every || state.batch_in_epoch == batches.len() {
-                state.history.push(LossPoint {
-                    step: state.global_step,
-                    epoch,
-                    loss: window.0 / window.1 as f64,
-                });
-                window = (0.0, 0);
-            }
-            let done = (state.global_step - start_step) as f64;
-            let secs = started.elapsed().as_secs_f64().max(1e-9);
-            progress.epoch = epoch;
-            progress.step = state.global_step;
-            progress.loss = loss_v;
-            progress.lr = lr;
-            progress.samples_per_s = done * spec.batch_size as f64 / secs;
-            progress.eta_s = (total_steps - state.global_step) as f64 * secs / done.max(1.0);
-            progress.history = state.history.clone();
-            report(&progress);
-            if spec.save_every > 0 && state.global_step % spec.save_every as i64 == 0 {
-                save_checkpoint(&ckpt, &net, &opt, &state)?;
+            let loss_v = self.step(&batch, lr)?;
+            self.record_step(epoch, loss_v, lr, batches.len());
+            report(&self.progress);
+            if self.checkpoint_due() {
+                self.save_checkpoint()?;
             }
         }
-        if let Some(val) = &val_set {
+        Ok(EpochEnd::Finished)
+    }
+
+    /// One optimizer step on `batch` at learning rate `lr`; returns the batch's loss.
+    fn step(&mut self, batch: &Batch, lr: f64) -> Result<f64> {
+        self.opt.zero_grad();
+        // Dropout masks come from torch's generator, seeded per step so that a resumed run
+        // draws the same masks as an uninterrupted one.
+        if self.dropout > 0.0 {
+            tch::manual_seed(
+                (self.spec.params.seed.wrapping_mul(1_000_003) as i64)
+                    .wrapping_add(self.state.global_step),
+            );
+        }
+        // Autocast covers the forward pass only; backward follows the recorded dtypes.
+        let loss = with_autocast(self.device, self.amp, || {
+            caption_loss_with_dropout(&self.net, batch, self.dropout)
+        });
+        let loss_v = if self.fp16 {
+            (&loss * self.loss_scale).backward();
+            self.opt.scale_grads(1.0 / self.loss_scale);
+            f64::try_from(&loss)?
+        } else {
+            loss.backward();
+            f64::try_from(&loss)?
+        };
+        if self.grads_ok() {
+            if self.spec.params.grad_clip > 0.0 {
+                self.opt.clip_grad_norm(self.spec.params.grad_clip);
+            }
+            self.opt.step(lr);
+        }
+        Ok(loss_v)
+    }
+
+    /// Whether the gradients may be applied: with fp16, not when they overflowed (the loss
+    /// scale halves then; it doubles every 2000 steps otherwise). Always without fp16.
+    fn grads_ok(&mut self) -> bool {
+        if self.fp16 {
+            let n = self.opt.grad_norm();
+            if !n.is_finite() {
+                self.loss_scale /= 2.0;
+                false
+            } else {
+                if self.state.global_step % 2000 == 1999 {
+                    self.loss_scale *= 2.0;
+                }
+                true
+            }
+        } else {
+            true
+        }
+    }
+
+    /// Counts the step just taken: the loss curve gets a point every few steps and at the
+    /// epoch's last batch, and the progress its loss, learning rate, speed and ETA.
+    fn record_step(&mut self, epoch: usize, loss_v: f64, lr: f64, batches_in_epoch: usize) {
+        self.state.global_step += 1;
+        self.state.batch_in_epoch += 1;
+        self.window.0 += loss_v;
+        self.window.1 += 1;
+        let log_every = (self.batches_per_epoch / 20).clamp(1, 50);
+        if self.window.1 >= log_every || self.state.batch_in_epoch == batches_in_epoch {
+            self.state.history.push(LossPoint {
+                step: self.state.global_step,
+                epoch,
+                loss: self.window.0 / self.window.1 as f64,
+            });
+            self.window = (0.0, 0);
+        }
+        let done = (self.state.global_step - self.start_step) as f64;
+        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+        let progress = &mut self.progress;
+        progress.epoch = epoch;
+        progress.step = self.state.global_step;
+        progress.loss = loss_v;
+        progress.lr = lr;
+        progress.samples_per_s = done * self.spec.params.batch_size as f64 / secs;
+        progress.eta_s = (self.total_steps - self.state.global_step) as f64 * secs / done.max(1.0);
+        progress.history = self.state.history.clone();
+    }
+
+    /// A checkpoint between epoch ends: every `save_every` steps (never when 0).
+    fn checkpoint_due(&self) -> bool {
+        self.spec.params.save_every > 0
+            && self.state.global_step % self.spec.params.save_every as i64 == 0
+    }
+
+    /// At an epoch's end, the validation loss (when the dataset has the validation split).
+    fn validation(&mut self) -> Result<()> {
+        if let Some(val) = &self.corpus.val_set {
+            let epoch = self.state.epoch;
             let v = evaluate_loss(
-                &net,
+                &self.net,
                 val,
-                max_len,
-                &data.embeddings,
-                device,
-                spec.batch_size,
+                self.corpus.max_len,
+                &self.corpus.data.embeddings,
+                self.device,
+                self.spec.params.batch_size,
             )?;
-            state.val_history.push(LossPoint {
-                step: state.global_step,
+            self.state.val_history.push(LossPoint {
+                step: self.state.global_step,
                 epoch,
                 loss: v,
             });
-            progress.val_history = state.val_history.clone();
+            self.progress.val_history = self.state.val_history.clone();
             tracing::info!(epoch, val_loss = v, "validation");
         }
-        state.epoch += 1;
-        state.batch_in_epoch = 0;
-        save_checkpoint(&ckpt, &net, &opt, &state)?;
-        report(&progress);
+        Ok(())
     }
-    let name = spec
-        .name
-        .clone()
-        .or_else(|| {
-            spec.out
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-        })
-        .unwrap_or_else(|| "trained".into());
-    let mut provenance = BTreeMap::new();
-    provenance.insert(
-        "trained_by".into(),
-        serde_json::json!(format!("clipcap {}", env!("CARGO_PKG_VERSION"))),
-    );
-    provenance.insert("dataset".into(), serde_json::json!(spec.data));
-    provenance.insert("base".into(), serde_json::json!(base));
-    provenance.insert("spec".into(), serde_json::to_value(spec)?);
-    provenance.insert(
-        "final_loss".into(),
-        serde_json::json!(state.history.last().map(|p| p.loss)),
-    );
-    provenance.insert(
-        "val_loss".into(),
-        serde_json::json!(state.val_history.last().map(|p| p.loss)),
-    );
-    let manifest = Manifest {
-        format: bundle::FORMAT.into(),
-        version: bundle::FORMAT_VERSION,
-        name,
-        mapper: mapper_cfg,
-        gpt2: gpt2_cfg,
-        image: ImageSpec {
-            ..base_manifest.image.clone()
-        },
-        files: BundleFiles::default(),
-        stop_tokens: if spec.eos {
-            vec!["<|endoftext|>".into()]
-        } else {
-            base_manifest.stop_tokens.clone()
-        },
-        generation: base_manifest.generation.clone(),
-        provenance,
-    };
-    write_bundle(&spec.out, &manifest, &net, &base, &base_manifest)?;
-    progress.history = state.history.clone();
-    Ok(Outcome::Finished {
-        bundle: spec.out.clone(),
-        progress,
-    })
+
+    /// Moves on to the next epoch, checkpoints and reports.
+    fn end_epoch(&mut self, report: &mut dyn FnMut(&Progress)) -> Result<()> {
+        self.state.epoch += 1;
+        self.state.batch_in_epoch = 0;
+        self.save_checkpoint()?;
+        report(&self.progress);
+        Ok(())
+    }
+
+    fn save_checkpoint(&self) -> Result<()> {
+        checkpoint::save(&self.ckpt, &self.net, &self.opt, &self.state)
+    }
 }
 
 /// Mean token cross-entropy over caption positions (prefix and padding excluded).
@@ -535,88 +607,4 @@ fn evaluate_loss(
         tokens += n;
     }
     Ok(sum / tokens.max(1.0))
-}
-
-fn save_checkpoint(
-    path: &Path,
-    net: &CaptionNet,
-    opt: &AdamW,
-    state: &CheckpointState,
-) -> Result<()> {
-    let mut named: Vec<(String, Tensor)> = net
-        .vs
-        .variables()
-        .into_iter()
-        .map(|(n, t)| (format!("net.{n}"), t.to_device(Device::Cpu)))
-        .collect();
-    named.extend(
-        opt.state_tensors()
-            .into_iter()
-            .map(|(n, t)| (n, t.to_device(Device::Cpu))),
-    );
-    let json = serde_json::to_vec(state)?;
-    named.push(("state_json".into(), Tensor::from_slice(&json)));
-    let tmp = crate::fsutil::temp_path(path);
-    Tensor::write_safetensors(&named, &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    crate::fsutil::rename_durable(&tmp, path)
-}
-
-fn load_checkpoint(path: &Path, net: &mut CaptionNet, opt: &mut AdamW) -> Result<CheckpointState> {
-    let tensors = crate::model::weights::read_safetensors(path)?;
-    let json: Vec<u8> = Vec::try_from(
-        tensors
-            .get("state_json")
-            .with_context(|| format!("{}: no state", path.display()))?,
-    )?;
-    let state: CheckpointState = serde_json::from_slice(&json)?;
-    let named: BTreeMap<String, Tensor> = tensors
-        .iter()
-        .filter_map(|(k, v)| {
-            k.strip_prefix("net.")
-                .map(|n| (n.to_string(), v.shallow_clone()))
-        })
-        .collect();
-    crate::model::weights::copy_into(&net.vs, "", &named, path)?;
-    opt.load_state(&tensors, state.global_step)?;
-    Ok(state)
-}
-
-/// Writes the bundle into a temporary folder beside `out`, then renames it into place.
-fn write_bundle(
-    out: &Path,
-    manifest: &Manifest,
-    net: &CaptionNet,
-    base: &Path,
-    base_manifest: &Manifest,
-) -> Result<()> {
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)?;
-    let tmp = crate::fsutil::temp_path(out);
-    std::fs::create_dir_all(&tmp)?;
-    let files = &manifest.files;
-    std::fs::copy(
-        base.join(&base_manifest.files.encoder),
-        tmp.join(&files.encoder),
-    )
-    .context("copying the encoder")?;
-    std::fs::copy(
-        base.join(&base_manifest.files.tokenizer),
-        tmp.join(&files.tokenizer),
-    )
-    .context("copying the tokenizer")?;
-    net.save_weights(&tmp.join(&files.weights))?;
-    manifest.write(&tmp)?;
-    if out.exists() {
-        let old = crate::fsutil::temp_path(out);
-        std::fs::rename(out, &old)?;
-        std::fs::rename(&tmp, out)?;
-        let _ = std::fs::remove_dir_all(&old);
-    } else {
-        std::fs::rename(&tmp, out)?;
-    }
-    Ok(())
 }

@@ -1,9 +1,9 @@
-//! Image bytes → normalized pixel batch → CLIP embeddings, shared by the CLI, eval, prepare
-//! and the server.
+//! Image bytes → normalized pixels → CLIP embeddings: the worker's encoder step, and
+//! `prepare`'s feature extraction.
 use crate::model::bundle::{Bundle, ImageSpec};
 use crate::preprocess::{self, ImageError, PreprocessConfig};
 use anyhow::Result;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Preprocessing settings for a bundle's encoder.
 pub fn preprocess_config(spec: &ImageSpec, max_pixels: u64) -> PreprocessConfig {
@@ -15,32 +15,12 @@ pub fn preprocess_config(spec: &ImageSpec, max_pixels: u64) -> PreprocessConfig 
     }
 }
 
-/// Decodes and preprocesses many images on all cores (`std::thread::scope`), keeping order.
+/// Decodes and preprocesses many images on all cores, keeping order.
 pub fn preprocess_many(
     images: &[Vec<u8>],
     cfg: &PreprocessConfig,
 ) -> Vec<Result<Vec<f32>, ImageError>> {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(images.len().max(1));
-    let chunk = images.len().div_ceil(threads).max(1);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = images
-            .chunks(chunk)
-            .map(|part| {
-                s.spawn(move || {
-                    part.iter()
-                        .map(|b| preprocess::preprocess_bytes(b, cfg))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("preprocessing thread panicked"))
-            .collect()
-    })
+    crate::parallel::map_chunks(images, |b| preprocess::preprocess_bytes(b, cfg))
 }
 
 /// Stacks CHW pixel buffers into a `[B, 3, S, S]` f32 tensor on the CPU.
@@ -68,4 +48,13 @@ pub fn encode(bundle: &Bundle, pixels: &[&[f32]], batch: usize) -> Result<Tensor
         ));
     }
     Ok(Tensor::cat(&parts, 0))
+}
+
+/// Caller-provided embeddings (one `[D]` row per image) as a `[B, D]` f32 tensor on `device`.
+pub fn embeddings_tensor(rows: &[Vec<f32>], device: Device) -> Tensor {
+    let dim = rows.first().map_or(0, |r| r.len()) as i64;
+    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+    Tensor::from_slice(&flat)
+        .view([rows.len() as i64, dim])
+        .to_device(device)
 }

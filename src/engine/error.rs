@@ -1,0 +1,47 @@
+//! Why the engine could not caption. Each door maps these to its own protocol, in one place
+//! (HTTP: `serve/error.rs`); nothing here knows about status codes.
+use crate::options::OptionError;
+use crate::preprocess::ImageError;
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// More requests are waiting than `queue_capacity` allows.
+    #[error("the inference queue is full; retry shortly")]
+    QueueFull,
+    /// The worker thread has stopped (shutdown, or it died).
+    #[error("the inference worker has stopped")]
+    Stopped,
+    /// Nothing is loaded yet (start-up) or every model was unloaded.
+    #[error("no model is loaded yet")]
+    NoModel,
+    #[error("unknown model {name:?}; served: {}", served.join(", "))]
+    UnknownModel { name: String, served: Vec<String> },
+    /// The model was swapped or unloaded between validation and its turn.
+    #[error("{0}")]
+    ModelChanged(String),
+    #[error("{0}")]
+    Deadline(String),
+    /// The caller went away; nobody reads this one.
+    #[error("the request was cancelled")]
+    Cancelled,
+    /// A failure inside the model code (its detail is logged, never shown to clients).
+    #[error("inference failed: {0}")]
+    Inference(String),
+    #[error("image {index}: {error}")]
+    Image { index: usize, error: ImageError },
+    /// A caller-provided embedding of the wrong width (e.g. a dataset prepared with another
+    /// encoder).
+    #[error("embedding {index} has {got} values; the model takes {want}")]
+    Embedding {
+        index: usize,
+        got: usize,
+        want: usize,
+    },
+    #[error("{0}")]
+    InvalidOption(OptionError),
+    #[error("cannot load bundle {}: {reason}", dir.display())]
+    Load { dir: PathBuf, reason: String },
+    #[error("no model named {0:?}")]
+    NotLoaded(String),
+}

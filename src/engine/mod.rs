@@ -1,0 +1,523 @@
+//! The engine: the one thing every door calls. HTTP handlers (`serve`), the CLI's `caption`,
+//! `eval` and `bench-decode`, and training jobs that install what they trained all go through an
+//! [`Engine`] handle; none of them touches tch.
+//!
+//! - `scheduler`: the batching policy (admission, batch formation, reaping), pure and
+//!   unit-tested without a model;
+//! - `worker`: the thread that owns the bundles and runs encoder and decoder;
+//! - `registry`: the served models as callers see them; `metrics`: inference metrics;
+//! - `pipeline`: image bytes → pixels → CLIP embeddings; `error`: [`EngineError`].
+pub mod error;
+pub mod metrics;
+pub mod pipeline;
+pub mod registry;
+pub mod scheduler;
+mod worker;
+
+pub use error::EngineError;
+pub use registry::ModelInfo;
+pub use scheduler::SchedulerConfig;
+#[doc(hidden)]
+pub use worker::Fault;
+pub use worker::{BundleLoader, Health};
+
+use crate::generate::Caption;
+use crate::model::bundle::Bundle;
+use crate::options::GenOptions;
+use crate::preprocess::PreprocessConfig;
+use bytes::Bytes;
+use crossbeam_channel::Sender;
+use metrics::EngineMetrics;
+use registry::Registry;
+use scheduler::{Admission, Scheduler};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tch::{Device, Kind};
+use worker::{Command, Job, JobInput, Shared};
+
+/// How an engine runs (from `[inference]` and the device flags).
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub device: Device,
+    pub kind: Kind,
+    pub scheduler: SchedulerConfig,
+    /// Refuse images with more pixels than this, checked before decoding.
+    pub max_pixels: u64,
+    /// Images decoded and resized at once (0 = all cores).
+    pub preprocess_threads: usize,
+}
+
+impl EngineConfig {
+    pub fn new(device: Device, kind: Kind) -> Self {
+        EngineConfig {
+            device,
+            kind,
+            scheduler: SchedulerConfig::default(),
+            max_pixels: 40_000_000,
+            preprocess_threads: 0,
+        }
+    }
+}
+
+/// One image's captions and where its time went.
+#[derive(Clone, Debug, Serialize)]
+pub struct ImageOutput {
+    pub captions: Vec<Caption>,
+    pub queue_ms: f64,
+    pub encode_ms: f64,
+    pub decode_ms: f64,
+    /// Rows (all images × beams) in the decode batch when this image joined.
+    pub batch_rows: i64,
+}
+
+/// A finished request: the model (and version) that captioned it, and every image in order.
+#[derive(Clone, Debug)]
+pub struct CaptionOutput {
+    pub model: String,
+    pub model_version: u64,
+    pub images: Vec<ImageOutput>,
+    pub preprocess_ms: f64,
+}
+
+/// Whether the engine can take work.
+#[derive(Clone, Debug, Serialize)]
+pub struct Readiness {
+    pub models: usize,
+    pub worker_alive: bool,
+    pub worker_answering: bool,
+}
+
+impl Readiness {
+    pub fn ready(&self) -> bool {
+        self.models > 0 && self.worker_answering
+    }
+}
+
+/// A cheap, cloneable handle to one inference worker and its models.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tx: Sender<Command>,
+    registry: Arc<Registry>,
+    metrics: Arc<EngineMetrics>,
+    health: Arc<Health>,
+    admission: Arc<Admission>,
+    load: BundleLoader,
+    max_pixels: u64,
+    preprocess_threads: usize,
+    preprocess_slots: Arc<tokio::sync::Semaphore>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// A test's hold on the worker (see [`Engine::hold`]); dropping it lets the worker go on.
+#[doc(hidden)]
+pub struct Hold(Arc<Health>);
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.0.set_hold(false);
+    }
+}
+
+/// Marks the request cancelled when its caller drops the future before it finished.
+struct CancelOnDrop {
+    flag: Arc<AtomicBool>,
+    done: bool,
+}
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if !self.done {
+            self.flag.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Engine {
+    /// Starts the worker; `initial` models load on its thread (see [`Engine::readiness`]).
+    /// Metrics register in `metrics_registry`.
+    pub fn start(
+        cfg: EngineConfig,
+        metrics_registry: &prometheus::Registry,
+        initial: Vec<(String, PathBuf)>,
+        default_model: String,
+    ) -> Engine {
+        let (device, kind) = (cfg.device, cfg.kind);
+        let load: BundleLoader = Arc::new(move |dir: &Path| Bundle::load(dir, device, kind));
+        Self::start_with_loader(cfg, metrics_registry, initial, default_model, load)
+    }
+
+    /// [`Engine::start`] with another way to load bundles (tests).
+    pub fn start_with_loader(
+        cfg: EngineConfig,
+        metrics_registry: &prometheus::Registry,
+        initial: Vec<(String, PathBuf)>,
+        default_model: String,
+        load: BundleLoader,
+    ) -> Engine {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let registry = Arc::new(Registry::default());
+        let metrics = Arc::new(EngineMetrics::register(metrics_registry));
+        let health = Arc::new(Health::new());
+        let admission = Arc::new(Admission::new(cfg.scheduler.queue_capacity));
+        let shared = Shared {
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+            health: health.clone(),
+            admission: admission.clone(),
+        };
+        let threads = match cfg.preprocess_threads {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            n => n,
+        };
+        let thread = worker::spawn(
+            shared,
+            Scheduler::new(cfg.scheduler.clone()),
+            rx,
+            initial,
+            default_model,
+            load.clone(),
+        );
+        Engine {
+            inner: Arc::new(Inner {
+                tx,
+                registry,
+                metrics,
+                health,
+                admission,
+                load,
+                max_pixels: cfg.max_pixels,
+                preprocess_threads: threads,
+                preprocess_slots: Arc::new(tokio::sync::Semaphore::new(threads)),
+                thread: Mutex::new(Some(thread)),
+            }),
+        }
+    }
+
+    /// An engine for one command's own use (`caption`, `eval`, `bench-decode`): serves the
+    /// bundle in `dir` (as `local`), in batches of up to `batch` images, taking no more than
+    /// what the caller gives it.
+    pub fn local(
+        dir: &Path,
+        device: crate::device::DeviceChoice,
+        dtype: crate::device::DtypeChoice,
+        batch: usize,
+    ) -> anyhow::Result<(Engine, ModelInfo)> {
+        let device = device.resolve()?;
+        let kind = dtype.resolve(device)?;
+        let mut cfg = EngineConfig::new(device, kind);
+        cfg.scheduler.max_batch_images = batch.max(1);
+        cfg.scheduler.max_running_images = batch.max(1);
+        cfg.scheduler.max_batch_delay = Duration::ZERO;
+        let engine = Engine::start(cfg, &prometheus::Registry::new(), vec![], String::new());
+        let info = engine
+            .install_blocking("local", dir, true)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok((engine, info))
+    }
+
+    /// The model a request names, or the default.
+    pub fn resolve(&self, model: Option<&str>) -> Result<ModelInfo, EngineError> {
+        self.inner.registry.resolve(model)
+    }
+
+    /// Every served model, by name.
+    pub fn models(&self) -> Vec<ModelInfo> {
+        self.inner.registry.list()
+    }
+
+    pub fn default_model(&self) -> String {
+        self.inner.registry.default_model()
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        Readiness {
+            models: self.inner.registry.len(),
+            worker_alive: self.inner.health.alive(),
+            worker_answering: self.inner.health.answering(Duration::from_secs(5)),
+        }
+    }
+
+    /// Requests waiting for the worker (not started yet).
+    pub fn queued(&self) -> usize {
+        self.inner.admission.queued()
+    }
+
+    pub fn metrics(&self) -> &EngineMetrics {
+        &self.inner.metrics
+    }
+
+    /// How images are preprocessed for `model`.
+    pub fn preprocess_config(&self, model: &ModelInfo) -> PreprocessConfig {
+        pipeline::preprocess_config(&model.image, self.inner.max_pixels)
+    }
+
+    /// Captions encoded images (JPEG, PNG, …) with `model` and `opts` (already resolved
+    /// against the model's defaults), by `deadline`. Dropping the future cancels the request
+    /// and frees its rows at the next step.
+    pub async fn caption(
+        &self,
+        model: &ModelInfo,
+        images: Vec<Bytes>,
+        opts: GenOptions,
+        deadline: Option<Instant>,
+    ) -> Result<CaptionOutput, EngineError> {
+        let work = async {
+            let t0 = Instant::now();
+            let pixels = self.preprocess(model, images).await?;
+            let preprocess_ms = t0.elapsed().as_secs_f64() * 1e3;
+            let mut out = self
+                .submit_and_wait(model, JobInput::Pixels(pixels), opts, deadline)
+                .await?;
+            out.preprocess_ms = preprocess_ms;
+            Ok(out)
+        };
+        match deadline {
+            Some(d) => tokio::time::timeout_at(d.into(), work)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(EngineError::Deadline(
+                        "no captions before the request's deadline".into(),
+                    ))
+                }),
+            None => work.await,
+        }
+    }
+
+    /// [`Engine::caption`] for callers without an async runtime (the CLI).
+    pub fn caption_blocking(
+        &self,
+        model: &ModelInfo,
+        images: &[Vec<u8>],
+        opts: GenOptions,
+    ) -> Result<CaptionOutput, EngineError> {
+        let t0 = Instant::now();
+        let cfg = self.preprocess_config(model);
+        let mut pixels = Vec::with_capacity(images.len());
+        let results = crate::parallel::map_chunks_on(self.inner.preprocess_threads, images, |b| {
+            crate::preprocess::preprocess_bytes(b, &cfg)
+        });
+        for (index, r) in results.into_iter().enumerate() {
+            pixels.push(r.map_err(|error| EngineError::Image { index, error })?);
+        }
+        let preprocess_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let mut out = self.submit_blocking(model, JobInput::Pixels(pixels), opts)?;
+        out.preprocess_ms = preprocess_ms;
+        Ok(out)
+    }
+
+    /// Captions CLIP embeddings (one row of the model's embedding width per image), e.g. from a
+    /// prepared dataset; blocking.
+    pub fn caption_embeddings_blocking(
+        &self,
+        model: &ModelInfo,
+        rows: Vec<Vec<f32>>,
+        opts: GenOptions,
+    ) -> Result<CaptionOutput, EngineError> {
+        let want = model.embedding_dim as usize;
+        if let Some(index) = rows.iter().position(|r| r.len() != want) {
+            return Err(EngineError::Embedding {
+                index,
+                got: rows[index].len(),
+                want,
+            });
+        }
+        self.submit_blocking(model, JobInput::Embeddings(rows), opts)
+    }
+
+    /// Decodes and resizes on blocking threads, a bounded number at a time, in order.
+    async fn preprocess(
+        &self,
+        model: &ModelInfo,
+        images: Vec<Bytes>,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        let cfg = self.preprocess_config(model);
+        let mut tasks = Vec::with_capacity(images.len());
+        for bytes in images {
+            let permit = self.inner.preprocess_slots.clone().acquire_owned().await;
+            let cfg = cfg.clone();
+            tasks.push(tokio::task::spawn_blocking(move || {
+                let _p = permit;
+                crate::preprocess::preprocess_bytes(&bytes, &cfg)
+            }));
+        }
+        let mut pixels = Vec::with_capacity(tasks.len());
+        for (index, t) in tasks.into_iter().enumerate() {
+            match t.await {
+                Ok(Ok(p)) => pixels.push(p),
+                Ok(Err(error)) => return Err(EngineError::Image { index, error }),
+                Err(e) => {
+                    return Err(EngineError::Inference(format!(
+                        "preprocessing image {index} failed: {e}"
+                    )))
+                }
+            }
+        }
+        Ok(pixels)
+    }
+
+    fn job(
+        model: &ModelInfo,
+        input: JobInput,
+        opts: GenOptions,
+        deadline: Option<Instant>,
+    ) -> (
+        Job,
+        tokio::sync::oneshot::Receiver<Result<CaptionOutput, EngineError>>,
+        Arc<AtomicBool>,
+    ) {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let job = Job {
+            model: model.name.clone(),
+            version: model.version,
+            input,
+            opts,
+            deadline,
+            enqueued: Instant::now(),
+            cancel: cancel.clone(),
+            reply,
+        };
+        (job, rx, cancel)
+    }
+
+    /// Queues a job unless the queue is full or the worker is gone.
+    fn submit(&self, job: Job) -> Result<(), EngineError> {
+        if !self.inner.health.alive() {
+            return Err(EngineError::Stopped);
+        }
+        if !self.inner.admission.try_admit() {
+            return Err(EngineError::QueueFull);
+        }
+        self.inner.tx.send(Command::Caption(job)).map_err(|_| {
+            self.inner.admission.release(1);
+            EngineError::Stopped
+        })
+    }
+
+    async fn submit_and_wait(
+        &self,
+        model: &ModelInfo,
+        input: JobInput,
+        opts: GenOptions,
+        deadline: Option<Instant>,
+    ) -> Result<CaptionOutput, EngineError> {
+        let (job, rx, cancel) = Self::job(model, input, opts, deadline);
+        self.submit(job)?;
+        let mut guard = CancelOnDrop {
+            flag: cancel,
+            done: false,
+        };
+        let out = rx.await.unwrap_or(Err(EngineError::Stopped));
+        guard.done = out.is_ok();
+        out
+    }
+
+    fn submit_blocking(
+        &self,
+        model: &ModelInfo,
+        input: JobInput,
+        opts: GenOptions,
+    ) -> Result<CaptionOutput, EngineError> {
+        let (job, rx, _cancel) = Self::job(model, input, opts, None);
+        self.submit(job)?;
+        rx.blocking_recv().unwrap_or(Err(EngineError::Stopped))
+    }
+
+    /// Loads the bundle in `dir` and serves it as `name` (a new version if the name exists;
+    /// requests running on the old one finish there). Blocking: call from a plain thread.
+    pub fn install_blocking(
+        &self,
+        name: &str,
+        dir: &Path,
+        make_default: bool,
+    ) -> Result<ModelInfo, EngineError> {
+        let bundle = (self.inner.load)(dir).map_err(|e| EngineError::Load {
+            dir: dir.to_path_buf(),
+            reason: format!("{e:#}"),
+        })?;
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.inner
+            .tx
+            .send(Command::Install {
+                name: name.to_string(),
+                bundle: Box::new(bundle),
+                make_default,
+                reply,
+            })
+            .map_err(|_| EngineError::Stopped)?;
+        rx.blocking_recv().map_err(|_| EngineError::Stopped)
+    }
+
+    /// [`Engine::install_blocking`] from async code (loads on a blocking thread).
+    pub async fn install(
+        &self,
+        name: &str,
+        dir: &Path,
+        make_default: bool,
+    ) -> Result<ModelInfo, EngineError> {
+        let (me, name, dir) = (self.clone(), name.to_string(), dir.to_path_buf());
+        tokio::task::spawn_blocking(move || me.install_blocking(&name, &dir, make_default))
+            .await
+            .map_err(|e| EngineError::Inference(format!("loading thread: {e}")))?
+    }
+
+    /// Stops serving `name` (requests already running on it finish).
+    pub async fn unload(&self, name: &str) -> Result<(), EngineError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.inner
+            .tx
+            .send(Command::Unload {
+                name: name.to_string(),
+                reply,
+            })
+            .map_err(|_| EngineError::Stopped)?;
+        match rx.await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(EngineError::NotLoaded(name.to_string())),
+            Err(_) => Err(EngineError::Stopped),
+        }
+    }
+
+    /// Lets the worker finish what it has, then ends it (blocking; idempotent).
+    pub fn shutdown(&self) {
+        let _ = self.inner.tx.send(Command::Shutdown);
+        if let Some(t) = self.inner.thread.lock().unwrap().take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Parks the worker at its next loop turn until the returned guard drops (tests: requests
+    /// then wait in the queue, deterministically). Returns once the worker is parked.
+    #[doc(hidden)]
+    pub fn hold(&self) -> Hold {
+        self.inner.health.set_hold(true);
+        let _ = self.inner.tx.send(Command::Wake);
+        assert!(
+            self.inner.health.wait_parked(Duration::from_secs(60)),
+            "the inference worker did not reach its gate"
+        );
+        Hold(self.inner.health.clone())
+    }
+
+    /// Commands waiting in the worker's channel, of every kind (tests).
+    #[doc(hidden)]
+    pub fn commands_waiting(&self) -> usize {
+        self.inner.tx.len()
+    }
+
+    /// Makes the worker fail on purpose (tests of the failure paths).
+    #[doc(hidden)]
+    pub fn inject_fault(&self, fault: Fault) {
+        self.inner
+            .health
+            .fault
+            .store(fault as u8, Ordering::Release);
+    }
+}

@@ -1,0 +1,120 @@
+//! The models being served, as every door may see them (names, shapes, versions), and the
+//! default. The worker owns the bundles themselves; this is the shared, read-mostly view.
+use crate::engine::error::EngineError;
+use crate::model::bundle::{Bundle, ImageSpec};
+use crate::options::GenOptions;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::RwLock;
+
+/// What callers may know about a served model.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub dir: PathBuf,
+    pub device: String,
+    pub dtype: String,
+    pub image: ImageSpec,
+    pub prefix_length: i64,
+    pub mapping: String,
+    pub gpt2_layers: i64,
+    pub gpt2_width: i64,
+    /// Width of the image embeddings the mapper takes (the encoder's output).
+    pub embedding_dim: i64,
+    pub generation: GenOptions,
+    /// Increments each time a model is installed under this name.
+    pub version: u64,
+    pub loaded_at_unix: u64,
+}
+
+impl ModelInfo {
+    pub fn describe(name: &str, bundle: &Bundle, version: u64) -> Self {
+        let m = &bundle.manifest;
+        ModelInfo {
+            name: name.to_string(),
+            dir: bundle.dir.clone(),
+            device: crate::device::device_name(bundle.device),
+            dtype: crate::device::dtype_name(bundle.kind).into(),
+            image: m.image.clone(),
+            prefix_length: m.mapper.prefix_length,
+            mapping: format!("{:?}", m.mapper.mapping).to_lowercase(),
+            gpt2_layers: m.gpt2.n_layer,
+            gpt2_width: m.gpt2.n_embd,
+            embedding_dim: m.mapper.prefix_dim,
+            generation: m.generation.clone(),
+            version,
+            loaded_at_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Registry {
+    models: RwLock<HashMap<String, ModelInfo>>,
+    default_model: RwLock<String>,
+}
+
+impl Registry {
+    /// The model a request names, or the default.
+    pub fn resolve(&self, name: Option<&str>) -> Result<ModelInfo, EngineError> {
+        let models = self.models.read().unwrap();
+        let name = match name {
+            Some(n) => n.to_string(),
+            None => self.default_model.read().unwrap().clone(),
+        };
+        models.get(&name).cloned().ok_or_else(|| {
+            if models.is_empty() {
+                EngineError::NoModel
+            } else {
+                let mut served: Vec<_> = models.keys().cloned().collect();
+                served.sort();
+                EngineError::UnknownModel { name, served }
+            }
+        })
+    }
+
+    /// Every served model, by name.
+    pub fn list(&self) -> Vec<ModelInfo> {
+        let mut v: Vec<ModelInfo> = self.models.read().unwrap().values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    pub fn len(&self) -> usize {
+        self.models.read().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn default_model(&self) -> String {
+        self.default_model.read().unwrap().clone()
+    }
+
+    /// Records `info` (replacing its name's previous version); returns the replaced one.
+    pub(crate) fn insert(&self, info: ModelInfo, make_default: bool) -> Option<ModelInfo> {
+        let name = info.name.clone();
+        let old = self.models.write().unwrap().insert(name.clone(), info);
+        let mut default = self.default_model.write().unwrap();
+        if make_default || default.is_empty() {
+            *default = name;
+        }
+        old
+    }
+
+    /// Forgets `name`; the default moves to the first remaining name.
+    pub(crate) fn remove(&self, name: &str) -> Option<ModelInfo> {
+        let mut models = self.models.write().unwrap();
+        let old = models.remove(name);
+        let mut d = self.default_model.write().unwrap();
+        if *d == name {
+            *d = models.keys().min().cloned().unwrap_or_default();
+        }
+        old
+    }
+}

@@ -1,0 +1,361 @@
+//! The batching policy, apart from any model: which queued requests start now, which leave
+//! unanswered (deadline passed, client gone), how long the worker may wait to fill an encoder
+//! batch, and how many may queue. Pure logic over [`Schedulable`] jobs, so it is unit-tested
+//! without tch (the worker in `worker.rs` applies it to real tensors).
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Scheduling knobs (from `[inference]`).
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// Most images encoded in one CLIP forward pass.
+    pub max_batch_images: usize,
+    /// How long an idle worker waits for more images after the first one.
+    pub max_batch_delay: Duration,
+    /// Let new requests join a running decode at step boundaries.
+    pub continuous: bool,
+    /// Most images being decoded at once.
+    pub max_running_images: usize,
+    /// Most requests waiting (queued, not started) before new ones are refused.
+    pub queue_capacity: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            max_batch_images: 32,
+            max_batch_delay: Duration::from_millis(2),
+            continuous: true,
+            max_running_images: 64,
+            queue_capacity: 1024,
+        }
+    }
+}
+
+/// What the policy needs to know about a request.
+pub trait Schedulable {
+    fn images(&self) -> usize;
+    fn deadline(&self) -> Option<Instant>;
+    /// The caller went away (cancelled, or its reply channel closed).
+    fn abandoned(&self) -> bool;
+}
+
+/// Why a request left without captions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reaped {
+    Deadline,
+    Cancelled,
+}
+
+impl Reaped {
+    /// The outcome label of `clipcap_images_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Reaped::Deadline => "deadline",
+            Reaped::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Whether a queued or running request should be dropped now, and why. A passed deadline wins
+/// over a closed channel (the handler closes it when its own deadline fires).
+pub fn reap_reason(job: &impl Schedulable, now: Instant) -> Option<Reaped> {
+    if job.deadline().is_some_and(|d| now >= d) {
+        Some(Reaped::Deadline)
+    } else if job.abandoned() {
+        Some(Reaped::Cancelled)
+    } else {
+        None
+    }
+}
+
+/// Bounds the requests waiting for the worker. Callers take a slot before queuing and the
+/// worker gives it back when the request starts or is reaped; shared between threads.
+#[derive(Debug)]
+pub struct Admission {
+    capacity: usize,
+    queued: AtomicUsize,
+}
+
+impl Admission {
+    pub fn new(capacity: usize) -> Self {
+        Admission {
+            capacity: capacity.max(1),
+            queued: AtomicUsize::new(0),
+        }
+    }
+
+    /// Takes a slot, or `false` when `capacity` requests are already waiting.
+    pub fn try_admit(&self) -> bool {
+        self.queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q < self.capacity).then_some(q + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives `n` slots back.
+    pub fn release(&self, n: usize) {
+        let _ = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                Some(q.saturating_sub(n))
+            });
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+}
+
+/// The queue of requests that have reached the worker but not started.
+pub struct Scheduler<J> {
+    cfg: SchedulerConfig,
+    pending: VecDeque<J>,
+}
+
+impl<J: Schedulable> Scheduler<J> {
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        Scheduler {
+            cfg,
+            pending: VecDeque::new(),
+        }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    pub fn push(&mut self, job: J) {
+        self.pending.push_back(job);
+    }
+
+    pub fn pending_jobs(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn pending_images(&self) -> usize {
+        self.pending.iter().map(|j| j.images()).sum()
+    }
+
+    /// Whether the worker should look for new requests: always when idle; while a decode runs
+    /// only with continuous batching (static batches wait for the running one to finish).
+    pub fn takes_new_work(&self, decoding: bool) -> bool {
+        !decoding || self.cfg.continuous
+    }
+
+    /// How long the worker may wait for more requests to fill the encoder batch: never while
+    /// a decode is running (its next step is due), `max_batch_delay` when idle.
+    pub fn gather_window(&self, decoding: bool) -> Duration {
+        if decoding {
+            Duration::ZERO
+        } else {
+            self.cfg.max_batch_delay
+        }
+    }
+
+    /// Whether the encoder batch still has room for more waiting images.
+    pub fn wants_more(&self) -> bool {
+        self.pending_images() < self.cfg.max_batch_images
+    }
+
+    /// Removes every queued request whose deadline passed or whose caller left, in order.
+    pub fn reap(&mut self, now: Instant) -> Vec<(J, Reaped)> {
+        let mut gone = vec![];
+        let mut kept = VecDeque::with_capacity(self.pending.len());
+        for job in self.pending.drain(..) {
+            match reap_reason(&job, now) {
+                Some(r) => gone.push((job, r)),
+                None => kept.push_back(job),
+            }
+        }
+        self.pending = kept;
+        gone
+    }
+
+    /// The requests to start now, first come first served and whole: as many as keep the
+    /// running images within `max_running_images` and this encoder batch within
+    /// `max_batch_images`. A request larger than either limit starts alone on an idle worker
+    /// (it would never fit otherwise). The first request that does not fit stops the batch, so
+    /// a large request is never overtaken forever by small ones.
+    pub fn next_batch(&mut self, running_images: usize) -> Vec<J> {
+        let mut room = self.cfg.max_running_images.saturating_sub(running_images);
+        let mut batch: Vec<J> = vec![];
+        let mut batch_images = 0;
+        while let Some(job) = self.pending.front() {
+            let n = job.images();
+            let alone_on_idle = batch.is_empty() && running_images == 0;
+            let fits_running = n <= room || alone_on_idle;
+            let fits_batch = batch.is_empty() || batch_images + n <= self.cfg.max_batch_images;
+            if !fits_running || !fits_batch {
+                break;
+            }
+            room = room.saturating_sub(n);
+            batch_images += n;
+            batch.push(self.pending.pop_front().unwrap());
+        }
+        batch
+    }
+
+    /// Takes every queued request (on shutdown failure paths).
+    pub fn drain(&mut self) -> Vec<J> {
+        self.pending.drain(..).collect()
+    }
+
+    /// Iterates over the queued requests, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &J> {
+        self.pending.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq)]
+    struct Job {
+        id: u32,
+        images: usize,
+        deadline: Option<Instant>,
+        abandoned: bool,
+    }
+
+    impl Schedulable for Job {
+        fn images(&self) -> usize {
+            self.images
+        }
+        fn deadline(&self) -> Option<Instant> {
+            self.deadline
+        }
+        fn abandoned(&self) -> bool {
+            self.abandoned
+        }
+    }
+
+    fn job(id: u32, images: usize) -> Job {
+        Job {
+            id,
+            images,
+            deadline: None,
+            abandoned: false,
+        }
+    }
+
+    fn sched(max_batch: usize, max_running: usize) -> Scheduler<Job> {
+        Scheduler::new(SchedulerConfig {
+            max_batch_images: max_batch,
+            max_running_images: max_running,
+            ..Default::default()
+        })
+    }
+
+    fn ids(jobs: &[Job]) -> Vec<u32> {
+        jobs.iter().map(|j| j.id).collect()
+    }
+
+    #[test]
+    fn batches_are_fifo_and_bounded_by_max_batch_images() {
+        let mut s = sched(8, 100);
+        for (id, n) in [(1, 3), (2, 4), (3, 2), (4, 1)] {
+            s.push(job(id, n));
+        }
+        // 3 + 4 fit in 8; adding 2 would make 9.
+        assert_eq!(ids(&s.next_batch(0)), vec![1, 2]);
+        assert_eq!(ids(&s.next_batch(7)), vec![3, 4]);
+        assert!(s.next_batch(10).is_empty());
+    }
+
+    #[test]
+    fn running_images_bound_what_joins() {
+        let mut s = sched(32, 10);
+        s.push(job(1, 4));
+        s.push(job(2, 1));
+        // 7 running: 4 does not fit in the 3 left, and the 1 behind it waits its turn.
+        assert!(s.next_batch(7).is_empty());
+        assert_eq!(s.pending_jobs(), 2);
+        assert_eq!(ids(&s.next_batch(6)), vec![1]);
+        assert_eq!(ids(&s.next_batch(10)), Vec::<u32>::new());
+        assert_eq!(ids(&s.next_batch(9)), vec![2]);
+    }
+
+    #[test]
+    fn an_oversized_request_starts_alone_on_an_idle_worker() {
+        let mut s = sched(4, 6);
+        s.push(job(1, 9));
+        s.push(job(2, 1));
+        assert!(s.next_batch(1).is_empty(), "never while others run");
+        assert_eq!(ids(&s.next_batch(0)), vec![1]);
+        assert_eq!(ids(&s.next_batch(0)), vec![2]);
+    }
+
+    #[test]
+    fn reaping_drops_expired_and_abandoned_requests_and_keeps_order() {
+        let t0 = Instant::now();
+        let mut s = sched(32, 64);
+        s.push(Job {
+            deadline: Some(t0 + Duration::from_millis(10)),
+            ..job(1, 1)
+        });
+        s.push(job(2, 1));
+        s.push(Job {
+            abandoned: true,
+            ..job(3, 1)
+        });
+        s.push(Job {
+            deadline: Some(t0 + Duration::from_millis(50)),
+            abandoned: true,
+            ..job(4, 1)
+        });
+        s.push(job(5, 2));
+        // Before any deadline only the abandoned ones go.
+        let gone = s.reap(t0);
+        let got: Vec<_> = gone.iter().map(|(j, r)| (j.id, *r)).collect();
+        assert_eq!(got, vec![(3, Reaped::Cancelled), (4, Reaped::Cancelled)]);
+        let gone = s.reap(t0 + Duration::from_millis(10));
+        let got: Vec<_> = gone.iter().map(|(j, r)| (j.id, *r)).collect();
+        assert_eq!(got, vec![(1, Reaped::Deadline)]);
+        assert_eq!(ids(&s.next_batch(0)), vec![2, 5]);
+    }
+
+    #[test]
+    fn a_passed_deadline_is_reported_as_deadline_even_if_the_caller_left() {
+        let t0 = Instant::now();
+        let j = Job {
+            deadline: Some(t0),
+            abandoned: true,
+            ..job(1, 1)
+        };
+        assert_eq!(reap_reason(&j, t0), Some(Reaped::Deadline));
+        assert_eq!(reap_reason(&job(2, 1), t0), None);
+    }
+
+    #[test]
+    fn static_batches_take_no_work_while_decoding_and_never_wait_then() {
+        let mut s = sched(8, 64);
+        assert!(s.takes_new_work(false) && s.takes_new_work(true));
+        assert_eq!(s.gather_window(true), Duration::ZERO);
+        assert_eq!(s.gather_window(false), Duration::from_millis(2));
+        s.cfg.continuous = false;
+        assert!(s.takes_new_work(false) && !s.takes_new_work(true));
+        s.push(job(1, 7));
+        assert!(s.wants_more());
+        s.push(job(2, 1));
+        assert!(
+            !s.wants_more(),
+            "8 waiting images fill an encoder batch of 8"
+        );
+    }
+
+    #[test]
+    fn admission_bounds_the_queue() {
+        let a = Admission::new(2);
+        assert!(a.try_admit() && a.try_admit());
+        assert!(!a.try_admit(), "a third request waits beyond capacity");
+        assert_eq!(a.queued(), 2);
+        a.release(1);
+        assert!(a.try_admit());
+        a.release(5);
+        assert_eq!(a.queued(), 0, "never below zero");
+    }
+}

@@ -1,0 +1,805 @@
+//! The inference worker: one thread per device that owns the bundles and does all tensor work.
+//!
+//! Its loop, each turn:
+//! 1. takes new commands (captions join the [`Scheduler`]'s queue; installs and unloads run at
+//!    once, between steps), waiting for more only when idle and only `max_batch_delay`;
+//! 2. reaps queued and running requests whose deadline passed or whose caller left;
+//! 3. starts what the scheduler picks: **one** encoder forward per model for the new images,
+//!    then adds them to that model's [`Decoder`] (cohorts by options);
+//! 4. runs one decode step for every running image and answers each request the moment all
+//!    its images are final.
+//!
+//! A failure (error or panic) inside 3-4 fails the requests that were running and the worker
+//! goes on with fresh decoders; a panic elsewhere ends the thread, and the engine reports it.
+use crate::engine::error::EngineError;
+use crate::engine::metrics::EngineMetrics;
+use crate::engine::registry::{ModelInfo, Registry};
+use crate::engine::scheduler::{reap_reason, Admission, Reaped, Schedulable, Scheduler};
+use crate::engine::{CaptionOutput, ImageOutput};
+use crate::generate::{Decoder, Finished};
+use crate::model::bundle::Bundle;
+use crate::options::GenOptions;
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// Loads a bundle directory (device and dtype already chosen).
+pub type BundleLoader = Arc<dyn Fn(&std::path::Path) -> anyhow::Result<Bundle> + Send + Sync>;
+
+/// What a request brings: preprocessed pixels `[3·S·S]` per image, or CLIP embeddings `[D]`
+/// per image (prepared datasets).
+pub enum JobInput {
+    Pixels(Vec<Vec<f32>>),
+    Embeddings(Vec<Vec<f32>>),
+}
+
+impl JobInput {
+    fn len(&self) -> usize {
+        match self {
+            JobInput::Pixels(v) | JobInput::Embeddings(v) => v.len(),
+        }
+    }
+}
+
+/// A caption request as the worker sees it.
+pub struct Job {
+    pub model: String,
+    /// The version the request was validated against; it runs on that one.
+    pub version: u64,
+    pub input: JobInput,
+    pub opts: GenOptions,
+    pub deadline: Option<Instant>,
+    pub enqueued: Instant,
+    /// Set by the engine when its caller goes away.
+    pub cancel: Arc<AtomicBool>,
+    pub reply: oneshot::Sender<Result<CaptionOutput, EngineError>>,
+}
+
+impl Schedulable for Job {
+    fn images(&self) -> usize {
+        self.input.len()
+    }
+    fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+    fn abandoned(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) || self.reply.is_closed()
+    }
+}
+
+/// What the worker can be asked to do.
+pub enum Command {
+    Caption(Job),
+    /// Serve `bundle` as `name` from now on (requests already running finish on the old one).
+    Install {
+        name: String,
+        bundle: Box<Bundle>,
+        make_default: bool,
+        reply: oneshot::Sender<ModelInfo>,
+    },
+    Unload {
+        name: String,
+        reply: oneshot::Sender<bool>,
+    },
+    /// Finish what is queued and running, then end the thread.
+    Shutdown,
+    /// Nothing; wakes an idle worker (so it sees a hold at once).
+    Wake,
+}
+
+/// Faults a test can inject to see the failure paths (never set in production).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Fault {
+    None = 0,
+    /// Panic inside the next decode step (the running requests fail; the worker recovers).
+    PanicInStep = 1,
+    /// Panic outside the recovery boundary (the worker thread dies).
+    KillWorker = 2,
+}
+
+/// Liveness, shared with every engine handle.
+pub struct Health {
+    started: Instant,
+    /// Milliseconds since `started` at the worker's last loop turn.
+    heartbeat_ms: AtomicU64,
+    alive: AtomicBool,
+    pub(crate) fault: AtomicU8,
+    /// A test's hold on the worker.
+    gate: std::sync::Mutex<Gate>,
+    gate_changed: std::sync::Condvar,
+}
+
+/// `epoch` counts releases: a release lets the worker out for at least one loop turn even if
+/// the worker is held again at once, and a new hold waits until it parks in the new epoch.
+#[derive(Default)]
+struct Gate {
+    held: bool,
+    epoch: u64,
+    parked_in: Option<u64>,
+}
+
+impl Health {
+    pub fn new() -> Self {
+        Health {
+            started: Instant::now(),
+            heartbeat_ms: AtomicU64::new(0),
+            alive: AtomicBool::new(false),
+            fault: AtomicU8::new(Fault::None as u8),
+            gate: std::sync::Mutex::new(Gate::default()),
+            gate_changed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Parks the worker here while a test holds it.
+    fn pass_gate(&self) {
+        let mut g = self.gate.lock().unwrap();
+        if g.held {
+            let epoch = g.epoch;
+            g.parked_in = Some(epoch);
+            self.gate_changed.notify_all();
+            while g.held && g.epoch == epoch {
+                g = self.gate_changed.wait(g).unwrap();
+            }
+            g.parked_in = None;
+        }
+    }
+
+    pub(crate) fn set_hold(&self, held: bool) {
+        let mut g = self.gate.lock().unwrap();
+        if !held && g.held {
+            g.epoch += 1;
+        }
+        g.held = held;
+        self.gate_changed.notify_all();
+    }
+
+    /// Waits until the worker is parked at the gate in the current epoch (or dead); false on
+    /// timeout.
+    pub(crate) fn wait_parked(&self, timeout: Duration) -> bool {
+        let until = Instant::now() + timeout;
+        let mut g = self.gate.lock().unwrap();
+        while g.parked_in != Some(g.epoch) && self.alive() {
+            let now = Instant::now();
+            if now >= until {
+                return false;
+            }
+            g = self.gate_changed.wait_timeout(g, until - now).unwrap().0;
+        }
+        g.parked_in == Some(g.epoch)
+    }
+
+    fn beat(&self) {
+        self.heartbeat_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn alive(&self) -> bool {
+        self.alive.load(Ordering::Relaxed)
+    }
+
+    /// Whether the worker is alive and turned its loop within `within`.
+    pub fn answering(&self, within: Duration) -> bool {
+        let last = self.heartbeat_ms.load(Ordering::Relaxed);
+        let now = self.started.elapsed().as_millis() as u64;
+        self.alive() && now.saturating_sub(last) <= within.as_millis() as u64
+    }
+
+    fn take_fault(&self, which: Fault) -> bool {
+        self.fault
+            .compare_exchange(which as u8, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    }
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Marks the worker dead however its thread ends (a panic included).
+struct AliveGuard(Arc<Health>);
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Everything the worker shares with the engine handles.
+pub struct Shared {
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<EngineMetrics>,
+    pub health: Arc<Health>,
+    pub admission: Arc<Admission>,
+}
+
+/// Starts the worker thread. Models in `initial` are loaded there, in order; the first is the
+/// default unless `default_model` names another. Returns at once (models may still be
+/// loading: `Engine::ready` tells).
+pub fn spawn(
+    shared: Shared,
+    scheduler: Scheduler<Job>,
+    rx: Receiver<Command>,
+    initial: Vec<(String, PathBuf)>,
+    default_model: String,
+    load: BundleLoader,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("clipcap-inference".into())
+        .spawn(move || {
+            let health = shared.health.clone();
+            health.alive.store(true, Ordering::Relaxed);
+            health.beat();
+            let mut w = Worker::new(shared, scheduler, rx);
+            // Declared after `w`, so it drops first: the worker reads as dead before the
+            // replies of its unanswered requests are dropped.
+            let _alive = AliveGuard(health.clone());
+            for (i, (name, dir)) in initial.iter().enumerate() {
+                match load(dir) {
+                    Ok(b) => {
+                        let make_default = if default_model.is_empty() { i == 0 } else { *name == default_model };
+                        let info = w.install(name.clone(), b, make_default);
+                        tracing::info!(model = %info.name, dir = %dir.display(), device = %info.device, dtype = %info.dtype, "model loaded");
+                    }
+                    Err(e) => tracing::error!(model = %name, dir = %dir.display(), error = format!("{e:#}"), "cannot load model"),
+                }
+                health.beat();
+            }
+            w.run();
+        })
+        .expect("spawning the inference thread")
+}
+
+/// A request whose images are in a decoder.
+struct Running {
+    reply: Option<oneshot::Sender<Result<CaptionOutput, EngineError>>>,
+    model: String,
+    version: u64,
+    outputs: Vec<Option<ImageOutput>>,
+    remaining: usize,
+    cancel: Arc<AtomicBool>,
+    deadline: Option<Instant>,
+    /// Image ids in the decoder, to cancel them.
+    image_ids: Vec<u64>,
+    decoder: usize,
+}
+
+impl Schedulable for Running {
+    fn images(&self) -> usize {
+        self.remaining
+    }
+    fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+    fn abandoned(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) || self.reply.as_ref().is_none_or(|r| r.is_closed())
+    }
+}
+
+struct ImageSlot {
+    job: u64,
+    index: usize,
+    queue_ms: f64,
+    encode_ms: f64,
+    started: Instant,
+    batch_rows: i64,
+}
+
+struct Served {
+    bundle: Arc<Bundle>,
+    info: ModelInfo,
+}
+
+struct Worker {
+    shared: Shared,
+    scheduler: Scheduler<Job>,
+    rx: Receiver<Command>,
+    models: HashMap<String, Served>,
+    /// Swapped-out or unloaded bundles that queued requests still name, by (name, version).
+    retired: Vec<(String, u64, Arc<Bundle>)>,
+    versions: HashMap<String, u64>,
+    /// One decoder per bundle instance; a swapped-out bundle keeps its decoder until empty.
+    decoders: Vec<Decoder>,
+    running: HashMap<u64, Running>,
+    images: HashMap<u64, ImageSlot>,
+    next_id: u64,
+    stopping: bool,
+}
+
+impl Worker {
+    fn new(shared: Shared, scheduler: Scheduler<Job>, rx: Receiver<Command>) -> Self {
+        Worker {
+            shared,
+            scheduler,
+            rx,
+            models: HashMap::new(),
+            retired: vec![],
+            versions: HashMap::new(),
+            decoders: vec![],
+            running: HashMap::new(),
+            images: HashMap::new(),
+            next_id: 0,
+            stopping: false,
+        }
+    }
+
+    fn metrics(&self) -> &EngineMetrics {
+        &self.shared.metrics
+    }
+
+    fn running_images(&self) -> usize {
+        self.decoders.iter().map(|d| d.images()).sum()
+    }
+
+    fn install(&mut self, name: String, bundle: Bundle, make_default: bool) -> ModelInfo {
+        let version = {
+            let v = self.versions.entry(name.clone()).or_insert(0);
+            *v += 1;
+            *v
+        };
+        let info = ModelInfo::describe(&name, &bundle, version);
+        if let Some(old) = self.shared.registry.insert(info.clone(), make_default) {
+            self.forget_metric(&old);
+        }
+        self.metrics()
+            .model_info
+            .with_label_values(&[&info.name, &info.device, &info.dtype, &version.to_string()])
+            .set(1);
+        let old = self.models.insert(
+            name.clone(),
+            Served {
+                bundle: Arc::new(bundle),
+                info: info.clone(),
+            },
+        );
+        if let Some(old) = old {
+            self.retired.push((name, old.info.version, old.bundle));
+        }
+        info
+    }
+
+    fn unload(&mut self, name: &str) -> bool {
+        let Some(old) = self.models.remove(name) else {
+            return false;
+        };
+        self.retired
+            .push((name.to_string(), old.info.version, old.bundle));
+        if let Some(old) = self.shared.registry.remove(name) {
+            self.forget_metric(&old);
+        }
+        true
+    }
+
+    fn forget_metric(&self, old: &ModelInfo) {
+        let _ = self.metrics().model_info.remove_label_values(&[
+            &old.name,
+            &old.device,
+            &old.dtype,
+            &old.version.to_string(),
+        ]);
+    }
+
+    fn run(&mut self) {
+        loop {
+            self.shared.health.pass_gate();
+            self.shared.health.beat();
+            if self.stopping && self.running.is_empty() && self.scheduler.pending_jobs() == 0 {
+                return;
+            }
+            if self.shared.health.take_fault(Fault::KillWorker) {
+                panic!("injected fault: the inference worker dies");
+            }
+            let decoding = self.decoders.iter().any(|d| !d.is_empty());
+            self.intake(decoding);
+            self.reap();
+            self.metrics()
+                .queue_depth
+                .set((self.shared.admission.queued()) as i64);
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| -> anyhow::Result<()> {
+                self.start_next()?;
+                self.step_all()
+            }));
+            let failure = match result {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("{e:#}")),
+                Err(p) => Some(
+                    p.downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "panic".into()),
+                ),
+            };
+            if let Some(msg) = failure {
+                tracing::error!(error = %msg, "inference failed; failing running requests");
+                self.fail_running(&msg);
+            }
+            let models = &self.models;
+            self.decoders.retain(|d| {
+                !d.is_empty() || models.values().any(|m| Arc::ptr_eq(&m.bundle, d.model()))
+            });
+            // A retired bundle stays while a queued request names it (running ones hold it
+            // through their decoder).
+            let pending: Vec<(&String, u64)> = self
+                .scheduler
+                .iter()
+                .map(|j| (&j.model, j.version))
+                .collect();
+            self.retired
+                .retain(|(n, v, _)| pending.iter().any(|(pn, pv)| *pn == n && pv == v));
+        }
+    }
+
+    /// Moves commands from the channel into the scheduler (or executes admin commands).
+    fn intake(&mut self, decoding: bool) {
+        if !self.scheduler.takes_new_work(decoding) || self.stopping {
+            return;
+        }
+        let has_work = decoding || self.scheduler.pending_jobs() > 0;
+        let first = if has_work {
+            match self.rx.try_recv() {
+                Ok(c) => Some(c),
+                Err(TryRecvError::Empty) => None,
+                Err(TryRecvError::Disconnected) => {
+                    self.stopping = true;
+                    None
+                }
+            }
+        } else {
+            match self.rx.recv_timeout(Duration::from_millis(500)) {
+                Ok(c) => Some(c),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.stopping = true;
+                    None
+                }
+            }
+        };
+        let Some(first) = first else { return };
+        self.accept(first);
+        // Gather more for the same encoder batch, waiting only when nothing is running.
+        let until = Instant::now() + self.scheduler.gather_window(decoding);
+        while self.scheduler.wants_more() && !self.stopping {
+            let now = Instant::now();
+            let next = if now >= until {
+                self.rx.try_recv().ok()
+            } else {
+                self.rx.recv_timeout(until - now).ok()
+            };
+            match next {
+                Some(c) => self.accept(c),
+                None => break,
+            }
+        }
+    }
+
+    fn accept(&mut self, cmd: Command) {
+        match cmd {
+            Command::Caption(job) => self.scheduler.push(job),
+            Command::Install {
+                name,
+                bundle,
+                make_default,
+                reply,
+            } => {
+                let info = self.install(name, *bundle, make_default);
+                tracing::info!(model = %info.name, version = info.version, "model installed");
+                let _ = reply.send(info);
+            }
+            Command::Unload { name, reply } => {
+                let _ = reply.send(self.unload(&name));
+            }
+            Command::Shutdown => self.stopping = true,
+            Command::Wake => {}
+        }
+    }
+
+    /// Answers queued and running requests whose deadline passed or whose caller left, and
+    /// frees their rows.
+    fn reap(&mut self) {
+        let now = Instant::now();
+        for (job, why) in self.scheduler.reap(now) {
+            self.shared.admission.release(1);
+            self.metrics()
+                .count_images(&job.model, why.label(), job.input.len());
+            let _ = job.reply.send(Err(reaped_error(why, true)));
+        }
+        let gone: Vec<(u64, Reaped)> = self
+            .running
+            .iter()
+            .filter_map(|(id, j)| reap_reason(j, now).map(|r| (*id, r)))
+            .collect();
+        for (id, why) in gone {
+            let mut job = self.running.remove(&id).unwrap();
+            for img in &job.image_ids {
+                self.images.remove(img);
+                if let Some(d) = self.decoders.get_mut(job.decoder) {
+                    d.cancel(*img);
+                }
+            }
+            self.metrics()
+                .count_images(&job.model, why.label(), job.image_ids.len());
+            if let Some(r) = job.reply.take() {
+                let _ = r.send(Err(reaped_error(why, false)));
+            }
+        }
+    }
+
+    /// Encodes what the scheduler picks (one encoder forward per model) and adds it to the
+    /// decoders.
+    fn start_next(&mut self) -> anyhow::Result<()> {
+        let batch = self.scheduler.next_batch(self.running_images());
+        self.shared.admission.release(batch.len());
+        let mut by_model: Vec<(Arc<Bundle>, u64, Vec<Job>)> = vec![];
+        for job in batch {
+            let Some((bundle, version)) = self.bundle_of(&job.model, job.version) else {
+                let _ = job.reply.send(Err(EngineError::ModelChanged(format!(
+                    "model {:?} version {} is no longer served; retry",
+                    job.model, job.version
+                ))));
+                continue;
+            };
+            if let Err(why) = fits(&bundle, &job.input) {
+                let _ = job.reply.send(Err(EngineError::ModelChanged(format!(
+                    "the request does not fit model {:?} ({why}); retry",
+                    job.model
+                ))));
+                continue;
+            }
+            match by_model
+                .iter_mut()
+                .find(|(m, _, _)| Arc::ptr_eq(m, &bundle))
+            {
+                Some((_, _, v)) => v.push(job),
+                None => by_model.push((bundle, version, vec![job])),
+            }
+        }
+        for (model, version, jobs) in by_model {
+            self.start_jobs(model, version, jobs)?;
+        }
+        Ok(())
+    }
+
+    /// The bundle a request was validated against (served or retired), else the one now
+    /// served under its name (a request that raced a swap); with the version it is.
+    fn bundle_of(&self, name: &str, version: u64) -> Option<(Arc<Bundle>, u64)> {
+        let served = self.models.get(name);
+        if let Some(s) = served.filter(|s| s.info.version == version) {
+            return Some((s.bundle.clone(), version));
+        }
+        self.retired
+            .iter()
+            .find(|(n, v, _)| n == name && *v == version)
+            .map(|(_, v, b)| (b.clone(), *v))
+            .or_else(|| served.map(|s| (s.bundle.clone(), s.info.version)))
+    }
+
+    fn start_jobs(
+        &mut self,
+        model: Arc<Bundle>,
+        version: u64,
+        jobs: Vec<Job>,
+    ) -> anyhow::Result<()> {
+        let picked = Instant::now();
+        let pixels: Vec<&[f32]> = jobs
+            .iter()
+            .filter_map(|j| match &j.input {
+                JobInput::Pixels(p) => Some(p.iter().map(|p| p.as_slice())),
+                JobInput::Embeddings(_) => None,
+            })
+            .flatten()
+            .collect();
+        let t0 = Instant::now();
+        let max_batch = self.scheduler.config().max_batch_images;
+        let encoded = crate::engine::pipeline::encode(&model, &pixels, max_batch)?;
+        let encode_ms = if pixels.is_empty() {
+            0.0
+        } else {
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            self.metrics()
+                .encode_batch_size
+                .observe(pixels.len() as f64);
+            self.metrics().encode_duration.observe(ms / 1e3);
+            ms
+        };
+        // Every job's embeddings, in job order: encoder rows or the caller's own.
+        let mut parts = vec![];
+        let mut next_pixel_row = 0i64;
+        for job in &jobs {
+            match &job.input {
+                JobInput::Pixels(p) => {
+                    parts.push(encoded.narrow(0, next_pixel_row, p.len() as i64));
+                    next_pixel_row += p.len() as i64;
+                }
+                JobInput::Embeddings(e) => {
+                    parts.push(crate::engine::pipeline::embeddings_tensor(e, model.device))
+                }
+            }
+        }
+        let emb = tch::Tensor::cat(&parts, 0);
+        let di = match self
+            .decoders
+            .iter()
+            .position(|d| Arc::ptr_eq(d.model(), &model))
+        {
+            Some(i) => i,
+            None => {
+                self.decoders.push(Decoder::new(model.clone()));
+                self.decoders.len() - 1
+            }
+        };
+        // Cohorts: images with equal options decode together.
+        let mut row = 0i64;
+        let mut groups: Vec<(GenOptions, Vec<i64>, Vec<u64>)> = vec![];
+        for job in jobs {
+            let job_id = self.next_id;
+            self.next_id += 1;
+            let queue_ms = picked.duration_since(job.enqueued).as_secs_f64() * 1e3;
+            let n = job.input.len();
+            let mut ids = vec![];
+            for index in 0..n {
+                let id = self.next_id;
+                self.next_id += 1;
+                self.shared.metrics.queue_duration.observe(queue_ms / 1e3);
+                self.images.insert(
+                    id,
+                    ImageSlot {
+                        job: job_id,
+                        index,
+                        queue_ms,
+                        encode_ms,
+                        started: Instant::now(),
+                        batch_rows: 0,
+                    },
+                );
+                ids.push(id);
+                match groups.iter_mut().find(|g| g.0 == job.opts) {
+                    Some(g) => {
+                        g.1.push(row);
+                        g.2.push(id);
+                    }
+                    None => groups.push((job.opts.clone(), vec![row], vec![id])),
+                }
+                row += 1;
+            }
+            self.running.insert(
+                job_id,
+                Running {
+                    reply: Some(job.reply),
+                    model: job.model,
+                    version,
+                    outputs: (0..n).map(|_| None).collect(),
+                    remaining: n,
+                    cancel: job.cancel,
+                    deadline: job.deadline,
+                    image_ids: ids,
+                    decoder: di,
+                },
+            );
+        }
+        for (opts, rows, ids) in groups {
+            let idx = tch::Tensor::from_slice(&rows).to_device(emb.device());
+            let sub = emb.index_select(0, &idx);
+            let done = self.decoders[di].add(&sub, &opts, ids.clone())?;
+            let rows_now = self.decoders[di].rows();
+            for id in &ids {
+                if let Some(s) = self.images.get_mut(id) {
+                    s.batch_rows = rows_now;
+                }
+            }
+            self.deliver(done);
+        }
+        Ok(())
+    }
+
+    fn step_all(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.decoders.len() {
+            if self.decoders[i].is_empty() {
+                continue;
+            }
+            if self.shared.health.take_fault(Fault::PanicInStep) {
+                panic!("injected fault: a decode step panics");
+            }
+            let rows = self.decoders[i].rows();
+            let m = &self.shared.metrics;
+            m.decode_batch_rows.observe(rows as f64);
+            m.decode_batch_images
+                .observe(self.decoders[i].images() as f64);
+            m.generated_tokens.inc_by(rows as u64);
+            let done = self.decoders[i].step()?;
+            self.deliver(done);
+        }
+        Ok(())
+    }
+
+    fn deliver(&mut self, done: Vec<Finished>) {
+        for f in done {
+            let Some(slot) = self.images.remove(&f.id) else {
+                continue;
+            };
+            let Some(job) = self.running.get_mut(&slot.job) else {
+                continue;
+            };
+            let decode_ms = slot.started.elapsed().as_secs_f64() * 1e3;
+            self.shared.metrics.decode_duration.observe(decode_ms / 1e3);
+            job.outputs[slot.index] = Some(ImageOutput {
+                captions: f.captions,
+                queue_ms: slot.queue_ms,
+                encode_ms: slot.encode_ms,
+                decode_ms,
+                batch_rows: slot.batch_rows,
+            });
+            job.remaining -= 1;
+            if job.remaining == 0 {
+                let job = self.running.remove(&slot.job).unwrap();
+                self.shared
+                    .metrics
+                    .count_images(&job.model, "ok", job.outputs.len());
+                let out = CaptionOutput {
+                    model: job.model,
+                    model_version: job.version,
+                    images: job.outputs.into_iter().map(|o| o.unwrap()).collect(),
+                    preprocess_ms: 0.0,
+                };
+                if let Some(r) = job.reply {
+                    let _ = r.send(Ok(out));
+                }
+            }
+        }
+    }
+
+    /// Fails every running request (their decoder state may be broken) and starts over with
+    /// empty decoders; queued requests are untouched.
+    fn fail_running(&mut self, msg: &str) {
+        for (_, mut job) in self.running.drain() {
+            self.shared
+                .metrics
+                .count_images(&job.model, "error", job.image_ids.len());
+            if let Some(r) = job.reply.take() {
+                let _ = r.send(Err(EngineError::Inference(msg.to_string())));
+            }
+        }
+        self.images.clear();
+        let models: Vec<_> = self.decoders.iter().map(|d| d.model().clone()).collect();
+        self.decoders = models.into_iter().map(Decoder::new).collect();
+    }
+}
+
+fn reaped_error(why: Reaped, queued: bool) -> EngineError {
+    match (why, queued) {
+        (Reaped::Deadline, true) => {
+            EngineError::Deadline("the request's deadline passed while it was queued".into())
+        }
+        (Reaped::Deadline, false) => EngineError::Deadline(
+            "the request's deadline passed before its captions were ready".into(),
+        ),
+        (Reaped::Cancelled, _) => EngineError::Cancelled,
+    }
+}
+
+/// Whether a request's input has the shapes this bundle takes.
+fn fits(bundle: &Bundle, input: &JobInput) -> Result<(), String> {
+    match input {
+        JobInput::Pixels(p) => {
+            let side = bundle.manifest.image.size;
+            let want = (3 * side * side) as usize;
+            match p.iter().find(|p| p.len() != want) {
+                Some(_) => Err(format!("images must be {side}x{side} now")),
+                None => Ok(()),
+            }
+        }
+        JobInput::Embeddings(e) => {
+            let want = bundle.encoder.dim as usize;
+            match e.iter().find(|e| e.len() != want) {
+                Some(_) => Err(format!("embeddings must have {want} values now")),
+                None => Ok(()),
+            }
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! The running batch: cohorts of images, one GPT-2 step for all their rows, and the sweep that
+//! finishes, drops and reorders rows (see the module docs of `generate`).
+use super::beam::{beam_step, first_beam_step};
+use super::pick::pick_step;
+use super::{Caption, Finished};
+use crate::model::bundle::Bundle;
+use crate::model::kv_cache::KvCache;
+use crate::options::{GenOptions, Strategy};
+use anyhow::{bail, Result};
+use rand::{rngs::StdRng, SeedableRng};
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
+
+// Crate-visible to `generate` only: `beam` and `pick` update a cohort in place.
+/// Images that joined together with the same options; `n` images × `k` rows.
+pub(super) struct Cohort {
+    pub(super) opts: GenOptions,
+    pub(super) ids: Vec<u64>,
+    pub(super) k: i64,
+    pub(super) steps: i64,
+    /// Last token of each row `[n·k]`, fed at the next step.
+    pub(super) last: Tensor,
+    /// Generated tokens `[n, k, steps]`.
+    pub(super) tokens: Tensor,
+    /// Beam: running log-prob sums as the original keeps them; others: sums of log-probs.
+    pub(super) scores: Tensor,
+    /// Tokens counted per row `[n, k]` (f32, as the original).
+    pub(super) lengths: Tensor,
+    pub(super) stopped: Tensor,
+    /// Sampling: one generator per image, so a seed gives the same result in any batch.
+    pub(super) rngs: Vec<StdRng>,
+    pub(super) cancelled: Vec<bool>,
+}
+
+impl Cohort {
+    pub(super) fn n(&self) -> i64 {
+        self.ids.len() as i64
+    }
+    pub(super) fn rows(&self) -> i64 {
+        self.n() * self.k
+    }
+}
+
+/// Decodes many images at once on one model. See the module docs.
+pub struct Decoder {
+    model: Arc<Bundle>,
+    cache: Option<KvCache>,
+    cohorts: Vec<Cohort>,
+    stop: Tensor,
+}
+
+impl Decoder {
+    pub fn new(model: Arc<Bundle>) -> Self {
+        let stop = Tensor::from_slice(&model.stop_ids).to_device(model.device);
+        Decoder {
+            model,
+            cache: None,
+            cohorts: vec![],
+            stop,
+        }
+    }
+
+    pub fn model(&self) -> &Arc<Bundle> {
+        &self.model
+    }
+
+    /// Images still being decoded.
+    pub fn images(&self) -> usize {
+        self.cohorts.iter().map(|c| c.ids.len()).sum()
+    }
+
+    /// Rows (images × beams) in the running batch.
+    pub fn rows(&self) -> i64 {
+        self.cohorts.iter().map(|c| c.rows()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cohorts.is_empty()
+    }
+
+    /// Drops an image at the next step boundary without producing captions.
+    pub fn cancel(&mut self, id: u64) {
+        for c in &mut self.cohorts {
+            if let Some(i) = c.ids.iter().position(|&x| x == id) {
+                c.cancelled[i] = true;
+            }
+        }
+    }
+
+    /// Adds images given their CLIP embeddings `[n, D]`: maps them to prefixes, runs the prefix
+    /// through GPT-2 and takes the first token. Returns images already finished.
+    pub fn add(
+        &mut self,
+        clip: &Tensor,
+        opts: &GenOptions,
+        ids: Vec<u64>,
+    ) -> Result<Vec<Finished>> {
+        opts.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let n = ids.len() as i64;
+        if clip.size()[0] != n {
+            bail!("{} embeddings for {n} ids", clip.size()[0]);
+        }
+        if n == 0 {
+            return Ok(vec![]);
+        }
+        let _g = tch::no_grad_guard();
+        let net = &self.model.net;
+        let prefix = net.prefix(clip);
+        let plen = prefix.size()[1];
+        let mut cache = net.gpt.new_cache(n, plen + opts.max_tokens + 1);
+        let h = net.gpt.forward(&prefix, None, &mut cache);
+        let logits = net.gpt.logits(&h.select(1, plen - 1)).to_kind(Kind::Float);
+        let device = logits.device();
+        let k = opts.rows_per_image();
+        let expand =
+            Tensor::arange(n, (Kind::Int64, device)).repeat_interleave_self_int(k, 0, None);
+        cache.select_rows(&expand);
+        let rngs = (0..n)
+            .map(|_| match opts.seed {
+                Some(s) => StdRng::seed_from_u64(s),
+                None => StdRng::from_os_rng(),
+            })
+            .collect();
+        let mut cohort = Cohort {
+            opts: opts.clone(),
+            ids,
+            k,
+            steps: 0,
+            last: Tensor::zeros([n * k], (Kind::Int64, device)),
+            tokens: Tensor::zeros([n, k, 0], (Kind::Int64, device)),
+            scores: Tensor::zeros([n, k], (Kind::Float, device)),
+            lengths: Tensor::zeros([n, k], (Kind::Float, device)),
+            stopped: Tensor::zeros([n, k], (Kind::Bool, device)),
+            rngs,
+            cancelled: vec![false; n as usize],
+        };
+        match opts.strategy {
+            Strategy::Beam => first_beam_step(&mut cohort, &logits, &self.stop),
+            _ => {
+                let logits = logits.index_select(0, &expand);
+                pick_step(&mut cohort, &logits, &self.stop);
+            }
+        }
+        match &mut self.cache {
+            None => self.cache = Some(cache),
+            Some(c) => c.append_rows(cache),
+        }
+        self.cohorts.push(cohort);
+        self.sweep(None)
+    }
+
+    /// One GPT-2 step for every row; returns the images that finished.
+    pub fn step(&mut self) -> Result<Vec<Finished>> {
+        if self.cohorts.is_empty() {
+            return Ok(vec![]);
+        }
+        let _g = tch::no_grad_guard();
+        let gpt = &self.model.net.gpt;
+        let last = Tensor::cat(&self.cohorts.iter().map(|c| &c.last).collect::<Vec<_>>(), 0);
+        let x = gpt.embed(&last.unsqueeze(1));
+        let cache = self.cache.as_mut().expect("rows without a cache");
+        let h = gpt.forward(&x, None, cache);
+        let logits = gpt.logits(&h.squeeze_dim(1)).to_kind(Kind::Float);
+        // A row gather is only needed when some cohort runs beam search; greedy and sampling
+        // rows stay in place, so no index tensors are built for them otherwise.
+        let reorder = self
+            .cohorts
+            .iter()
+            .any(|c| c.opts.strategy == Strategy::Beam);
+        let mut order = Vec::with_capacity(self.cohorts.len());
+        let mut off = 0;
+        for c in &mut self.cohorts {
+            let rows = c.rows();
+            let l = logits.narrow(0, off, rows);
+            match c.opts.strategy {
+                Strategy::Beam => order.push(beam_step(c, &l, &self.stop) + off),
+                _ => {
+                    pick_step(c, &l, &self.stop);
+                    if reorder {
+                        order.push(Tensor::arange_start(
+                            off,
+                            off + rows,
+                            (Kind::Int64, l.device()),
+                        ));
+                    }
+                }
+            }
+            off += rows;
+        }
+        let order = reorder.then(|| Tensor::cat(&order, 0));
+        self.sweep(order)
+    }
+
+    /// Finishes images whose rows all stopped (or hit max_tokens), drops cancelled ones, and
+    /// applies `reorder` (a beam gather over all rows) together with the removals in one
+    /// cache gather.
+    fn sweep(&mut self, reorder: Option<Tensor>) -> Result<Vec<Finished>> {
+        let flags: Vec<Tensor> = self
+            .cohorts
+            .iter()
+            .map(|c| {
+                let done = c.stopped.all_dim(1, false);
+                if c.steps >= c.opts.max_tokens {
+                    done.ones_like()
+                } else {
+                    done
+                }
+            })
+            .collect();
+        // The one host read per step: a flag per image, and the beam reorder (so the cache
+        // copies only the rows whose history changed).
+        let flags = Tensor::cat(&flags, 0).to_kind(Kind::Int64);
+        let n_flags = flags.size()[0] as usize;
+        let host: Vec<i64> = match &reorder {
+            Some(r) => Vec::try_from(Tensor::cat(&[&flags, r], 0).to_device(Device::Cpu))?,
+            None => Vec::try_from(flags.to_device(Device::Cpu))?,
+        };
+        let (flags, reorder) = host.split_at(n_flags);
+        let flags: Vec<bool> = flags.iter().map(|&f| f != 0).collect();
+        let reorder = (!reorder.is_empty()).then_some(reorder);
+        let mut finished = vec![];
+        let mut keep_rows: Vec<i64> = vec![];
+        let mut removed_any = false;
+        let mut base = 0usize;
+        let mut row_off = 0i64;
+        let model = self.model.clone();
+        for c in &mut self.cohorts {
+            let n = c.ids.len();
+            let done = &flags[base..base + n];
+            base += n;
+            let drop: Vec<bool> = (0..n).map(|i| done[i] || c.cancelled[i]).collect();
+            if !drop.iter().any(|&d| d) {
+                keep_rows.extend(row_off..row_off + c.rows());
+                row_off += c.rows();
+                continue;
+            }
+            removed_any = true;
+            let gone: Vec<i64> = (0..n as i64)
+                .filter(|&i| done[i as usize] && !c.cancelled[i as usize])
+                .collect();
+            if !gone.is_empty() {
+                finished.extend(finish(&model, c, &gone)?);
+            }
+            let kept: Vec<i64> = (0..n as i64).filter(|&i| !drop[i as usize]).collect();
+            for &i in &kept {
+                keep_rows.extend(row_off + i * c.k..row_off + (i + 1) * c.k);
+            }
+            row_off += c.rows();
+            retain_images(c, &kept);
+        }
+        self.cohorts.retain(|c| !c.ids.is_empty());
+        if self.cohorts.is_empty() {
+            self.cache = None;
+            return Ok(finished);
+        }
+        let index: Option<Vec<i64>> = match (reorder, removed_any) {
+            (None, false) => None,
+            (Some(r), false) => Some(r.to_vec()),
+            (Some(r), true) => Some(keep_rows.iter().map(|&j| r[j as usize]).collect()),
+            (None, true) => Some(keep_rows),
+        };
+        if let (Some(idx), Some(cache)) = (index, self.cache.as_mut()) {
+            cache.select_rows_from(&idx);
+        }
+        Ok(finished)
+    }
+}
+
+/// Keeps images `kept` (indices into the cohort) in all per-image state.
+fn retain_images(c: &mut Cohort, kept: &[i64]) {
+    let device = c.scores.device();
+    let idx = Tensor::from_slice(kept).to_device(device);
+    let rows = (idx.unsqueeze(1) * c.k + Tensor::arange(c.k, (Kind::Int64, device)).unsqueeze(0))
+        .view([-1]);
+    c.last = c.last.index_select(0, &rows);
+    c.tokens = c.tokens.index_select(0, &idx);
+    c.scores = c.scores.index_select(0, &idx);
+    c.lengths = c.lengths.index_select(0, &idx);
+    c.stopped = c.stopped.index_select(0, &idx);
+    c.cancelled = kept.iter().map(|&i| c.cancelled[i as usize]).collect();
+    c.ids = kept.iter().map(|&i| c.ids[i as usize]).collect();
+    c.rngs = kept.iter().map(|&i| c.rngs[i as usize].clone()).collect();
+}
+
+/// Reads the captions of images `gone` back to the host and ranks them.
+fn finish(model: &Bundle, c: &Cohort, gone: &[i64]) -> Result<Vec<Finished>> {
+    let idx = Tensor::from_slice(gone).to_device(c.scores.device());
+    let tokens = c.tokens.index_select(0, &idx).to_device(Device::Cpu);
+    let lengths = c.lengths.index_select(0, &idx).to_device(Device::Cpu);
+    let final_scores = (c.scores.index_select(0, &idx)
+        / c.lengths.index_select(0, &idx).clamp_min(1.0))
+    .to_device(Device::Cpu);
+    let mut out = vec![];
+    for (j, &img) in gone.iter().enumerate() {
+        let j = j as i64;
+        let scores: Vec<f32> = Vec::try_from(final_scores.get(j))?;
+        let lens: Vec<f32> = Vec::try_from(lengths.get(j))?;
+        let toks = tokens.get(j);
+        let mut caps: Vec<Caption> = (0..c.k)
+            .map(|r| {
+                let len = lens[r as usize] as i64;
+                let ids: Vec<i64> =
+                    Vec::try_from(toks.get(r).narrow(0, 0, len)).unwrap_or_default();
+                Caption {
+                    text: model.decode(&ids).trim().to_string(),
+                    score: scores[r as usize] as f64,
+                    tokens: ids,
+                }
+            })
+            .collect();
+        if c.opts.strategy == Strategy::Beam {
+            // Descending by averaged score; stable, so equal scores keep beam order.
+            caps.sort_by(|a, b| {
+                b.score
+                    .partial_cmp(&a.score)
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            });
+        }
+        caps.truncate(c.opts.n_best as usize);
+        out.push(Finished {
+            id: c.ids[img as usize],
+            captions: caps,
+            steps: c.steps,
+        });
+    }
+    Ok(out)
+}

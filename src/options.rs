@@ -1,0 +1,332 @@
+//! Decoding options and their limits: what a client or a bundle may ask of the decoder.
+//!
+//! [`GenOptions`] is a complete, validated set (also a bundle's generation defaults);
+//! [`DecodeOptions`] is what one request or command line changes, the one definition that
+//! the HTTP parser, the CLI flags and the OpenAPI schema all derive from. A leaf module (no
+//! tch, no crate imports) so that `model::bundle` can hold defaults without depending on
+//! `generate`, which depends on `model`.
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+/// beam (ClipCap's generate_beam), greedy (its generate2) or sample.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    Beam,
+    Greedy,
+    Sample,
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "beam" => Ok(Strategy::Beam),
+            "greedy" => Ok(Strategy::Greedy),
+            "sample" => Ok(Strategy::Sample),
+            _ => bail!("strategy must be beam, greedy or sample"),
+        }
+    }
+}
+
+/// How to decode one image. Also the bundle's generation defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenOptions {
+    pub strategy: Strategy,
+    /// Beams kept per image (beam search).
+    pub beam_size: i64,
+    /// Most tokens generated per caption (ClipCap's `entry_length`, 67).
+    pub max_tokens: i64,
+    /// Captions returned per image: best beams, or independent samples.
+    pub n_best: i64,
+    /// Logits are divided by this (ClipCap divides when > 0).
+    pub temperature: f64,
+    /// Sampling: keep the k most likely tokens (0 = all).
+    pub top_k: i64,
+    /// Sampling: keep the smallest set whose probability reaches p (1 = all).
+    pub top_p: f64,
+    /// Sampling seed; the same seed gives the same captions, alone or in a batch.
+    pub seed: Option<u64>,
+    /// CTRL-style penalty (> 1 discourages tokens already generated; 1 = off).
+    pub repetition_penalty: f64,
+    /// Forbid repeating any n-gram of this size (0 = off).
+    pub no_repeat_ngram: i64,
+}
+
+impl Default for GenOptions {
+    fn default() -> Self {
+        GenOptions {
+            strategy: Strategy::Beam,
+            beam_size: 5,
+            max_tokens: 67,
+            n_best: 1,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: None,
+            repetition_penalty: 1.0,
+            no_repeat_ngram: 0,
+        }
+    }
+}
+
+/// Limits on options a client may ask for.
+pub const MAX_BEAM: i64 = 16;
+pub const MAX_TOKENS: i64 = 256;
+pub const MAX_SAMPLES: i64 = 16;
+
+/// A rejected option: which field, and what is allowed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptionError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl OptionError {
+    /// The error as the command line names the option (`--beam-size: must be …`).
+    pub fn for_flags(self) -> anyhow::Error {
+        anyhow::anyhow!("--{}: {}", self.field.replace('_', "-"), self.message)
+    }
+}
+
+impl std::fmt::Display for OptionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl GenOptions {
+    /// Checks every field against its allowed range.
+    pub fn validate(&self) -> std::result::Result<(), OptionError> {
+        let err = |field, message: String| Err(OptionError { field, message });
+        if !(1..=MAX_BEAM).contains(&self.beam_size) {
+            return err("beam_size", format!("must be between 1 and {MAX_BEAM}"));
+        }
+        if !(1..=MAX_TOKENS).contains(&self.max_tokens) {
+            return err("max_tokens", format!("must be between 1 and {MAX_TOKENS}"));
+        }
+        let max_n = match self.strategy {
+            Strategy::Beam => self.beam_size,
+            Strategy::Greedy => 1,
+            Strategy::Sample => MAX_SAMPLES,
+        };
+        if !(1..=max_n).contains(&self.n_best) {
+            let why = match self.strategy {
+                Strategy::Beam => format!("must be between 1 and beam_size ({max_n})"),
+                Strategy::Greedy => "must be 1 for greedy decoding".into(),
+                Strategy::Sample => format!("must be between 1 and {max_n}"),
+            };
+            return err("n", why);
+        }
+        if !(self.temperature > 0.0 && self.temperature <= 100.0) {
+            return err("temperature", "must be > 0 and <= 100".into());
+        }
+        if !(0..=100_000).contains(&self.top_k) {
+            return err("top_k", "must be between 0 (off) and 100000".into());
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return err("top_p", "must be > 0 and <= 1".into());
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= 10.0) {
+            return err("repetition_penalty", "must be > 0 and <= 10".into());
+        }
+        if !(0..=8).contains(&self.no_repeat_ngram) {
+            return err("no_repeat_ngram", "must be between 0 (off) and 8".into());
+        }
+        Ok(())
+    }
+
+    /// Rows decoded per image.
+    pub(crate) fn rows_per_image(&self) -> i64 {
+        match self.strategy {
+            Strategy::Beam => self.beam_size,
+            Strategy::Greedy => 1,
+            Strategy::Sample => self.n_best,
+        }
+    }
+}
+
+/// Decoding options a request (or the command line) may set; whatever it leaves out comes
+/// from the model's defaults ([`GenOptions`]). The one definition every door uses: HTTP query,
+/// form and JSON fields, the CLI flags (`--beam-size`, `-n`, …) and the OpenAPI schema all
+/// derive from it, and errors name the field as the user wrote it.
+#[derive(
+    Clone,
+    Debug,
+    Default,
+    PartialEq,
+    Serialize,
+    Deserialize,
+    clap::Args,
+    utoipa::ToSchema,
+    utoipa::IntoParams,
+)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DecodeOptions {
+    /// beam (the default: ClipCap's generate_beam), greedy (its generate2) or sample.
+    #[arg(long)]
+    #[serde(default, deserialize_with = "lenient::option")]
+    pub strategy: Option<Strategy>,
+    /// Beams kept per image (beam search), 1 to 16.
+    #[arg(long = "beam-size")]
+    #[serde(default, deserialize_with = "lenient::option")]
+    pub beam_size: Option<i64>,
+    /// Most tokens generated per caption, 1 to 256 (ClipCap's entry_length: 67).
+    #[arg(long = "max-tokens")]
+    #[serde(default, deserialize_with = "lenient::option")]
+    pub max_tokens: Option<i64>,
+    /// Captions per image: the best beams (up to beam_size), independent samples (up to 16),
+    /// or 1 for greedy.
+    #[arg(short = 'n', long = "n")]
+    #[serde(default, deserialize_with = "lenient::option")]
+    pub n: Option<i64>,
+    /// Logits are divided by this (> 0, at most 100).
+    #[arg(long)]
+    #[serde(default, deserialize_with = "lenient::option")]
+    pub temperature: Option<f64>,
+    /// Sampling: keep the smallest set of tokens whose probability reaches p (0 < p <= 1).
+    #[arg(long = "top-p")]
+    #[serde(default, deserialize_with = "lenient::option")]
+    pub top_p: Option<f64>,
+    /// Sampling: keep the k most likely tokens (0 = all).
+    #[arg(long = "top-k")]
+    #[serde(default, deserialize_with = "lenient::option")]
+    pub top_k: Option<i64>,
+    /// Sampling seed: the same seed gives the same captions, alone or in a batch.
+    #[arg(long)]
+    #[serde(default, deserialize_with = "lenient::option")]
+    pub seed: Option<u64>,
+    /// CTRL-style penalty on tokens already generated (> 1 discourages them; 1 = off).
+    #[arg(long = "repetition-penalty")]
+    #[serde(default, deserialize_with = "lenient::option")]
+    pub repetition_penalty: Option<f64>,
+    /// Forbid repeating any n-gram of this size (0 = off, at most 8).
+    #[arg(long = "no-repeat-ngram")]
+    #[serde(default, deserialize_with = "lenient::option")]
+    pub no_repeat_ngram: Option<i64>,
+    /// Shorthand for `--strategy greedy` (command line only).
+    #[arg(long, conflicts_with_all = ["strategy", "sample"])]
+    #[serde(skip)]
+    pub greedy: bool,
+    /// Shorthand for `--strategy sample` (command line only).
+    #[arg(long, conflicts_with = "strategy")]
+    #[serde(skip)]
+    pub sample: bool,
+}
+
+impl DecodeOptions {
+    /// The names a request may use, from the type itself (its schema).
+    pub fn field_names() -> Vec<&'static str> {
+        use std::sync::OnceLock;
+        static NAMES: OnceLock<Vec<&'static str>> = OnceLock::new();
+        NAMES
+            .get_or_init(|| {
+                let schema = <DecodeOptions as utoipa::PartialSchema>::schema();
+                match schema {
+                    utoipa::openapi::RefOr::T(utoipa::openapi::schema::Schema::Object(o)) => o
+                        .properties
+                        .keys()
+                        .map(|k| &*Box::leak(k.clone().into_boxed_str()))
+                        .collect(),
+                    _ => vec![],
+                }
+            })
+            .clone()
+    }
+
+    /// The model's defaults with these options applied, checked against every limit.
+    pub fn resolve(&self, defaults: &GenOptions) -> Result<GenOptions, OptionError> {
+        let mut o = defaults.clone();
+        if self.greedy {
+            o.strategy = Strategy::Greedy;
+        } else if self.sample {
+            o.strategy = Strategy::Sample;
+        } else if let Some(s) = self.strategy {
+            o.strategy = s;
+        }
+        macro_rules! take {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { o.$f = v; } )* };
+        }
+        take!(
+            beam_size,
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            repetition_penalty,
+            no_repeat_ngram
+        );
+        if self.seed.is_some() {
+            o.seed = self.seed;
+        }
+        match self.n {
+            Some(n) => o.n_best = n,
+            // Unasked, the default count shrinks to what the strategy can give.
+            None => {
+                o.n_best = o.n_best.min(match o.strategy {
+                    Strategy::Greedy => 1,
+                    Strategy::Beam => o.beam_size,
+                    Strategy::Sample => o.n_best,
+                })
+            }
+        }
+        o.validate()?;
+        Ok(o)
+    }
+}
+
+/// Option values that arrive as JSON values or as text (query strings and form fields):
+/// a string is parsed like a command-line flag, anything else as JSON.
+mod lenient {
+    use serde::de::{DeserializeOwned, Error};
+    use serde::{Deserialize, Deserializer};
+    use std::str::FromStr;
+
+    /// How a type is named in an error ("must be an integer, got …").
+    pub trait Expected {
+        const WHAT: &'static str;
+    }
+    impl Expected for i64 {
+        const WHAT: &'static str = "an integer";
+    }
+    impl Expected for u64 {
+        const WHAT: &'static str = "a non-negative integer";
+    }
+    impl Expected for f64 {
+        const WHAT: &'static str = "a number";
+    }
+    impl Expected for super::Strategy {
+        const WHAT: &'static str = "one of beam, greedy, sample";
+    }
+
+    pub fn option<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: FromStr + DeserializeOwned + Expected,
+    {
+        let v = serde_json::Value::deserialize(d)?;
+        let shown = |v: &serde_json::Value| {
+            let s = v.to_string();
+            if s.chars().count() > 40 {
+                format!("{}…", s.chars().take(40).collect::<String>())
+            } else {
+                s
+            }
+        };
+        match &v {
+            serde_json::Value::Null => Ok(None),
+            serde_json::Value::String(s) => {
+                s.trim().parse::<T>().map(Some).map_err(|_| {
+                    D::Error::custom(format!("must be {}, got {}", T::WHAT, shown(&v)))
+                })
+            }
+            _ => serde_json::from_value::<T>(v.clone())
+                .map(Some)
+                .map_err(|_| D::Error::custom(format!("must be {}, got {}", T::WHAT, shown(&v)))),
+        }
+    }
+}

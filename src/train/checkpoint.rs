@@ -1,0 +1,116 @@
+//! Training checkpoints: the network's weights, the optimizer's state and where the run stands,
+//! in one safetensors file written atomically, so that a resumed run continues exactly.
+use crate::model::bundle::CaptionNet;
+use crate::train::optim::AdamW;
+use crate::train::spec::TrainSpec;
+use crate::train::trainer::LossPoint;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tch::{Device, Tensor};
+
+pub const CHECKPOINT: &str = "checkpoint.safetensors";
+
+/// Saved with every checkpoint: where to continue.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(super) struct CheckpointState {
+    pub(super) spec: TrainSpec,
+    /// Epoch in progress (0-based) and batches of it already done.
+    pub(super) epoch: usize,
+    pub(super) batch_in_epoch: usize,
+    pub(super) global_step: i64,
+    pub(super) history: Vec<LossPoint>,
+    pub(super) val_history: Vec<LossPoint>,
+}
+
+/// Where a run starts: the checkpoint file it saves to, and its state.
+pub(super) struct Start {
+    pub(super) path: PathBuf,
+    pub(super) state: CheckpointState,
+    /// The state (and `net`'s and `opt`'s) came from a checkpoint.
+    pub(super) resumed: bool,
+}
+
+/// Creates `ckpt_dir`; with `resume` and a checkpoint there, loads it into `net` and `opt` and
+/// continues from its state (which must have been made with the same `spec`), else starts at 0.
+pub(super) fn start(
+    spec: &TrainSpec,
+    ckpt_dir: &Path,
+    resume: bool,
+    net: &mut CaptionNet,
+    opt: &mut AdamW,
+) -> Result<Start> {
+    let mut state = CheckpointState {
+        spec: spec.clone(),
+        epoch: 0,
+        batch_in_epoch: 0,
+        global_step: 0,
+        history: vec![],
+        val_history: vec![],
+    };
+    std::fs::create_dir_all(ckpt_dir)?;
+    let ckpt = ckpt_dir.join(CHECKPOINT);
+    let resumed = resume && ckpt.exists();
+    if resumed {
+        state = load(&ckpt, net, opt)?;
+        if state.spec != *spec {
+            bail!(
+                "the checkpoint in {} was made with a different spec",
+                ckpt_dir.display()
+            );
+        }
+    }
+    Ok(Start {
+        path: ckpt,
+        state,
+        resumed,
+    })
+}
+
+/// Writes the checkpoint to a temporary file beside `path`, then renames it into place.
+pub(super) fn save(
+    path: &Path,
+    net: &CaptionNet,
+    opt: &AdamW,
+    state: &CheckpointState,
+) -> Result<()> {
+    let mut named: Vec<(String, Tensor)> = net
+        .vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| (format!("net.{n}"), t.to_device(Device::Cpu)))
+        .collect();
+    named.extend(
+        opt.state_tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.to_device(Device::Cpu))),
+    );
+    let json = serde_json::to_vec(state)?;
+    named.push(("state_json".into(), Tensor::from_slice(&json)));
+    let tmp = crate::fsutil::temp_path(path);
+    Tensor::write_safetensors(&named, &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    crate::fsutil::rename_durable(&tmp, path)
+}
+
+/// Loads a checkpoint's weights into `net` and its optimizer state into `opt`.
+fn load(path: &Path, net: &mut CaptionNet, opt: &mut AdamW) -> Result<CheckpointState> {
+    let tensors = crate::model::weights::read_safetensors(path)?;
+    let json: Vec<u8> = Vec::try_from(
+        tensors
+            .get("state_json")
+            .with_context(|| format!("{}: no state", path.display()))?,
+    )?;
+    let state: CheckpointState = serde_json::from_slice(&json)?;
+    let named: BTreeMap<String, Tensor> = tensors
+        .iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("net.")
+                .map(|n| (n.to_string(), v.shallow_clone()))
+        })
+        .collect();
+    crate::model::weights::copy_into(&net.vs, "", &named, path)?;
+    opt.load_state(&tensors, state.global_step)?;
+    Ok(state)
+}

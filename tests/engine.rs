@@ -1,0 +1,594 @@
+//! The engine in-process, with a tiny random bundle: continuous batching changes no caption,
+//! cancellation frees rows, swaps and unloads under load, worker failures, deadlines, client
+//! disconnects and graceful drain — each made deterministic by a hold on the worker that the
+//! test controls (`Engine::hold`), never by sleeping.
+#![allow(clippy::arc_with_non_send_sync)] // bundles stay on the test thread
+mod common;
+
+use clipcap::config::Config;
+use clipcap::engine::{Engine, Fault};
+use clipcap::generate::{caption_embeddings, Caption, Decoder};
+use clipcap::model::bundle::Bundle;
+use clipcap::options::{GenOptions, Strategy};
+use clipcap::serve::{metrics::HttpMetrics, AppState};
+use common::png;
+use reqwest::blocking::Client;
+use serde_json::Value;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+
+fn bundle_dir() -> &'static std::path::Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = tempfile::tempdir().unwrap();
+        common::make_bundle(
+            d.path(),
+            &["--size", "tiny", "--encoder", "tiny", "--seed", "23"],
+        );
+        d
+    })
+    .path()
+}
+
+fn embeddings(n: i64, seed: i64) -> Tensor {
+    tch::manual_seed(seed);
+    Tensor::randn([n, 32], (Kind::Float, Device::Cpu))
+}
+
+fn tokens(caps: &[Caption]) -> Vec<Vec<i64>> {
+    caps.iter().map(|c| c.tokens.clone()).collect()
+}
+
+/// Runs `dec` to the end, collecting every finished image's tokens by id.
+fn drain(dec: &mut Decoder, out: &mut std::collections::BTreeMap<u64, Vec<Vec<i64>>>) {
+    while !dec.is_empty() {
+        for f in dec.step().unwrap() {
+            out.insert(f.id, tokens(&f.captions));
+        }
+    }
+}
+
+fn opts(strategy: Strategy, extra: impl FnOnce(&mut GenOptions)) -> GenOptions {
+    let mut o = GenOptions {
+        strategy,
+        max_tokens: 14,
+        beam_size: 3,
+        ..Default::default()
+    };
+    extra(&mut o);
+    o
+}
+
+#[test]
+fn joining_a_running_decode_changes_no_caption() {
+    let b = Arc::new(Bundle::load(bundle_dir(), Device::Cpu, Kind::Float).unwrap());
+    let first = embeddings(3, 1);
+    let late = embeddings(4, 2);
+    let cases = [
+        ("beam", opts(Strategy::Beam, |_| {})),
+        ("greedy", opts(Strategy::Greedy, |_| {})),
+        (
+            "sample",
+            opts(Strategy::Sample, |o| {
+                o.seed = Some(7);
+                o.n_best = 2;
+                o.temperature = 1.5;
+            }),
+        ),
+    ];
+    for (name, o) in &cases {
+        // Mixed cohorts: the running images decode with other options than the newcomers.
+        for running in [o.clone(), opts(Strategy::Beam, |x| x.beam_size = 2)] {
+            let alone_first = caption_embeddings(b.clone(), &first, &running).unwrap();
+            let alone_late = caption_embeddings(b.clone(), &late, o).unwrap();
+            let mut dec = Decoder::new(b.clone());
+            let mut got = std::collections::BTreeMap::new();
+            for f in dec.add(&first, &running, vec![0, 1, 2]).unwrap() {
+                got.insert(f.id, tokens(&f.captions));
+            }
+            for _ in 0..4 {
+                for f in dec.step().unwrap() {
+                    got.insert(f.id, tokens(&f.captions));
+                }
+            }
+            let rows_before = dec.rows();
+            for f in dec.add(&late, o, vec![10, 11, 12, 13]).unwrap() {
+                got.insert(f.id, tokens(&f.captions));
+            }
+            assert!(
+                dec.rows() > rows_before,
+                "{name}: the newcomers joined the batch"
+            );
+            drain(&mut dec, &mut got);
+            for i in 0..3 {
+                assert_eq!(
+                    got[&(i as u64)],
+                    tokens(&alone_first[i]),
+                    "{name}: running image {i}"
+                );
+            }
+            for i in 0..4 {
+                assert_eq!(
+                    got[&(10 + i as u64)],
+                    tokens(&alone_late[i]),
+                    "{name}: image {i} that joined mid-decode"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn cancelling_mid_decode_frees_rows_and_changes_no_other_caption() {
+    let b = Arc::new(Bundle::load(bundle_dir(), Device::Cpu, Kind::Float).unwrap());
+    let clip = embeddings(4, 3);
+    let o = opts(Strategy::Beam, |o| o.max_tokens = 20);
+    let alone = caption_embeddings(b.clone(), &clip, &o).unwrap();
+    let mut dec = Decoder::new(b.clone());
+    let mut got = std::collections::BTreeMap::new();
+    assert!(dec.add(&clip, &o, vec![0, 1, 2, 3]).unwrap().is_empty());
+    dec.step().unwrap();
+    let rows = dec.rows();
+    dec.cancel(1);
+    dec.cancel(3);
+    let after = dec.step().unwrap();
+    for f in after {
+        got.insert(f.id, tokens(&f.captions));
+    }
+    assert!(
+        dec.is_empty() || dec.rows() <= rows - 2 * o.beam_size,
+        "the cancelled images' rows are gone ({} of {rows} left)",
+        dec.rows()
+    );
+    drain(&mut dec, &mut got);
+    assert_eq!(
+        got.keys().copied().collect::<Vec<_>>(),
+        vec![0, 2],
+        "no captions for cancelled images"
+    );
+    assert_eq!(got[&0], tokens(&alone[0]));
+    assert_eq!(got[&2], tokens(&alone[2]));
+}
+
+/// An in-process server on a real socket, with the test holding its engine.
+struct Rig {
+    url: String,
+    engine: Engine,
+    state: AppState,
+    rt: tokio::runtime::Runtime,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+fn rig(env: &[(&str, &str)]) -> Rig {
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let flags = [
+        ("models", toml::Value::Array(vec![])),
+        ("device", toml::Value::String("cpu".into())),
+    ];
+    let cfg = Config::load(None, &env, &flags).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let http = Arc::new(HttpMetrics::new());
+    let engine = clipcap::serve::engine_for(&cfg, &http.registry).unwrap();
+    engine.install_blocking("tiny", bundle_dir(), true).unwrap();
+    let state = AppState::new(Arc::new(cfg), engine.clone(), http).unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let served = rt.spawn(clipcap::serve::serve(listener, state.clone(), async {
+        let _ = rx.await;
+    }));
+    Rig {
+        url,
+        engine,
+        state,
+        rt,
+        stop: Some(tx),
+        served: Some(served),
+    }
+}
+
+impl Rig {
+    fn caption(&self, query: &str, seed: u8) -> reqwest::blocking::Response {
+        client()
+            .post(format!("{}/caption?{query}", self.url))
+            .header("content-type", "image/png")
+            .body(png(48, 40, seed))
+            .send()
+            .unwrap()
+    }
+
+    fn images(&self, outcome: &str) -> u64 {
+        self.engine
+            .metrics()
+            .images
+            .with_label_values(&["tiny", outcome])
+            .get()
+    }
+
+    /// Waits (bounded) until `cond` holds; a condition the test observes, not a fixed sleep.
+    fn until(&self, what: &str, cond: impl Fn() -> bool) {
+        let t0 = Instant::now();
+        while !cond() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "timed out waiting for {what}"
+            );
+            std::thread::yield_now();
+        }
+    }
+
+    /// Lets the held worker take exactly the work that reached it, then holds it again.
+    fn one_turn(&self, hold: clipcap::engine::Hold) -> clipcap::engine::Hold {
+        drop(hold);
+        self.engine.hold()
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.served.take() {
+            let _ = self.rt.block_on(h);
+        }
+    }
+}
+
+fn client() -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+fn ready(r: &Rig) -> (u16, Value) {
+    let resp = client().get(format!("{}/ready", r.url)).send().unwrap();
+    (resp.status().as_u16(), resp.json().unwrap())
+}
+
+#[test]
+fn a_panicking_step_fails_its_requests_with_an_opaque_500_and_the_worker_recovers() {
+    let r = rig(&[]);
+    let before = r.caption("max_tokens=6", 1);
+    assert_eq!(before.status(), 200);
+    let want: Value = before.json().unwrap();
+    r.engine.inject_fault(Fault::PanicInStep);
+    let failed = r.caption("max_tokens=6", 1);
+    assert_eq!(failed.status(), 500);
+    assert!(failed.headers().contains_key("x-request-id"));
+    let body: Value = failed.json().unwrap();
+    assert_eq!(body["type"], "internal");
+    let msg = body["error"].as_str().unwrap();
+    assert!(
+        !msg.contains("injected") && !msg.contains("panic"),
+        "no internals leak: {msg}"
+    );
+    assert_eq!(r.images("error"), 1);
+    // Recovered: the same image gets the same caption, and /ready says so.
+    let again: Value = r.caption("max_tokens=6", 1).json().unwrap();
+    assert_eq!(
+        again["results"][0]["caption"],
+        want["results"][0]["caption"]
+    );
+    assert_eq!(ready(&r).0, 200);
+    // A worker that dies is reported: not ready, and new requests get 503, not a hang.
+    r.engine.inject_fault(Fault::KillWorker);
+    let lost = r.caption("max_tokens=6", 2);
+    assert_eq!(lost.status(), 503);
+    let (status, body) = ready(&r);
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["worker_alive"], false);
+    assert_eq!(r.caption("max_tokens=6", 3).status(), 503);
+}
+
+#[test]
+fn a_deadline_that_passes_in_the_queue_answers_504_and_costs_no_compute() {
+    let r = rig(&[("CLIPCAP_REQUEST_TIMEOUT_MS", "300")]);
+    let hold = r.engine.hold();
+    let resp = r.caption("max_tokens=6", 4);
+    assert_eq!(resp.status(), 504);
+    let body: Value = resp.json().unwrap();
+    assert_eq!(body["type"], "deadline_exceeded");
+    assert_eq!(r.engine.queued(), 1, "it waits in the queue, never started");
+    let _hold = r.one_turn(hold);
+    assert_eq!(r.images("deadline"), 1);
+    assert_eq!(r.images("ok"), 0);
+    assert_eq!(r.engine.queued(), 0);
+    assert_eq!(
+        r.engine.metrics().encode_batch_size.get_sample_count(),
+        0,
+        "never encoded"
+    );
+}
+
+#[test]
+fn a_client_that_leaves_cancels_its_queued_work() {
+    let r = rig(&[]);
+    let hold = r.engine.hold();
+    let url = format!("{}/caption?max_tokens=6", r.url);
+    let task = r.rt.spawn(async move {
+        reqwest::Client::new()
+            .post(url)
+            .header("content-type", "image/png")
+            .body(png(48, 40, 5))
+            .send()
+            .await
+    });
+    r.until("the request to reach the queue", || r.engine.queued() == 1);
+    task.abort();
+    // The handler is dropped when the connection closes: its in-flight slot frees.
+    r.until("the server to drop the handler", || {
+        r.state.http.inflight.get() == 0
+    });
+    let _hold = r.one_turn(hold);
+    assert_eq!(r.images("cancelled"), 1);
+    assert_eq!(r.images("ok"), 0);
+}
+
+#[test]
+fn swaps_and_unloads_under_load_answer_every_request_on_a_named_version() {
+    let r = rig(&[("CLIPCAP_ADMIN_TOKEN", "t0k")]);
+    r.engine
+        .install_blocking("second", bundle_dir(), false)
+        .unwrap();
+    // Deterministic part: requests queued before a swap or an unload run on the version they
+    // were validated against.
+    let hold = r.engine.hold();
+    let url = r.url.clone();
+    let queued: Vec<_> = [("tiny", 6u8), ("second", 7)]
+        .into_iter()
+        .map(|(model, seed)| {
+            let url = format!("{url}/caption?model={model}&max_tokens=6");
+            std::thread::spawn(move || {
+                let v: Value = client()
+                    .post(url)
+                    .header("content-type", "image/png")
+                    .body(png(48, 40, seed))
+                    .send()
+                    .unwrap()
+                    .json()
+                    .unwrap();
+                v
+            })
+        })
+        .collect();
+    r.until("both requests to queue", || r.engine.queued() == 2);
+    let base = r.engine.commands_waiting();
+    let (engine, dir) = (r.engine.clone(), bundle_dir().to_path_buf());
+    let swap = std::thread::spawn(move || engine.install_blocking("tiny", &dir, false).unwrap());
+    let engine = r.engine.clone();
+    let unload = r.rt.spawn(async move { engine.unload("second").await });
+    // Both commands wait behind the two requests before the worker goes on.
+    r.until("the swap and the unload to queue", || {
+        r.engine.commands_waiting() == base + 2
+    });
+    drop(hold);
+    assert_eq!(swap.join().unwrap().version, 2);
+    r.rt.block_on(unload).unwrap().unwrap();
+    let answers: Vec<Value> = queued.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(
+        (
+            answers[0]["model"].as_str(),
+            answers[0]["model_version"].as_u64()
+        ),
+        (Some("tiny"), Some(1))
+    );
+    assert_eq!(
+        (
+            answers[1]["model"].as_str(),
+            answers[1]["model_version"].as_u64()
+        ),
+        (Some("second"), Some(1))
+    );
+    let gone = r.caption("model=second&max_tokens=6", 7);
+    assert_eq!(
+        gone.status(),
+        422,
+        "an unloaded model is unknown to new requests"
+    );
+    // Under load: four clients keep captioning while "tiny" is swapped three more times.
+    let clients: Vec<_> = (0..4u8)
+        .map(|c| {
+            let url = format!("{}/caption?max_tokens=5", r.url);
+            std::thread::spawn(move || {
+                let http = client();
+                (0..12)
+                    .map(|i| {
+                        let resp = http
+                            .post(&url)
+                            .header("content-type", "image/png")
+                            .body(png(40, 40, c * 16 + i))
+                            .send()
+                            .unwrap();
+                        let status = resp.status().as_u16();
+                        let version = resp.headers()["x-clipcap-model"]
+                            .to_str()
+                            .unwrap()
+                            .to_string();
+                        let v: Value = resp.json().unwrap();
+                        assert_eq!(version, format!("tiny/{}", v["model_version"]));
+                        (status, v["model_version"].as_u64().unwrap())
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    for want in 3..=5 {
+        let admin = client()
+            .post(format!("{}/admin/models", r.url))
+            .bearer_auth("t0k")
+            .json(&serde_json::json!({"name": "tiny", "path": bundle_dir()}))
+            .send()
+            .unwrap();
+        assert_eq!(admin.status(), 200);
+        let v: Value = admin.json().unwrap();
+        assert_eq!(v["loaded"]["version"], want);
+    }
+    for c in clients {
+        let seen = c.join().unwrap();
+        assert!(seen.iter().all(|(s, _)| *s == 200), "{seen:?}");
+        let versions: Vec<u64> = seen.iter().map(|(_, v)| *v).collect();
+        assert!(
+            versions.windows(2).all(|w| w[0] <= w[1]),
+            "versions only go forward: {versions:?}"
+        );
+        assert!(versions.iter().all(|v| (2..=5).contains(v)), "{versions:?}");
+    }
+    let last: Value = r.caption("max_tokens=5", 9).json().unwrap();
+    assert_eq!(last["model_version"], 5);
+}
+
+#[test]
+fn shutdown_refuses_new_connections_and_finishes_what_is_in_flight() {
+    let mut r = rig(&[]);
+    let hold = r.engine.hold();
+    let url = format!("{}/caption?max_tokens=6", r.url);
+    let inflight = std::thread::spawn(move || {
+        client()
+            .post(url)
+            .header("content-type", "image/png")
+            .body(png(48, 40, 8))
+            .send()
+            .map(|resp| resp.status().as_u16())
+    });
+    r.until("the request to queue", || r.engine.queued() == 1);
+    let _ = r.stop.take().unwrap().send(());
+    r.until("the server to stop accepting", || {
+        Client::new()
+            .get(format!("{}/health", r.url))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .is_err()
+    });
+    assert!(r.state.draining.load(std::sync::atomic::Ordering::Relaxed));
+    drop(hold);
+    assert_eq!(
+        inflight.join().unwrap().unwrap(),
+        200,
+        "the in-flight request finished"
+    );
+    let served = r.served.take().unwrap();
+    r.rt.block_on(served).unwrap().unwrap();
+    assert!(
+        !r.engine.readiness().worker_alive,
+        "the worker ended with the server"
+    );
+}
+
+/// The names an "unknown field" error lists as allowed (the handler's own list).
+fn allowed_fields(error: &str) -> Vec<String> {
+    let list = error
+        .split("allowed: ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no list of allowed fields in {error:?}"));
+    list.split(',').map(|s| s.trim().to_string()).collect()
+}
+
+/// Every property of `schema`, following `$ref`s and `allOf` (flattened types).
+fn properties(doc: &Value, schema: &Value) -> Vec<String> {
+    if let Some(r) = schema["$ref"].as_str() {
+        let name = r.rsplit('/').next().unwrap();
+        return properties(doc, &doc["components"]["schemas"][name]);
+    }
+    let mut out: Vec<String> = schema["properties"]
+        .as_object()
+        .map(|p| p.keys().cloned().collect())
+        .unwrap_or_default();
+    for part in schema["allOf"].as_array().into_iter().flatten() {
+        out.extend(properties(doc, part));
+    }
+    out
+}
+
+#[test]
+fn the_openapi_document_is_valid_and_names_every_field_the_handlers_accept() {
+    let r = rig(&[("CLIPCAP_ADMIN_TOKEN", "t0k")]);
+    let doc: Value = client()
+        .get(format!("{}/openapi.json", r.url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), serde_json::to_vec(&doc).unwrap()).unwrap();
+    let out = common::run_python(&["scripts/validate_openapi.py", file.path().to_str().unwrap()]);
+    assert!(out.starts_with("valid: OpenAPI 3"), "{out}");
+
+    // /caption: the fields the handler accepts, as it lists them when given an unknown one.
+    let refused: Value = r.caption("no_such_option=1", 1).json().unwrap();
+    let accepted = allowed_fields(refused["error"].as_str().unwrap());
+    assert!(accepted.len() >= 11, "{accepted:?}");
+    let post = &doc["paths"]["/caption"]["post"];
+    let query: Vec<String> = post["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect();
+    let content = &post["requestBody"]["content"];
+    let json_body = properties(&doc, &content["application/json"]["schema"]);
+    let form = properties(&doc, &content["multipart/form-data"]["schema"]);
+    for f in &accepted {
+        assert!(query.contains(f), "query parameter {f} missing: {query:?}");
+        assert!(
+            json_body.contains(f),
+            "JSON field {f} missing: {json_body:?}"
+        );
+        assert!(form.contains(f), "form field {f} missing: {form:?}");
+    }
+    assert!(json_body.contains(&"image".into()) && json_body.contains(&"images".into()));
+    assert!(content["image/*"].is_object());
+    // Every accepted field, given a valid value at once, is taken.
+    let all = "model=tiny&strategy=sample&beam_size=2&max_tokens=5&n=2&temperature=0.9&top_p=0.9\
+               &top_k=40&seed=3&repetition_penalty=1.1&no_repeat_ngram=2";
+    assert_eq!(
+        all.split('&').count(),
+        accepted.len(),
+        "the valid-values request covers every accepted field"
+    );
+    assert_eq!(r.caption(all, 1).status(), 200);
+
+    // POST /train likewise.
+    let refused: Value = client()
+        .post(format!("{}/train", r.url))
+        .bearer_auth("t0k")
+        .json(&serde_json::json!({"dataset": "d", "output": "o", "no_such_field": 1}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(refused["field"], "no_such_field", "{refused}");
+    let accepted = allowed_fields(refused["error"].as_str().unwrap());
+    assert!(accepted.len() >= 22, "{accepted:?}");
+    let train =
+        &doc["paths"]["/train"]["post"]["requestBody"]["content"]["application/json"]["schema"];
+    let documented = properties(&doc, train);
+    for f in &accepted {
+        assert!(
+            documented.contains(f),
+            "POST /train field {f} missing from the document"
+        );
+    }
+    for route in [
+        "/health",
+        "/ready",
+        "/info",
+        "/metrics",
+        "/admin/models",
+        "/train/{id}/resume",
+    ] {
+        assert!(doc["paths"][route].is_object(), "{route} undocumented");
+    }
+}

@@ -1,0 +1,180 @@
+//! The layer rule of `src/lib.rs`: a top-level module uses only modules on its own layer or
+//! below, and no two modules import each other (directly or around a circle).
+//! `cargo test --test layering -- --nocapture` prints the module graph it read.
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+/// Top to bottom, as drawn in src/lib.rs.
+const LAYERS: &[&[&str]] = &[
+    &["cli"],
+    &["serve", "train", "eval", "synth"],
+    &["engine"],
+    &["generate", "model"],
+    &["preprocess", "options"],
+    &["config", "device", "fsutil", "parallel"],
+];
+
+fn layer_of(m: &str) -> usize {
+    LAYERS
+        .iter()
+        .position(|l| l.contains(&m))
+        .unwrap_or_else(|| panic!("module {m} is on no layer: add it to src/lib.rs and LAYERS"))
+}
+
+/// Code without `//` comments (doc comments mention other modules freely).
+fn code(text: &str) -> String {
+    text.lines()
+        .map(|l| match l.find("//") {
+            Some(i) if !l[..i].contains('"') => &l[..i],
+            _ => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Top-level modules named after `crate::` (also inside `use crate::{a, b::c}`).
+fn uses(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("crate::") {
+        rest = &rest[i + 7..];
+        if let Some(inner) = rest.strip_prefix('{') {
+            let end = inner.find('}').unwrap_or(inner.len());
+            // Top-level names of the group: split on commas outside nested braces.
+            let mut depth = 0;
+            let mut item = String::new();
+            for c in inner[..end].chars().chain([',']) {
+                match c {
+                    '{' => depth += 1,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => {
+                        let name: String = item
+                            .trim()
+                            .chars()
+                            .take_while(|c| c.is_alphanumeric() || *c == '_')
+                            .collect();
+                        if !name.is_empty() {
+                            out.insert(name);
+                        }
+                        item.clear();
+                        continue;
+                    }
+                    _ => {}
+                }
+                item.push(c);
+            }
+        } else {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            if !name.is_empty() {
+                out.insert(name);
+            }
+        }
+    }
+    out
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// module → modules it uses, read from src/.
+fn graph() -> BTreeMap<String, BTreeSet<String>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = vec![];
+    rust_files(&src, &mut files);
+    let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for f in files {
+        let rel = f.strip_prefix(&src).unwrap();
+        let top = rel
+            .components()
+            .next()
+            .unwrap()
+            .as_os_str()
+            .to_string_lossy()
+            .trim_end_matches(".rs")
+            .to_string();
+        if top == "lib" || top == "main" {
+            continue;
+        }
+        let text = code(&std::fs::read_to_string(&f).unwrap());
+        let entry = g.entry(top.clone()).or_default();
+        for u in uses(&text) {
+            if u != top {
+                entry.insert(u);
+            }
+        }
+    }
+    g
+}
+
+#[test]
+fn modules_only_use_their_layer_or_below() {
+    let g = graph();
+    let mut wrong = vec![];
+    for (m, deps) in &g {
+        println!(
+            "{m:>10} (layer {}) -> {}",
+            layer_of(m),
+            deps.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
+        for d in deps {
+            if layer_of(d) < layer_of(m) {
+                wrong.push(format!("{m} -> {d}"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "imports that point up: {wrong:?}");
+}
+
+#[test]
+fn no_import_cycles_between_top_level_modules() {
+    let g = graph();
+    // Depth-first search for a back edge.
+    fn visit(
+        m: &str,
+        g: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(i) = path.iter().position(|p| p == m) {
+            let mut cycle = path[i..].to_vec();
+            cycle.push(m.to_string());
+            return Some(cycle);
+        }
+        if done.contains(m) {
+            return None;
+        }
+        path.push(m.to_string());
+        for d in g.get(m).into_iter().flatten() {
+            if let Some(c) = visit(d, g, path, done) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        done.insert(m.to_string());
+        None
+    }
+    let mut done = BTreeSet::new();
+    for m in g.keys() {
+        if let Some(c) = visit(m, &g, &mut vec![], &mut done) {
+            panic!("import cycle: {}", c.join(" -> "));
+        }
+    }
+}
+
+#[test]
+fn the_reader_sees_grouped_and_plain_imports() {
+    let t = "use crate::{a::b, c, d::{e, f}};\nlet x = crate::g::h(); // crate::zzz\n";
+    let got: Vec<_> = uses(&code(t)).into_iter().collect();
+    assert_eq!(got, ["a", "c", "d", "g"]);
+}
