@@ -190,7 +190,7 @@ fn caption(a: CaptionArgs) -> Result<()> {
 
 fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     if a.threads > 0 {
-        tch::set_num_threads(a.threads);
+        crate::device::set_threads(a.threads as usize);
     }
     let most = a.batch.iter().copied().max().unwrap_or(1);
     let (engine, model) = Engine::local(&a.model, a.device, a.dtype, most)?;
@@ -233,7 +233,7 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             serde_json::json!({"batch": b, "images": n, "seconds": best, "images_per_s": n as f64 / best,
                 "tokens": tokens, "strategy": opts.strategy, "beam_size": opts.beam_size,
                 "device": model.device, "dtype": model.dtype,
-                "cpu": crate::device::cpu_model(), "threads": tch::get_num_threads()})
+                "cpu": crate::device::cpu_model(), "threads": crate::device::threads()})
         );
     }
     engine.shutdown();

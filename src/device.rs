@@ -165,6 +165,20 @@ pub fn dtype_name(k: Kind) -> &'static str {
     }
 }
 
+/// Sets libtorch's intra-op thread count (CPU kernels).
+pub fn set_threads(n: usize) {
+    tch::set_num_threads(n as i32);
+}
+
+/// libtorch's intra-op thread count.
+pub fn threads() -> usize {
+    tch::get_num_threads().max(1) as usize
+}
+
+pub fn cuda_available() -> bool {
+    tch::Cuda::is_available()
+}
+
 /// The CPU's model name (from /proc/cpuinfo), for benchmark output.
 pub fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")

@@ -13,16 +13,11 @@ use tch::{Device, Kind, Tensor};
 
 fn bundle_dir() -> &'static std::path::Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let d = tempfile::tempdir().unwrap();
-        // A flat token embedding makes random GPT-2s loop on a few tokens: good for penalties.
-        common::make_bundle(
-            d.path(),
-            &["--size", "tiny", "--seed", "41", "--wte-std", "0.05"],
-        );
-        d
-    })
-    .path()
+    // A flat token embedding makes random GPT-2s loop on a few tokens: good for penalties.
+    common::bundle_once(
+        &DIR,
+        &["--size", "tiny", "--seed", "41", "--wte-std", "0.05"],
+    )
 }
 
 fn setup() -> (Arc<Bundle>, Tensor) {

@@ -20,15 +20,10 @@ use tch::{Device, Kind, Tensor};
 
 fn bundle_dir() -> &'static std::path::Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let d = tempfile::tempdir().unwrap();
-        common::make_bundle(
-            d.path(),
-            &["--size", "tiny", "--encoder", "tiny", "--seed", "23"],
-        );
-        d
-    })
-    .path()
+    common::bundle_once(
+        &DIR,
+        &["--size", "tiny", "--encoder", "tiny", "--seed", "23"],
+    )
 }
 
 fn embeddings(n: i64, seed: i64) -> Tensor {
@@ -591,4 +586,69 @@ fn the_openapi_document_is_valid_and_names_every_field_the_handlers_accept() {
     ] {
         assert!(doc["paths"][route].is_object(), "{route} undocumented");
     }
+}
+
+#[test]
+fn requests_that_wait_together_share_one_encoder_pass_and_one_decode_batch() {
+    let r = rig(&[]);
+    let hold = r.engine.hold();
+    let url = format!("{}/caption?max_tokens=8&beam_size=3", r.url);
+    let clients: Vec<_> = (0..8u8)
+        .map(|i| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let v: Value = client()
+                    .post(url)
+                    .header("content-type", "image/png")
+                    .body(png(64, 48, i))
+                    .send()
+                    .unwrap()
+                    .json()
+                    .unwrap();
+                v["results"][0]["batch_rows"].as_i64().unwrap()
+            })
+        })
+        .collect();
+    r.until("eight requests to queue", || r.engine.queued() == 8);
+    drop(hold);
+    let rows: Vec<i64> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let enc = &r.engine.metrics().encode_batch_size;
+    assert_eq!(
+        (enc.get_sample_count(), enc.get_sample_sum()),
+        (1, 8.0),
+        "one encoder pass of 8"
+    );
+    assert_eq!(rows, vec![24; 8], "8 images x 3 beams decode as one batch");
+}
+
+#[test]
+fn overload_is_refused_with_429_and_retry_after_while_the_limit_is_held() {
+    let r = rig(&[("CLIPCAP_MAX_INFLIGHT_REQUESTS", "1")]);
+    let hold = r.engine.hold();
+    let url = format!("{}/caption?max_tokens=4", r.url);
+    let first = std::thread::spawn(move || {
+        client()
+            .post(url)
+            .header("content-type", "image/png")
+            .body(png(32, 32, 1))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    });
+    r.until("the first request to hold the only slot", || {
+        r.engine.queued() == 1
+    });
+    let refused = r.caption("max_tokens=4", 2);
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body: Value = refused.json().unwrap();
+    assert_eq!(body["type"], "too_many_requests");
+    drop(hold);
+    assert_eq!(first.join().unwrap(), 200);
+    assert_eq!(
+        r.caption("max_tokens=4", 3).status(),
+        200,
+        "the slot is free again"
+    );
 }

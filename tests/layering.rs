@@ -1,6 +1,7 @@
 //! The layer rule of `src/lib.rs`: a top-level module uses only modules on its own layer or
 //! below, and no two modules import each other (directly or around a circle).
-//! `cargo test --test layering -- --nocapture` prints the module graph it read.
+//! `cargo test --test layering -- --nocapture` prints the module graph it read;
+//! `LAYERING_SRC=/other/checkout/src` reads another tree (e.g. an older commit) instead.
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
@@ -14,11 +15,12 @@ const LAYERS: &[&[&str]] = &[
     &["config", "device", "fsutil", "parallel"],
 ];
 
+fn layer(m: &str) -> Option<usize> {
+    LAYERS.iter().position(|l| l.contains(&m))
+}
+
 fn layer_of(m: &str) -> usize {
-    LAYERS
-        .iter()
-        .position(|l| l.contains(&m))
-        .unwrap_or_else(|| panic!("module {m} is on no layer: add it to src/lib.rs and LAYERS"))
+    layer(m).unwrap_or_else(|| panic!("module {m} is on no layer: add it to src/lib.rs and LAYERS"))
 }
 
 /// Code without `//` comments (doc comments mention other modules freely).
@@ -39,7 +41,20 @@ fn uses(text: &str) -> BTreeSet<String> {
     while let Some(i) = rest.find("crate::") {
         rest = &rest[i + 7..];
         if let Some(inner) = rest.strip_prefix('{') {
-            let end = inner.find('}').unwrap_or(inner.len());
+            // The group ends at its matching brace.
+            let mut depth = 0;
+            let end = inner
+                .char_indices()
+                .find(|&(_, c)| {
+                    match c {
+                        '{' => depth += 1,
+                        '}' if depth == 0 => return true,
+                        '}' => depth -= 1,
+                        _ => {}
+                    }
+                    false
+                })
+                .map_or(inner.len(), |(i, _)| i);
             // Top-level names of the group: split on commas outside nested braces.
             let mut depth = 0;
             let mut item = String::new();
@@ -89,7 +104,9 @@ fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
 
 /// module → modules it uses, read from src/.
 fn graph() -> BTreeMap<String, BTreeSet<String>> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let src = std::env::var("LAYERING_SRC")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("src"));
     let mut files = vec![];
     rust_files(&src, &mut files);
     let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -120,13 +137,13 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
 #[test]
 fn modules_only_use_their_layer_or_below() {
     let g = graph();
+    let shown = |m: &str| layer(m).map_or("?".to_string(), |l| l.to_string());
+    for (m, deps) in &g {
+        let deps: Vec<String> = deps.iter().map(|d| format!("{d}({})", shown(d))).collect();
+        println!("{m:>10} ({}) -> {}", shown(m), deps.join(", "));
+    }
     let mut wrong = vec![];
     for (m, deps) in &g {
-        println!(
-            "{m:>10} (layer {}) -> {}",
-            layer_of(m),
-            deps.iter().cloned().collect::<Vec<_>>().join(", ")
-        );
         for d in deps {
             if layer_of(d) < layer_of(m) {
                 wrong.push(format!("{m} -> {d}"));
@@ -139,37 +156,35 @@ fn modules_only_use_their_layer_or_below() {
 #[test]
 fn no_import_cycles_between_top_level_modules() {
     let g = graph();
-    // Depth-first search for a back edge.
-    fn visit(
-        m: &str,
-        g: &BTreeMap<String, BTreeSet<String>>,
-        path: &mut Vec<String>,
-        done: &mut BTreeSet<String>,
-    ) -> Option<Vec<String>> {
-        if let Some(i) = path.iter().position(|p| p == m) {
-            let mut cycle = path[i..].to_vec();
-            cycle.push(m.to_string());
-            return Some(cycle);
-        }
-        if done.contains(m) {
-            return None;
-        }
-        path.push(m.to_string());
-        for d in g.get(m).into_iter().flatten() {
-            if let Some(c) = visit(d, g, path, done) {
-                return Some(c);
+    // Modules that reach each other form a cycle (a strongly connected set); list each once.
+    let reach = |from: &str| {
+        let mut seen = BTreeSet::new();
+        let mut todo = vec![from.to_string()];
+        while let Some(m) = todo.pop() {
+            for d in g.get(&m).into_iter().flatten() {
+                if seen.insert(d.clone()) {
+                    todo.push(d.clone());
+                }
             }
         }
-        path.pop();
-        done.insert(m.to_string());
-        None
-    }
-    let mut done = BTreeSet::new();
-    for m in g.keys() {
-        if let Some(c) = visit(m, &g, &mut vec![], &mut done) {
-            panic!("import cycle: {}", c.join(" -> "));
+        seen
+    };
+    let reaches: BTreeMap<&String, BTreeSet<String>> = g.keys().map(|m| (m, reach(m))).collect();
+    let mut cycles = BTreeSet::new();
+    for (m, r) in &reaches {
+        if r.contains(*m) {
+            let members: Vec<&str> = reaches
+                .iter()
+                .filter(|(o, ro)| r.contains(**o) && ro.contains(*m))
+                .map(|(o, _)| o.as_str())
+                .collect();
+            cycles.insert(members.join(" <-> "));
         }
     }
+    for c in &cycles {
+        println!("cycle: {c}");
+    }
+    assert!(cycles.is_empty(), "import cycles: {cycles:?}");
 }
 
 #[test]
@@ -177,4 +192,20 @@ fn the_reader_sees_grouped_and_plain_imports() {
     let t = "use crate::{a::b, c, d::{e, f}};\nlet x = crate::g::h(); // crate::zzz\n";
     let got: Vec<_> = uses(&code(t)).into_iter().collect();
     assert_eq!(got, ["a", "c", "d", "g"]);
+}
+
+#[test]
+fn the_doors_never_touch_tch() {
+    // HTTP handlers and the CLI's commands go through the engine (or a lower layer's API).
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = vec![src.join("cli.rs"), src.join("eval/cli.rs")];
+    rust_files(&src.join("serve"), &mut files);
+    for f in files {
+        let text = code(&std::fs::read_to_string(&f).unwrap());
+        assert!(
+            !text.contains("tch::") && !text.contains("use tch"),
+            "{} uses tch directly",
+            f.display()
+        );
+    }
 }

@@ -23,10 +23,10 @@ pub fn train_routes() -> Router<AppState> {
         .route("/train/{id}/loss.svg", get(svg))
 }
 
-/// The body of `POST /train`: names (never paths) and the hyper-parameters, whose defaults are
-/// the original's.
+/// What a `POST /train` trains on and where its bundle goes: names, never paths.
 #[derive(Deserialize, Debug, utoipa::ToSchema)]
-pub struct TrainRequest {
+#[serde(deny_unknown_fields)]
+pub struct TrainTarget {
     /// A prepared dataset: a folder under the server's data root (`clipcap prepare`'s output).
     dataset: String,
     /// The trained bundle's name: written under the bundles folder, served under this name
@@ -41,9 +41,31 @@ pub struct TrainRequest {
     /// Start from the base model's mapper and GPT-2 weights (fine-tune) instead of a fresh mapper.
     #[serde(default)]
     init_from_base: bool,
+}
+
+/// The body of `POST /train`: the target and the hyper-parameters (the original's defaults),
+/// side by side in one object.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct TrainRequest {
+    #[serde(flatten)]
+    #[schema(inline)]
+    target: TrainTarget,
     #[serde(flatten)]
     #[schema(inline)]
     params: TrainParams,
+}
+
+/// A part of a JSON body as type `T`, a bad field named by its path.
+fn parse_part<T: serde::de::DeserializeOwned>(
+    fields: serde_json::Map<String, serde_json::Value>,
+) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(serde_json::Value::Object(fields)).map_err(|e| {
+        let path = e.path().to_string();
+        let msg = e.inner().to_string();
+        let field = if path == "." { field_of(&msg) } else { path };
+        ApiError::option(field, msg)
+    })
 }
 
 /// The job manager (present whenever admin routes are enabled).
@@ -135,13 +157,13 @@ pub(crate) async fn start(
             format!("unknown field; allowed: {}", allowed.join(", ")),
         ));
     }
-    // The path of the offending field, for type errors as well as missing fields.
-    let req: TrainRequest = serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let msg = e.inner().to_string();
-        let field = if path == "." { field_of(&msg) } else { path };
-        ApiError::option(field, msg)
-    })?;
+    let target_names = crate::serve::openapi::field_names::<TrainTarget>();
+    let (target, params): (serde_json::Map<_, _>, serde_json::Map<_, _>) = fields
+        .clone()
+        .into_iter()
+        .partition(|(k, _)| target_names.contains(k));
+    let req: TrainTarget = parse_part(target)?;
+    let params: TrainParams = parse_part(params)?;
     let data = dataset_dir(&st, &req.dataset)?;
     check_name("output", &req.output)?;
     let base_model =
@@ -154,7 +176,7 @@ pub(crate) async fn start(
     let mut spec = TrainSpec {
         data,
         out: std::path::PathBuf::from(&st.cfg.training.bundles_dir).join(&req.output),
-        params: req.params,
+        params,
         ..Default::default()
     };
     if req.init_from_base {

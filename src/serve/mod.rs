@@ -178,7 +178,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     init_tracing(&cfg);
     tracing::info!("configuration:\n{}", cfg.to_masked_toml());
     if cfg.inference.torch_threads > 0 {
-        tch::set_num_threads(cfg.inference.torch_threads as i32);
+        crate::device::set_threads(cfg.inference.torch_threads);
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

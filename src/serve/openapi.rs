@@ -100,7 +100,7 @@ impl Modify for Security {
     components(schemas(
         DecodeOptions, GenOptions, Strategy, CaptionResponse, ImageResult, ImageTimings,
         RequestTimings, ScoredCaption, ErrorBody, LoadModel, CaptionForm, CaptionJson, RawImage,
-        crate::serve::admin::TrainRequest, crate::train::spec::AmpMode,
+        crate::serve::admin::TrainRequest, crate::serve::admin::TrainTarget, crate::train::spec::AmpMode,
         crate::model::mapper::MappingType,
     )),
     modifiers(&Security),

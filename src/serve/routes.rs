@@ -371,7 +371,7 @@ pub(crate) async fn info(State(st): State<AppState>) -> Json<serde_json::Value> 
         "version": env!("CARGO_PKG_VERSION"),
         "default_model": st.engine.default_model(),
         "models": st.engine.models(),
-        "cuda_available": tch::Cuda::is_available(),
+        "cuda_available": crate::device::cuda_available(),
         "limits": {
             "max_body_bytes": c.server.max_body_bytes,
             "max_images_per_request": c.server.max_images_per_request,

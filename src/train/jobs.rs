@@ -470,11 +470,12 @@ impl Core {
         f(job);
         job.updated_unix = now();
         let job = job.clone();
-        drop(inner);
-        // On disk before anyone is told: a waiter may read the record.
+        // Written under the lock: whoever sees the new state in memory finds it on disk too,
+        // and two writers never interleave.
         if let Err(e) = write_record(&self.dir, &job) {
             tracing::error!(job = id, error = %e, "cannot write job record");
         }
+        drop(inner);
         self.changed.notify_all();
         Some(job)
     }
@@ -747,6 +748,21 @@ mod tests {
 
     const WAIT: Duration = Duration::from_secs(20);
 
+    impl Rig {
+        /// Queues a job writing bundle `/b/<output>`.
+        fn submit(&self, output: &str, activate: bool) -> JobRecord {
+            let spec = spec(&format!("/b/{output}"));
+            self.jobs
+                .submit("d".into(), output.into(), "demo".into(), activate, spec)
+                .unwrap()
+        }
+
+        /// Waits (woken by the manager) until job `id` is in `state`.
+        fn wait(&self, id: &str, state: JobState) -> JobRecord {
+            self.jobs.wait_for(id, WAIT, state_is(state)).unwrap()
+        }
+    }
+
     fn spec(out: &str) -> TrainSpec {
         TrainSpec {
             out: PathBuf::from(out),
@@ -771,31 +787,16 @@ mod tests {
     fn a_job_runs_succeeds_and_activates_its_bundle() {
         let dir = tempfile::tempdir().unwrap();
         let r = rig(dir.path());
-        let job = r
-            .jobs
-            .submit(
-                "d".into(),
-                "mine".into(),
-                "demo".into(),
-                true,
-                spec("/b/mine"),
-            )
-            .unwrap();
+        let job = r.submit("mine", true);
         assert_eq!(job.state, JobState::Queued);
         assert!(
             !r.started.recv_timeout(WAIT).unwrap(),
             "a first run does not resume"
         );
-        let running = r
-            .jobs
-            .wait_for(&job.id, WAIT, state_is(JobState::Running))
-            .unwrap();
+        let running = r.wait(&job.id, JobState::Running);
         assert_eq!(running.runs, 1);
         r.then.send(Then::Finish).unwrap();
-        let done = r
-            .jobs
-            .wait_for(&job.id, WAIT, state_is(JobState::Succeeded))
-            .unwrap();
+        let done = r.wait(&job.id, JobState::Succeeded);
         assert!(done.activated);
         assert_eq!((done.step, done.bundle.as_deref()), (7, Some("/b/mine")));
         assert_eq!(
@@ -817,18 +818,10 @@ mod tests {
     fn cancel_then_resume_continues_from_the_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let r = rig(dir.path());
-        let a = r
-            .jobs
-            .submit("d".into(), "a".into(), "demo".into(), false, spec("/b/a"))
-            .unwrap();
-        let b = r
-            .jobs
-            .submit("d".into(), "b".into(), "demo".into(), false, spec("/b/b"))
-            .unwrap();
+        let a = r.submit("a", false);
+        let b = r.submit("b", false);
         assert!(!r.started.recv_timeout(WAIT).unwrap());
-        r.jobs
-            .wait_for(&a.id, WAIT, state_is(JobState::Running))
-            .unwrap();
+        r.wait(&a.id, JobState::Running);
         // b waits behind a: cancelling it never runs it.
         assert_eq!(
             r.jobs.cancel(&b.id).unwrap().unwrap().state,
@@ -837,10 +830,7 @@ mod tests {
         r.then.send(Then::UntilCancelled).unwrap();
         assert!(r.jobs.resume(&a.id).unwrap_err().contains("is running"));
         r.jobs.cancel(&a.id).unwrap();
-        let cancelled = r
-            .jobs
-            .wait_for(&a.id, WAIT, state_is(JobState::Cancelled))
-            .unwrap();
+        let cancelled = r.wait(&a.id, JobState::Cancelled);
         assert!(!cancelled.activated);
         assert_eq!(
             r.jobs.resume(&a.id).unwrap().unwrap().state,
@@ -851,10 +841,7 @@ mod tests {
             "the second run resumes"
         );
         r.then.send(Then::Finish).unwrap();
-        let done = r
-            .jobs
-            .wait_for(&a.id, WAIT, state_is(JobState::Succeeded))
-            .unwrap();
+        let done = r.wait(&a.id, JobState::Succeeded);
         assert_eq!(done.runs, 2);
         assert!(!done.activated, "activate was not asked for");
         assert!(r.installs.0.lock().unwrap().is_empty());
@@ -865,16 +852,10 @@ mod tests {
     fn a_failure_is_recorded_and_can_be_retried() {
         let dir = tempfile::tempdir().unwrap();
         let r = rig(dir.path());
-        let a = r
-            .jobs
-            .submit("d".into(), "a".into(), "demo".into(), true, spec("/b/a"))
-            .unwrap();
+        let a = r.submit("a", true);
         r.started.recv_timeout(WAIT).unwrap();
         r.then.send(Then::Fail("disk on fire")).unwrap();
-        let failed = r
-            .jobs
-            .wait_for(&a.id, WAIT, state_is(JobState::Failed))
-            .unwrap();
+        let failed = r.wait(&a.id, JobState::Failed);
         assert_eq!(failed.error.as_deref(), Some("disk on fire"));
         assert_eq!(
             on_disk(dir.path(), &a.id).error.as_deref(),
@@ -884,9 +865,7 @@ mod tests {
         assert_eq!((again.state, again.error), (JobState::Queued, None));
         assert!(r.started.recv_timeout(WAIT).unwrap());
         r.then.send(Then::Finish).unwrap();
-        r.jobs
-            .wait_for(&a.id, WAIT, state_is(JobState::Succeeded))
-            .unwrap();
+        r.wait(&a.id, JobState::Succeeded);
     }
 
     #[test]
@@ -894,18 +873,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = {
             let r = rig(dir.path());
-            let a = r
-                .jobs
-                .submit("d".into(), "a".into(), "demo".into(), false, spec("/b/a"))
-                .unwrap();
-            let b = r
-                .jobs
-                .submit("d".into(), "b".into(), "demo".into(), false, spec("/b/b"))
-                .unwrap();
+            let a = r.submit("a", false);
+            let b = r.submit("b", false);
             r.started.recv_timeout(WAIT).unwrap();
-            r.jobs
-                .wait_for(&a.id, WAIT, state_is(JobState::Running))
-                .unwrap();
+            r.wait(&a.id, JobState::Running);
             r.then.send(Then::UntilCancelled).unwrap();
             r.jobs.shutdown();
             assert_eq!(r.jobs.get(&a.id).unwrap().state, JobState::Interrupted);
@@ -921,23 +892,16 @@ mod tests {
         assert_eq!(on_disk(dir.path(), &a).state, JobState::Interrupted);
         // The queued one runs by itself after the restart.
         assert!(!r.started.recv_timeout(WAIT).unwrap());
-        r.jobs
-            .wait_for(&b, WAIT, state_is(JobState::Running))
-            .unwrap();
+        r.wait(&b, JobState::Running);
         r.then.send(Then::Finish).unwrap();
-        r.jobs
-            .wait_for(&b, WAIT, state_is(JobState::Succeeded))
-            .unwrap();
+        r.wait(&b, JobState::Succeeded);
         r.jobs.resume(&a).unwrap();
         assert!(
             r.started.recv_timeout(WAIT).unwrap(),
             "an interrupted job resumes"
         );
         r.then.send(Then::Finish).unwrap();
-        let done = r
-            .jobs
-            .wait_for(&a, WAIT, state_is(JobState::Succeeded))
-            .unwrap();
+        let done = r.wait(&a, JobState::Succeeded);
         assert_eq!(done.runs, 2);
     }
 }

@@ -53,6 +53,19 @@ pub fn make_bundle(dir: &std::path::Path, extra: &[&str]) {
     run_python(&args);
 }
 
+/// A random test bundle made once per test binary (kept in `cell`), with `make_bundle` flags.
+pub fn bundle_once(
+    cell: &'static std::sync::OnceLock<tempfile::TempDir>,
+    flags: &[&str],
+) -> &'static std::path::Path {
+    cell.get_or_init(|| {
+        let d = tempfile::tempdir().unwrap();
+        make_bundle(d.path(), flags);
+        d
+    })
+    .path()
+}
+
 /// A PNG of `w`×`h` with a gradient and a square, deterministic for `seed`.
 pub fn png(w: u32, h: u32, seed: u8) -> Vec<u8> {
     let img = image::RgbImage::from_fn(w, h, |x, y| {
