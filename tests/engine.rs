@@ -652,3 +652,33 @@ fn overload_is_refused_with_429_and_retry_after_while_the_limit_is_held() {
         "the slot is free again"
     );
 }
+
+#[test]
+fn after_the_grace_period_what_is_left_gets_503_and_the_server_exits() {
+    let mut r = rig(&[("CLIPCAP_SHUTDOWN_GRACE_MS", "200")]);
+    // Held, the worker cannot finish the request: only the grace period can end it.
+    let hold = r.engine.hold();
+    let url = format!("{}/caption?max_tokens=6", r.url);
+    let inflight = std::thread::spawn(move || {
+        let resp = client()
+            .post(url)
+            .header("content-type", "image/png")
+            .body(png(48, 40, 9))
+            .send()
+            .unwrap();
+        (resp.status().as_u16(), resp.json::<Value>().unwrap())
+    });
+    r.until("the request to queue", || r.engine.queued() == 1);
+    let _ = r.stop.take().unwrap().send(());
+    let (status, body) = inflight.join().unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["type"], "unavailable");
+    assert!(
+        body["error"].as_str().unwrap().contains("shut down"),
+        "{body}"
+    );
+    drop(hold);
+    let served = r.served.take().unwrap();
+    r.rt.block_on(served).unwrap().unwrap();
+    assert_eq!(r.images("ok"), 0);
+}

@@ -507,6 +507,27 @@ fn api_key_protects_caption() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 200);
+    // The scheme is case-insensitive (RFC 7235).
+    let r = c
+        .post(&url)
+        .header("authorization", "bearer k1")
+        .header("content-type", "image/png")
+        .body(png(32, 32, 1))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Bundle paths only for callers with the key.
+    let info = |key: Option<&str>| -> Value {
+        let mut req = c.get(format!("{}/info", s.url));
+        if let Some(k) = key {
+            req = req.header("x-api-key", k);
+        }
+        req.send().unwrap().json().unwrap()
+    };
+    let anonymous = info(None);
+    assert_eq!(anonymous["models"][0]["name"], "tiny");
+    assert!(anonymous["models"][0].get("dir").is_none(), "{anonymous}");
+    assert_eq!(info(Some("k1"))["models"][0]["dir"], bundle());
 }
 
 #[test]

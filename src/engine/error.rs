@@ -12,6 +12,9 @@ pub enum EngineError {
     /// The worker thread has stopped (shutdown, or it died).
     #[error("the inference worker has stopped")]
     Stopped,
+    /// The engine was told to give up on its work (shutdown after the grace period).
+    #[error("the server shut down before the captions were ready; retry elsewhere")]
+    Aborted,
     /// Nothing is loaded yet (start-up) or every model was unloaded.
     #[error("no model is loaded yet")]
     NoModel,

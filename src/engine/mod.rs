@@ -112,6 +112,8 @@ struct Inner {
     max_pixels: u64,
     preprocess_threads: usize,
     preprocess_slots: Arc<tokio::sync::Semaphore>,
+    /// Set by [`Engine::abort`]: waiting callers give up at once.
+    aborted: tokio::sync::watch::Sender<bool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -195,6 +197,7 @@ impl Engine {
                 max_pixels: cfg.max_pixels,
                 preprocess_threads: threads,
                 preprocess_slots: Arc::new(tokio::sync::Semaphore::new(threads)),
+                aborted: tokio::sync::watch::channel(false).0,
                 thread: Mutex::new(Some(thread)),
             }),
         }
@@ -389,6 +392,9 @@ impl Engine {
 
     /// Queues a job unless the queue is full or the worker is gone.
     fn submit(&self, job: Job) -> Result<(), EngineError> {
+        if *self.inner.aborted.borrow() {
+            return Err(EngineError::Aborted);
+        }
         if !self.inner.health.alive() {
             return Err(EngineError::Stopped);
         }
@@ -409,12 +415,18 @@ impl Engine {
         deadline: Option<Instant>,
     ) -> Result<CaptionOutput, EngineError> {
         let (job, rx, cancel) = Self::job(model, input, opts, deadline);
+        let mut aborted = self.inner.aborted.subscribe();
         self.submit(job)?;
         let mut guard = CancelOnDrop {
             flag: cancel,
             done: false,
         };
-        let out = rx.await.unwrap_or(Err(EngineError::Stopped));
+        // An abort answers at once, whatever the worker is doing; the guard then marks the
+        // request cancelled, and the worker drops its rows at its next step.
+        let out = tokio::select! {
+            r = rx => r.unwrap_or(Err(EngineError::Stopped)),
+            _ = aborted.wait_for(|a| *a) => Err(EngineError::Aborted),
+        };
         guard.done = out.is_ok();
         out
     }
@@ -483,6 +495,12 @@ impl Engine {
             Ok(false) => Err(EngineError::NotLoaded(name.to_string())),
             Err(_) => Err(EngineError::Stopped),
         }
+    }
+
+    /// Gives up on every waiting request (they get [`EngineError::Aborted`]) and refuses new
+    /// ones; for a shutdown whose grace period is over.
+    pub fn abort(&self) {
+        self.inner.aborted.send_replace(true);
     }
 
     /// Lets the worker finish what it has, then ends it (blocking; idempotent).

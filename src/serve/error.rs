@@ -106,6 +106,7 @@ impl From<EngineError> for ApiError {
         match e {
             EngineError::QueueFull
             | EngineError::Stopped
+            | EngineError::Aborted
             | EngineError::NoModel
             | EngineError::ModelChanged(_)
             | EngineError::Cancelled => ApiError::Unavailable(text),

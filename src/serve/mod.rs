@@ -18,6 +18,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use error::ApiError;
 use metrics::HttpMetrics;
+use std::future::IntoFuture;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -216,13 +217,33 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     };
     let grace = Duration::from_millis(state.cfg.server.shutdown_grace_ms);
-    let server = axum::serve(listener, app).with_graceful_shutdown(signal);
-    tokio::select! {
-        r = server => r?,
+    let mut server = tokio::spawn(
+        axum::serve(listener, app)
+            .with_graceful_shutdown(signal)
+            .into_future(),
+    );
+    let finished = tokio::select! {
+        r = &mut server => Some(r),
         _ = async {
             let _ = stop_rx.changed().await;
             tokio::time::sleep(grace).await;
-        } => tracing::warn!("grace period over; closing remaining connections"),
+        } => None,
+    };
+    match finished {
+        Some(r) => r??,
+        None => {
+            // The grace period is over: what is still waiting gets 503 now, then the
+            // remaining connections get a moment to carry those answers out.
+            tracing::warn!(
+                grace_ms = grace.as_millis() as u64,
+                "grace period over; answering what is left with 503"
+            );
+            state.engine.abort();
+            match tokio::time::timeout(Duration::from_secs(2), &mut server).await {
+                Ok(r) => r??,
+                Err(_) => server.abort(),
+            }
+        }
     }
     if let Some(jobs) = &state.jobs {
         let jobs = jobs.clone();

@@ -365,12 +365,29 @@ pub(crate) async fn ready(State(st): State<AppState>) -> Response {
 
 /// Served models, limits and batching settings.
 #[utoipa::path(get, path = "/info", tag = "operations", responses((status = 200, description = "Server information")))]
-pub(crate) async fn info(State(st): State<AppState>) -> Json<serde_json::Value> {
+pub(crate) async fn info(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+) -> Json<serde_json::Value> {
     let c = &st.cfg;
+    let mut models = serde_json::to_value(st.engine.models()).unwrap_or_default();
+    // Where bundles live on disk is for those the server trusts: on a server with an API key
+    // or an admin token, anonymous callers see names and shapes only.
+    let protected = !c.auth.api_key.is_empty() || !c.auth.admin_token.is_empty();
+    let trusted = (!c.auth.api_key.is_empty() && check_api_key(&st, &headers).is_ok())
+        || (!c.auth.admin_token.is_empty()
+            && bearer(&headers).is_some_and(|t| secret_eq(t, &c.auth.admin_token)));
+    if protected && !trusted {
+        for m in models.as_array_mut().into_iter().flatten() {
+            if let Some(o) = m.as_object_mut() {
+                o.remove("dir");
+            }
+        }
+    }
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "default_model": st.engine.default_model(),
-        "models": st.engine.models(),
+        "models": models,
         "cuda_available": crate::device::cuda_available(),
         "limits": {
             "max_body_bytes": c.server.max_body_bytes,
