@@ -205,6 +205,55 @@ fn parse_like(default: &Value, raw: &str) -> Result<Value> {
     })
 }
 
+/// `CLIPCAP_*` variables that are not settings but read elsewhere (scripts, tests, packing).
+const OTHER_ENV: &[&str] = &[
+    "CLIPCAP_VENV",
+    "CLIPCAP_PYTHON",
+    "CLIPCAP_PACKED_GEMM",
+    "CLIPCAP_TEST_THREADS",
+    "CLIPCAP_LIBTORCH_LIB",
+];
+
+/// A warning for each `CLIPCAP_*` variable that names no setting (a typo does nothing
+/// otherwise), with the closest setting's variable.
+pub fn unknown_env(env: &[(String, String)]) -> Vec<String> {
+    let table: Table = DEFAULT_TOML.parse().expect("built-in defaults parse");
+    let keys: Vec<String> = table
+        .values()
+        .filter_map(|s| s.as_table())
+        .flat_map(|t| t.keys().cloned())
+        .collect();
+    env.iter()
+        .filter_map(|(name, _)| {
+            let key = name.strip_prefix("CLIPCAP_")?.to_ascii_lowercase();
+            if keys.contains(&key) || OTHER_ENV.contains(&name.as_str()) {
+                return None;
+            }
+            let closest = keys.iter().min_by_key(|k| edit_distance(k, &key))?;
+            Some(format!(
+                "environment variable {name} is not a setting (ignored); did you mean CLIPCAP_{}?",
+                closest.to_ascii_uppercase()
+            ))
+        })
+        .collect()
+}
+
+/// Levenshtein distance (small strings).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
 /// A model entry `NAME=DIR` or `DIR` (named after its folder).
 pub fn parse_model_entry(entry: &str) -> (String, std::path::PathBuf) {
     match entry.split_once('=') {
@@ -273,6 +322,29 @@ mod tests {
         std::fs::write(&file, "[server]\nbindd = \"x\"\n").unwrap();
         let e = format!("{:#}", Config::load(Some(&file), &[], &[]).unwrap_err());
         assert!(e.contains("server.bindd"), "{e}");
+    }
+
+    #[test]
+    fn unknown_environment_variables_are_named_with_the_closest_setting() {
+        let env = |pairs: &[&str]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|k| (k.to_string(), "x".to_string()))
+                .collect()
+        };
+        let w = unknown_env(&env(&[
+            "CLIPCAP_DEVIC",
+            "CLIPCAP_DEVICE",
+            "CLIPCAP_VENV",
+            "PATH",
+        ]));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("CLIPCAP_DEVIC ") && w[0].contains("CLIPCAP_DEVICE?"),
+            "{w:?}"
+        );
+        let w = unknown_env(&env(&["CLIPCAP_MAX_BATCH_IMAGE"]));
+        assert!(w[0].ends_with("CLIPCAP_MAX_BATCH_IMAGES?"), "{w:?}");
     }
 
     #[test]

@@ -337,7 +337,8 @@ fn crc32(data: &[u8]) -> u32 {
 
 #[test]
 fn health_ready_info_metrics_openapi_and_request_ids() {
-    let s = start(&[]);
+    // A misspelt setting is named in the log, with the one meant.
+    let s = start(&[("CLIPCAP_MAX_BATCH_IMAGE", "8")]);
     let c = client();
     let h: Value = c
         .get(format!("{}/health", s.url))
@@ -391,6 +392,30 @@ fn health_ready_info_metrics_openapi_and_request_ids() {
         .unwrap()
         .text()
         .unwrap();
+    // No admin token: no training, so no training metrics (whatever ./jobs holds).
+    assert!(
+        !m.contains("clipcap_train_jobs"),
+        "training metrics without training"
+    );
+    // The log: one access line per request (with its id and the model version), no colour
+    // codes when not on a terminal, and the typo warning.
+    let log = s.log();
+    assert!(!log.contains('\u{1b}'), "ANSI codes in a file log");
+    assert!(
+        log.lines().any(|l| l.contains("abc-123")
+            && l.contains("/caption")
+            && l.contains("status=200")
+            && l.contains("tiny/1")),
+        "no access line for the request:\n{log}"
+    );
+    assert!(
+        log.contains("CLIPCAP_MAX_BATCH_IMAGE is not a setting"),
+        "{log}"
+    );
+    assert!(
+        log.contains("did you mean CLIPCAP_MAX_BATCH_IMAGES?"),
+        "{log}"
+    );
     for name in [
         "clipcap_requests_total{route=\"/caption\",status=\"200\"}",
         "clipcap_request_duration_seconds_bucket",

@@ -162,9 +162,14 @@ pub fn engine_for(cfg: &Config, registry: &prometheus::Registry) -> Result<Engin
 fn init_tracing(cfg: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.server.log_level));
+    // Logs go to stderr (stdout carries the machine-readable "listening" line), coloured only
+    // when a person watches a terminal.
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false);
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = if cfg.server.log_format == crate::config::LogFormat::Json {
         builder.json().flatten_event(true).try_init()
     } else {
@@ -177,6 +182,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let env: Vec<(String, String)> = std::env::vars().collect();
     let cfg = Config::load(args.config.as_deref(), &env, &args.flags())?;
     init_tracing(&cfg);
+    for warning in crate::config::unknown_env(&env) {
+        tracing::warn!("{warning}");
+    }
     tracing::info!("configuration:\n{}", cfg.to_masked_toml());
     if cfg.inference.torch_threads > 0 {
         crate::device::set_threads(cfg.inference.torch_threads);
@@ -265,14 +273,31 @@ fn with_layers(router: axum::Router) -> axum::Router {
     use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
     use tower_http::trace::TraceLayer;
     let x_request_id = HeaderName::from_static("x-request-id");
-    let trace = TraceLayer::new_for_http().make_span_with(|req: &Request<axum::body::Body>| {
-        let id = req
-            .headers()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-");
-        tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path())
-    });
+    let trace = TraceLayer::new_for_http()
+        .make_span_with(|req: &Request<axum::body::Body>| {
+            let id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path())
+        })
+        // The access log: one line per request, inside its span (id, method, path).
+        .on_response(
+            |resp: &axum::response::Response, latency: Duration, _span: &tracing::Span| {
+                let model = resp
+                    .headers()
+                    .get("x-clipcap-model")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-");
+                tracing::info!(
+                    status = resp.status().as_u16(),
+                    latency_ms = latency.as_secs_f64() * 1e3,
+                    model,
+                    "served"
+                );
+            },
+        );
     router
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
             axum::response::IntoResponse::into_response(ApiError::Internal("internal error".into()))
