@@ -19,6 +19,16 @@ pub enum Strategy {
     Sample,
 }
 
+impl Strategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Beam => "beam",
+            Strategy::Greedy => "greedy",
+            Strategy::Sample => "sample",
+        }
+    }
+}
+
 impl std::str::FromStr for Strategy {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -241,20 +251,45 @@ impl DecodeOptions {
     /// The model's defaults with these options applied, checked against every limit.
     pub fn resolve(&self, defaults: &GenOptions) -> Result<GenOptions, OptionError> {
         let mut o = defaults.clone();
-        if self.greedy {
-            o.strategy = Strategy::Greedy;
+        let chosen = if self.greedy {
+            Some(Strategy::Greedy)
         } else if self.sample {
-            o.strategy = Strategy::Sample;
-        } else if let Some(s) = self.strategy {
+            Some(Strategy::Sample)
+        } else {
+            self.strategy
+        };
+        let mut temperature = self.temperature;
+        // temperature 0 is greedy decoding, as OpenAI's and vLLM's users expect.
+        if temperature == Some(0.0) {
+            match chosen {
+                None | Some(Strategy::Greedy) => {
+                    o.strategy = Strategy::Greedy;
+                    temperature = None;
+                }
+                Some(s) => {
+                    return Err(OptionError {
+                        field: "temperature",
+                        message: format!(
+                            "0 means greedy decoding, which strategy {} is not",
+                            s.name()
+                        ),
+                    })
+                }
+            }
+        }
+        if let Some(s) = chosen {
             o.strategy = s;
         }
+        self.refuse_what_does_not_apply(o.strategy, temperature)?;
         macro_rules! take {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { o.$f = v; } )* };
+        }
+        if let Some(t) = temperature {
+            o.temperature = t;
         }
         take!(
             beam_size,
             max_tokens,
-            temperature,
             top_p,
             top_k,
             repetition_penalty,
@@ -276,6 +311,47 @@ impl DecodeOptions {
         }
         o.validate()?;
         Ok(o)
+    }
+}
+
+impl DecodeOptions {
+    /// Options set for another strategy would silently change nothing (or something else):
+    /// they are refused, naming the strategy they need.
+    fn refuse_what_does_not_apply(
+        &self,
+        strategy: Strategy,
+        temperature: Option<f64>,
+    ) -> Result<(), OptionError> {
+        let refuse = |field: &'static str, needs: &str| {
+            Err(OptionError {
+                field,
+                message: format!(
+                    "applies to {needs} only; this request decodes with {}",
+                    strategy.name()
+                ),
+            })
+        };
+        if strategy != Strategy::Sample {
+            if self.top_p.is_some() {
+                return refuse("top_p", "sampling (strategy=sample)");
+            }
+            if self.top_k.is_some() {
+                return refuse("top_k", "sampling (strategy=sample)");
+            }
+            if self.seed.is_some() {
+                return refuse("seed", "sampling (strategy=sample)");
+            }
+        }
+        if strategy != Strategy::Beam && self.beam_size.is_some() {
+            return refuse("beam_size", "beam search (strategy=beam)");
+        }
+        if strategy == Strategy::Greedy && temperature.is_some() {
+            return refuse(
+                "temperature",
+                "beam search and sampling (greedy ignores it)",
+            );
+        }
+        Ok(())
     }
 }
 
@@ -328,5 +404,66 @@ mod lenient {
                 .map(Some)
                 .map_err(|_| D::Error::custom(format!("must be {}, got {}", T::WHAT, shown(&v)))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(f: impl FnOnce(&mut DecodeOptions)) -> Result<GenOptions, OptionError> {
+        let mut o = DecodeOptions::default();
+        f(&mut o);
+        o.resolve(&GenOptions::default())
+    }
+
+    #[test]
+    fn temperature_zero_is_greedy() {
+        let g = opts(|o| o.temperature = Some(0.0)).unwrap();
+        assert_eq!((g.strategy, g.temperature), (Strategy::Greedy, 1.0));
+        let e = opts(|o| {
+            o.temperature = Some(0.0);
+            o.strategy = Some(Strategy::Sample);
+        })
+        .unwrap_err();
+        assert_eq!(e.field, "temperature");
+    }
+
+    #[test]
+    fn options_of_another_strategy_are_refused_by_name() {
+        let field = |f: fn(&mut DecodeOptions)| opts(f).unwrap_err().field;
+        assert_eq!(field(|o| o.top_p = Some(0.9)), "top_p");
+        assert_eq!(field(|o| o.seed = Some(1)), "seed");
+        assert_eq!(
+            field(|o| {
+                o.greedy = true;
+                o.temperature = Some(0.7);
+            }),
+            "temperature"
+        );
+        assert_eq!(
+            field(|o| {
+                o.sample = true;
+                o.beam_size = Some(3);
+            }),
+            "beam_size"
+        );
+        let s = opts(|o| {
+            o.sample = true;
+            o.top_p = Some(0.9);
+            o.seed = Some(4);
+            o.temperature = Some(0.7);
+            o.n = Some(3);
+        })
+        .unwrap();
+        assert_eq!(
+            (s.top_p, s.seed, s.temperature, s.n_best),
+            (0.9, Some(4), 0.7, 3)
+        );
+        // Beam search takes a temperature (ClipCap's generate_beam divides by it).
+        assert_eq!(
+            opts(|o| o.temperature = Some(0.5)).unwrap().temperature,
+            0.5
+        );
     }
 }

@@ -321,7 +321,9 @@ fn a_client_that_leaves_cancels_its_queued_work() {
             .send()
             .await
     });
-    r.until("the request to reach the queue", || r.engine.queued() == 1);
+    r.until("the request to reach the queue", || {
+        r.engine.captions_in_channel() == 1
+    });
     task.abort();
     // The handler is dropped when the connection closes: its in-flight slot frees.
     r.until("the server to drop the handler", || {
@@ -359,7 +361,9 @@ fn swaps_and_unloads_under_load_answer_every_request_on_a_named_version() {
             })
         })
         .collect();
-    r.until("both requests to queue", || r.engine.queued() == 2);
+    r.until("both requests to queue", || {
+        r.engine.captions_in_channel() == 2
+    });
     let base = r.engine.commands_waiting();
     let (engine, dir) = (r.engine.clone(), bundle_dir().to_path_buf());
     let swap = std::thread::spawn(move || engine.install_blocking("tiny", &dir, false).unwrap());
@@ -458,7 +462,9 @@ fn shutdown_refuses_new_connections_and_finishes_what_is_in_flight() {
             .send()
             .map(|resp| resp.status().as_u16())
     });
-    r.until("the request to queue", || r.engine.queued() == 1);
+    r.until("the request to queue", || {
+        r.engine.captions_in_channel() == 1
+    });
     let _ = r.stop.take().unwrap().send(());
     r.until("the server to stop accepting", || {
         Client::new()
@@ -545,15 +551,23 @@ fn the_openapi_document_is_valid_and_names_every_field_the_handlers_accept() {
     }
     assert!(json_body.contains(&"image".into()) && json_body.contains(&"images".into()));
     assert!(content["image/*"].is_object());
-    // Every accepted field, given a valid value at once, is taken.
-    let all = "model=tiny&strategy=sample&beam_size=2&max_tokens=5&n=2&temperature=0.9&top_p=0.9\
-               &top_k=40&seed=3&repetition_penalty=1.1&no_repeat_ngram=2";
-    assert_eq!(
-        all.split('&').count(),
-        accepted.len(),
-        "the valid-values request covers every accepted field"
-    );
-    assert_eq!(r.caption(all, 1).status(), 200);
+    // Every accepted field, with a valid value, is taken (beam_size by beam search, the
+    // sampling fields by sampling).
+    let sample = "model=tiny&strategy=sample&max_tokens=5&n=2&temperature=0.9&top_p=0.9&top_k=40\
+                  &seed=3&repetition_penalty=1.1&no_repeat_ngram=2";
+    let beam = "strategy=beam&beam_size=2";
+    let mut covered: Vec<&str> = sample
+        .split('&')
+        .chain(beam.split('&'))
+        .map(|kv| kv.split('=').next().unwrap())
+        .collect();
+    covered.sort();
+    covered.dedup();
+    let mut want: Vec<&str> = accepted.iter().map(|s| s.as_str()).collect();
+    want.sort();
+    assert_eq!(covered, want, "the two requests cover every accepted field");
+    assert_eq!(r.caption(sample, 1).status(), 200);
+    assert_eq!(r.caption(beam, 1).status(), 200);
 
     // POST /train likewise.
     let refused: Value = client()
@@ -609,7 +623,9 @@ fn requests_that_wait_together_share_one_encoder_pass_and_one_decode_batch() {
             })
         })
         .collect();
-    r.until("eight requests to queue", || r.engine.queued() == 8);
+    r.until("eight requests to queue", || {
+        r.engine.captions_in_channel() == 8
+    });
     drop(hold);
     let rows: Vec<i64> = clients.into_iter().map(|c| c.join().unwrap()).collect();
     let enc = &r.engine.metrics().encode_batch_size;
@@ -668,7 +684,9 @@ fn after_the_grace_period_what_is_left_gets_503_and_the_server_exits() {
             .unwrap();
         (resp.status().as_u16(), resp.json::<Value>().unwrap())
     });
-    r.until("the request to queue", || r.engine.queued() == 1);
+    r.until("the request to queue", || {
+        r.engine.captions_in_channel() == 1
+    });
     let _ = r.stop.take().unwrap().send(());
     let (status, body) = inflight.join().unwrap();
     assert_eq!(status, 503, "{body}");
@@ -681,4 +699,48 @@ fn after_the_grace_period_what_is_left_gets_503_and_the_server_exits() {
     let served = r.served.take().unwrap();
     r.rt.block_on(served).unwrap().unwrap();
     assert_eq!(r.images("ok"), 0);
+}
+
+#[test]
+fn a_full_queue_refuses_before_any_image_is_decoded() {
+    let r = rig(&[("CLIPCAP_QUEUE_CAPACITY", "1")]);
+    let hold = r.engine.hold();
+    let url = format!("{}/caption?max_tokens=4", r.url);
+    let first = std::thread::spawn(move || {
+        client()
+            .post(url)
+            .header("content-type", "image/png")
+            .body(png(32, 32, 1))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    });
+    r.until("the first request to take the only place", || {
+        r.engine.queued() == 1
+    });
+    // Not even an image: a server that decoded first would answer 415.
+    let refused = client()
+        .post(format!("{}/caption", r.url))
+        .header("content-type", "image/png")
+        .body(b"certainly not a png".to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    drop(hold);
+    assert_eq!(first.join().unwrap(), 200);
+    assert_eq!(r.engine.queued(), 0, "every place was given back");
+    let undecodable = client()
+        .post(format!("{}/caption", r.url))
+        .header("content-type", "image/png")
+        .body(b"certainly not a png".to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(
+        undecodable.status(),
+        415,
+        "with room, the image itself is judged"
+    );
+    assert_eq!(r.engine.queued(), 0, "a refused image gives its place back");
 }

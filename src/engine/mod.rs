@@ -126,6 +126,17 @@ impl Drop for Hold {
     }
 }
 
+/// A place in the queue taken before the work starts; given back if the request never
+/// reaches the worker (the worker gives back the ones that do).
+struct Slot(Option<Arc<Admission>>);
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(a) = self.0.take() {
+            a.release(1);
+        }
+    }
+}
+
 /// Marks the request cancelled when its caller drops the future before it finished.
 struct CancelOnDrop {
     flag: Arc<AtomicBool>,
@@ -272,11 +283,13 @@ impl Engine {
         deadline: Option<Instant>,
     ) -> Result<CaptionOutput, EngineError> {
         let work = async {
+            // A place in the queue first: an overloaded server refuses before decoding images.
+            let slot = self.reserve_slot()?;
             let t0 = Instant::now();
             let pixels = self.preprocess(model, images).await?;
             let preprocess_ms = t0.elapsed().as_secs_f64() * 1e3;
             let mut out = self
-                .submit_and_wait(model, JobInput::Pixels(pixels), opts, deadline)
+                .submit_and_wait(model, JobInput::Pixels(pixels), opts, deadline, Some(slot))
                 .await?;
             out.preprocess_ms = preprocess_ms;
             Ok(out)
@@ -390,8 +403,8 @@ impl Engine {
         (job, rx, cancel)
     }
 
-    /// Queues a job unless the queue is full or the worker is gone.
-    fn submit(&self, job: Job) -> Result<(), EngineError> {
+    /// Takes a place in the queue, or refuses at once (queue full, worker gone, aborted).
+    fn reserve_slot(&self) -> Result<Slot, EngineError> {
         if *self.inner.aborted.borrow() {
             return Err(EngineError::Aborted);
         }
@@ -401,10 +414,22 @@ impl Engine {
         if !self.inner.admission.try_admit() {
             return Err(EngineError::QueueFull);
         }
-        self.inner.tx.send(Command::Caption(job)).map_err(|_| {
-            self.inner.admission.release(1);
-            EngineError::Stopped
-        })
+        Ok(Slot(Some(self.inner.admission.clone())))
+    }
+
+    /// Queues a job in `slot` (or a new one); the worker gives the slot back.
+    fn submit(&self, job: Job, slot: Option<Slot>) -> Result<(), EngineError> {
+        let mut slot = match slot {
+            Some(s) => s,
+            None => self.reserve_slot()?,
+        };
+        self.inner.health.in_channel.fetch_add(1, Ordering::AcqRel);
+        if self.inner.tx.send(Command::Caption(job)).is_err() {
+            self.inner.health.in_channel.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::Stopped);
+        }
+        slot.0 = None;
+        Ok(())
     }
 
     async fn submit_and_wait(
@@ -413,10 +438,11 @@ impl Engine {
         input: JobInput,
         opts: GenOptions,
         deadline: Option<Instant>,
+        slot: Option<Slot>,
     ) -> Result<CaptionOutput, EngineError> {
         let (job, rx, cancel) = Self::job(model, input, opts, deadline);
         let mut aborted = self.inner.aborted.subscribe();
-        self.submit(job)?;
+        self.submit(job, slot)?;
         let mut guard = CancelOnDrop {
             flag: cancel,
             done: false,
@@ -438,7 +464,7 @@ impl Engine {
         opts: GenOptions,
     ) -> Result<CaptionOutput, EngineError> {
         let (job, rx, _cancel) = Self::job(model, input, opts, None);
-        self.submit(job)?;
+        self.submit(job, None)?;
         rx.blocking_recv().unwrap_or(Err(EngineError::Stopped))
     }
 
@@ -522,6 +548,13 @@ impl Engine {
             "the inference worker did not reach its gate"
         );
         Hold(self.inner.health.clone())
+    }
+
+    /// Caption requests handed to the worker and not yet taken by it (tests: "it reached the
+    /// queue", past preprocessing).
+    #[doc(hidden)]
+    pub fn captions_in_channel(&self) -> usize {
+        self.inner.health.in_channel.load(Ordering::Acquire)
     }
 
     /// Commands waiting in the worker's channel, of every kind (tests).

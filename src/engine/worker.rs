@@ -111,6 +111,8 @@ pub struct Health {
     heartbeat_ms: AtomicU64,
     alive: AtomicBool,
     pub(crate) fault: AtomicU8,
+    /// Caption requests sent to the worker and not yet taken by it (tests wait on this).
+    pub(crate) in_channel: std::sync::atomic::AtomicUsize,
     /// A test's hold on the worker.
     gate: std::sync::Mutex<Gate>,
     gate_changed: std::sync::Condvar,
@@ -132,6 +134,7 @@ impl Health {
             heartbeat_ms: AtomicU64::new(0),
             alive: AtomicBool::new(false),
             fault: AtomicU8::new(Fault::None as u8),
+            in_channel: std::sync::atomic::AtomicUsize::new(0),
             gate: std::sync::Mutex::new(Gate::default()),
             gate_changed: std::sync::Condvar::new(),
         }
@@ -481,7 +484,10 @@ impl Worker {
 
     fn accept(&mut self, cmd: Command) {
         match cmd {
-            Command::Caption(job) => self.scheduler.push(job),
+            Command::Caption(job) => {
+                self.shared.health.in_channel.fetch_sub(1, Ordering::AcqRel);
+                self.scheduler.push(job)
+            }
             Command::Install {
                 name,
                 bundle,
