@@ -7,7 +7,48 @@
 //! called directly from libtorch_cpu (linked by torch-sys) under its C++ symbol names. That also
 //! makes CPU autocast (bf16) available, which is how the tests exercise this path without a GPU.
 
+use serde::{Deserialize, Serialize};
 use tch::Device;
+
+/// fp16's dynamic loss scale, as `torch.cuda.amp.GradScaler` keeps it: a step whose gradients
+/// overflowed is skipped and halves the scale; the scale doubles after `GROWTH_INTERVAL`
+/// overflow-free steps in a row (never right after an overflow). Saved in checkpoints, so a
+/// resumed run continues with the scale it had.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LossScaler {
+    pub scale: f64,
+    /// Overflow-free steps since the last change of scale.
+    pub good_steps: u32,
+}
+
+impl Default for LossScaler {
+    fn default() -> Self {
+        LossScaler {
+            scale: 65536.0,
+            good_steps: 0,
+        }
+    }
+}
+
+impl LossScaler {
+    pub const GROWTH_INTERVAL: u32 = 2000;
+
+    /// After a backward pass whose unscaled gradient norm is `grad_norm`: whether to apply
+    /// the step.
+    pub fn update(&mut self, grad_norm: f64) -> bool {
+        if !grad_norm.is_finite() {
+            self.scale /= 2.0;
+            self.good_steps = 0;
+            return false;
+        }
+        self.good_steps += 1;
+        if self.good_steps == Self::GROWTH_INTERVAL {
+            self.scale *= 2.0;
+            self.good_steps = 0;
+        }
+        true
+    }
+}
 
 /// `c10::DeviceType` values (an `int8_t` enum).
 const DEVICE_CPU: i8 = 0;
@@ -112,6 +153,27 @@ pub fn with_autocast<T>(device: Device, dtype: Option<AmpDtype>, f: impl FnOnce(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_loss_scale_halves_on_overflow_and_grows_only_after_a_clean_interval() {
+        let mut s = LossScaler::default();
+        assert!(!s.update(f64::INFINITY), "an overflowed step is skipped");
+        assert!(!s.update(f64::NAN));
+        assert_eq!(s.scale, 16384.0);
+        for _ in 0..LossScaler::GROWTH_INTERVAL - 1 {
+            assert!(s.update(1.0));
+        }
+        assert_eq!(s.scale, 16384.0, "not yet");
+        // An overflow one step before growth resets the count: no growth right after it.
+        assert!(!s.update(f64::INFINITY));
+        assert_eq!((s.scale, s.good_steps), (8192.0, 0));
+        assert!(s.update(1.0));
+        assert_eq!(s.scale, 8192.0);
+        for _ in 1..LossScaler::GROWTH_INTERVAL {
+            s.update(2.0);
+        }
+        assert_eq!((s.scale, s.good_steps), (16384.0, 0));
+    }
     use tch::{Kind, Tensor};
 
     #[test]

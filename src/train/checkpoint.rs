@@ -1,6 +1,7 @@
 //! Training checkpoints: the network's weights, the optimizer's state and where the run stands,
 //! in one safetensors file written atomically, so that a resumed run continues exactly.
 use crate::model::bundle::CaptionNet;
+use crate::train::amp::LossScaler;
 use crate::train::optim::AdamW;
 use crate::train::spec::TrainSpec;
 use crate::train::trainer::LossPoint;
@@ -22,6 +23,9 @@ pub(super) struct CheckpointState {
     pub(super) global_step: i64,
     pub(super) history: Vec<LossPoint>,
     pub(super) val_history: Vec<LossPoint>,
+    /// fp16's loss scale (checkpoints from before it was saved start from the default).
+    #[serde(default)]
+    pub(super) scaler: LossScaler,
 }
 
 /// Where a run starts: the checkpoint file it saves to, and its state.
@@ -48,6 +52,7 @@ pub(super) fn start(
         global_step: 0,
         history: vec![],
         val_history: vec![],
+        scaler: LossScaler::default(),
     };
     std::fs::create_dir_all(ckpt_dir)?;
     let ckpt = ckpt_dir.join(CHECKPOINT);

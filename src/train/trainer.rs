@@ -345,8 +345,6 @@ struct Run<'a> {
     dropout: f64,
     amp: Option<AmpDtype>,
     fp16: bool,
-    /// fp16's dynamic loss scale: halved when the gradients overflow, doubled every 2000 steps.
-    loss_scale: f64,
     started: Instant,
     /// The global step this process started at (for the speed and ETA).
     start_step: i64,
@@ -397,7 +395,6 @@ impl<'a> Run<'a> {
             dropout,
             amp,
             fp16,
-            loss_scale: 65536.0f64,
             started: Instant::now(),
             window: (0.0f64, 0usize),
         }
@@ -457,8 +454,9 @@ impl<'a> Run<'a> {
             caption_loss_with_dropout(&self.net, batch, self.dropout)
         });
         let loss_v = if self.fp16 {
-            (&loss * self.loss_scale).backward();
-            self.opt.scale_grads(1.0 / self.loss_scale);
+            let scale = self.state.scaler.scale;
+            (&loss * scale).backward();
+            self.opt.scale_grads(1.0 / scale);
             f64::try_from(&loss)?
         } else {
             loss.backward();
@@ -473,23 +471,10 @@ impl<'a> Run<'a> {
         Ok(loss_v)
     }
 
-    /// Whether the gradients may be applied: with fp16, not when they overflowed (the loss
-    /// scale halves then; it doubles every 2000 steps otherwise). Always without fp16.
+    /// Whether the gradients may be applied: with fp16, not when they overflowed (see
+    /// `amp::LossScaler`); always without.
     fn grads_ok(&mut self) -> bool {
-        if self.fp16 {
-            let n = self.opt.grad_norm();
-            if !n.is_finite() {
-                self.loss_scale /= 2.0;
-                false
-            } else {
-                if self.state.global_step % 2000 == 1999 {
-                    self.loss_scale *= 2.0;
-                }
-                true
-            }
-        } else {
-            true
-        }
+        !self.fp16 || self.state.scaler.update(self.opt.grad_norm())
     }
 
     /// Counts the step just taken: the loss curve gets a point every few steps and at the
