@@ -137,6 +137,7 @@ pub fn run(cli: Cli) -> Result<()> {
             for (k, v) in crate::device::describe() {
                 println!("{k}: {v}");
             }
+            println!("cpu decoding: {}", crate::model::packed::status());
             Ok(())
         }
     }

@@ -192,9 +192,23 @@ pub fn cpu_model() -> String {
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
+/// The version of the torch package whose libtorch this binary links (its `version.py`).
+pub fn torch_version() -> String {
+    option_env!("CLIPCAP_LIBTORCH_LIB")
+        .map(|lib| std::path::Path::new(lib).join("../version.py"))
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("__version__ = "))
+                .map(|v| v.trim().trim_matches(|c| c == '\'' || c == '"').to_string())
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
 /// What this build and host can use, as `clipcap info` prints it.
 pub fn describe() -> Vec<(&'static str, String)> {
     vec![
+        ("torch", torch_version()),
         (
             "libtorch",
             option_env!("CLIPCAP_LIBTORCH_LIB")

@@ -549,6 +549,48 @@ fn api_key_protects_caption() {
         }
         req.send().unwrap().json().unwrap()
     };
+    // The load generator sends the key (and says what the server answered when it is wrong).
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), png(32, 32, 2)).unwrap();
+    let bench = |key: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_clipcap"))
+            .args([
+                "bench-http",
+                "--url",
+                &s.url,
+                "--concurrency",
+                "1",
+                "--requests",
+                "2",
+            ])
+            .args([
+                "--warmup",
+                "1",
+                "--query",
+                "max_tokens=3",
+                "--api-key",
+                key,
+                "--image",
+            ])
+            .arg(file.path())
+            .output()
+            .unwrap()
+    };
+    let ok = bench("k1");
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(
+        out.contains("| 1 | 2 | 0 |"),
+        "two requests, no errors: {out}"
+    );
+    let wrong = bench("nope");
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(!wrong.status.success());
+    assert!(err.contains("401") && err.contains("API key"), "{err}");
     let anonymous = info(None);
     assert_eq!(anonymous["models"][0]["name"], "tiny");
     assert!(anonymous["models"][0].get("dir").is_none(), "{anonymous}");

@@ -129,6 +129,20 @@ pub fn available() -> bool {
         })
 }
 
+/// Whether decoding uses packed weights here, and if not, why (for `clipcap info`).
+pub fn status() -> String {
+    if mkl().is_none() {
+        "unavailable (this libtorch has no MKL)".into()
+    } else if std::env::var("CLIPCAP_PACKED_GEMM").is_ok_and(|v| v == "0") {
+        "off (CLIPCAP_PACKED_GEMM=0)".into()
+    } else {
+        match self_check() {
+            Ok(()) => "in use (MKL packed GEMM, self-check passed)".into(),
+            Err(why) => format!("refused on this CPU: {why}"),
+        }
+    }
+}
+
 /// One product of a small packed matrix against `addmm` at a few row counts, and the property
 /// captions rely on: a row's result is bit-identical whatever the number of rows multiplied
 /// with it (MKL's code path is chosen per CPU; on some, e.g. AVX2-only hosts, it is not).

@@ -37,6 +37,15 @@ pub struct BenchArgs {
     /// Give up on one request after this many seconds.
     #[arg(long = "timeout-s", default_value_t = 120)]
     pub timeout_s: u64,
+    /// Send `Authorization: Bearer KEY` (a server with an API key).
+    #[arg(long = "api-key")]
+    pub api_key: Option<String>,
+    /// An extra request header `NAME: VALUE`; repeatable.
+    #[arg(long = "header")]
+    pub headers: Vec<String>,
+    /// Requests sent (unmeasured) before each level, so start-up costs are not counted.
+    #[arg(long, default_value_t = 4)]
+    pub warmup: usize,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -48,6 +57,8 @@ pub struct LevelResult {
     pub images_per_s: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// The first failure's status and body, if any failed.
+    pub first_error: Option<String>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -90,6 +101,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
         baseline = Some(ips);
     }
+    println!(
+        "host: {} ({} cores); server {}",
+        crate::device::cpu_model(),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        a.url
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -102,6 +119,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "|---|---|---|---|---|---|{}",
         if baseline.is_some() { "---|" } else { "" }
     );
+    for r in results.iter() {
+        if let Some(e) = &r.first_error {
+            eprintln!(
+                "concurrency {}: {} errors; the first: {e}",
+                r.concurrency, r.errors
+            );
+        }
+    }
     for r in &results {
         let ratio = baseline
             .map(|b| format!(" {:.1}x |", r.images_per_s / b))
@@ -118,20 +143,49 @@ pub fn run(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The headers every request carries (`--api-key`, `--header`).
+fn default_headers(a: &BenchArgs) -> Result<reqwest::header::HeaderMap> {
+    use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION};
+    let mut h = HeaderMap::new();
+    if let Some(k) = &a.api_key {
+        h.insert(
+            AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {k}"))?,
+        );
+    }
+    for line in &a.headers {
+        let Some((name, value)) = line.split_once(':') else {
+            bail!("--header {line:?}: expected NAME: VALUE");
+        };
+        h.insert(
+            HeaderName::from_bytes(name.trim().as_bytes())
+                .with_context(|| format!("--header {line:?}"))?,
+            HeaderValue::from_str(value.trim()).with_context(|| format!("--header {line:?}"))?,
+        );
+    }
+    Ok(h)
+}
+
 async fn run_levels(a: &BenchArgs, images: Arc<Vec<Vec<u8>>>) -> Result<Vec<LevelResult>> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(a.timeout_s))
         .pool_max_idle_per_host(256)
+        .default_headers(default_headers(a)?)
         .build()?;
     let url = if a.query.is_empty() {
         format!("{}/caption", a.url.trim_end_matches('/'))
     } else {
         format!("{}/caption?{}", a.url.trim_end_matches('/'), a.query)
     };
-    // One warm-up request so model start-up costs are not measured.
-    send(&client, &url, images[0].clone()).await?;
+    // A first request must succeed: a wrong key or URL fails here, with the server's answer.
+    send(&client, &url, images[0].clone())
+        .await
+        .context("the first request failed")?;
     let mut out = vec![];
     for &c in &a.concurrency {
+        for i in 0..a.warmup {
+            send(&client, &url, images[i % images.len()].clone()).await?;
+        }
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let t0 = Instant::now();
         let mut tasks = vec![];
@@ -142,6 +196,7 @@ async fn run_levels(a: &BenchArgs, images: Arc<Vec<Vec<u8>>>) -> Result<Vec<Leve
             tasks.push(tokio::spawn(async move {
                 let mut lat = vec![];
                 let mut errors = 0;
+                let mut first_error = None;
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if i >= total {
@@ -150,18 +205,23 @@ async fn run_levels(a: &BenchArgs, images: Arc<Vec<Vec<u8>>>) -> Result<Vec<Leve
                     let t = Instant::now();
                     match send(&client, &url, images[i % images.len()].clone()).await {
                         Ok(()) => lat.push(t.elapsed().as_secs_f64() * 1e3),
-                        Err(_) => errors += 1,
+                        Err(e) => {
+                            errors += 1;
+                            first_error.get_or_insert_with(|| format!("{e:#}"));
+                        }
                     }
                 }
-                (lat, errors)
+                (lat, errors, first_error)
             }));
         }
         let mut lat = vec![];
         let mut errors = 0;
+        let mut first_error = None;
         for t in tasks {
-            let (l, e) = t.await?;
+            let (l, e, f) = t.await?;
             lat.extend(l);
             errors += e;
+            first_error = first_error.or(f);
         }
         let secs = t0.elapsed().as_secs_f64();
         lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
@@ -173,6 +233,7 @@ async fn run_levels(a: &BenchArgs, images: Arc<Vec<Vec<u8>>>) -> Result<Vec<Leve
             images_per_s: lat.len() as f64 / secs,
             p50_ms: percentile(&lat, 50.0),
             p99_ms: percentile(&lat, 99.0),
+            first_error,
         });
     }
     Ok(out)
@@ -186,7 +247,12 @@ async fn send(client: &reqwest::Client, url: &str, image: Vec<u8>) -> Result<()>
         .send()
         .await?;
     if !r.status().is_success() {
-        bail!("status {}", r.status());
+        let status = r.status();
+        let body = r.text().await.unwrap_or_default();
+        bail!(
+            "status {status}: {}",
+            body.chars().take(500).collect::<String>()
+        );
     }
     r.bytes().await?;
     Ok(())
