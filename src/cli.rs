@@ -150,7 +150,7 @@ fn caption(a: CaptionArgs) -> Result<()> {
         files.push(bytes);
     }
     let t0 = Instant::now();
-    let (engine, model) = Engine::local(&a.model, a.device, a.dtype, a.batch)?;
+    let (engine, model) = Engine::local(&a.model, a.device, a.dtype, a.batch, a.max_pixels)?;
     let opts = a
         .decode
         .resolve(&model.generation)
@@ -194,7 +194,7 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         crate::device::set_threads(a.threads as usize);
     }
     let most = a.batch.iter().copied().max().unwrap_or(1);
-    let (engine, model) = Engine::local(&a.model, a.device, a.dtype, most)?;
+    let (engine, model) = Engine::local(&a.model, a.device, a.dtype, most, u64::MAX)?;
     let opts = a
         .decode
         .resolve(&model.generation)

@@ -28,6 +28,9 @@ pub enum EngineError {
     /// The caller went away; nobody reads this one.
     #[error("the request was cancelled")]
     Cancelled,
+    /// A request without a single image.
+    #[error("no image to caption")]
+    NoImages,
     /// A failure inside the model code (its detail is logged, never shown to clients).
     #[error("inference failed: {0}")]
     Inference(String),

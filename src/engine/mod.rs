@@ -222,10 +222,12 @@ impl Engine {
         device: crate::device::DeviceChoice,
         dtype: crate::device::DtypeChoice,
         batch: usize,
+        max_pixels: u64,
     ) -> anyhow::Result<(Engine, ModelInfo)> {
         let device = device.resolve()?;
         let kind = dtype.resolve(device)?;
         let mut cfg = EngineConfig::new(device, kind);
+        cfg.max_pixels = max_pixels;
         cfg.scheduler.max_batch_images = batch.max(1);
         cfg.scheduler.max_running_images = batch.max(1);
         cfg.scheduler.max_batch_delay = Duration::ZERO;
@@ -282,6 +284,9 @@ impl Engine {
         opts: GenOptions,
         deadline: Option<Instant>,
     ) -> Result<CaptionOutput, EngineError> {
+        if images.is_empty() {
+            return Err(EngineError::NoImages);
+        }
         let work = async {
             // A place in the queue first: an overloaded server refuses before decoding images.
             let slot = self.reserve_slot()?;
@@ -313,6 +318,9 @@ impl Engine {
         images: &[Vec<u8>],
         opts: GenOptions,
     ) -> Result<CaptionOutput, EngineError> {
+        if images.is_empty() {
+            return Err(EngineError::NoImages);
+        }
         let t0 = Instant::now();
         let cfg = self.preprocess_config(model);
         let mut pixels = Vec::with_capacity(images.len());
@@ -336,6 +344,9 @@ impl Engine {
         rows: Vec<Vec<f32>>,
         opts: GenOptions,
     ) -> Result<CaptionOutput, EngineError> {
+        if rows.is_empty() {
+            return Err(EngineError::NoImages);
+        }
         let want = model.embedding_dim as usize;
         if let Some(index) = rows.iter().position(|r| r.len() != want) {
             return Err(EngineError::Embedding {

@@ -72,6 +72,12 @@ impl Registry {
             } else {
                 let mut served: Vec<_> = models.keys().cloned().collect();
                 served.sort();
+                // The name is the caller's: echoed cut, never whole.
+                let name = if name.chars().count() > 64 {
+                    format!("{}…", name.chars().take(64).collect::<String>())
+                } else {
+                    name
+                };
                 EngineError::UnknownModel { name, served }
             }
         })

@@ -271,7 +271,8 @@ struct Running {
     deadline: Option<Instant>,
     /// Image ids in the decoder, to cancel them.
     image_ids: Vec<u64>,
-    decoder: usize,
+    /// The bundle whose decoder holds its rows (positions in `decoders` shift).
+    bundle: Arc<Bundle>,
 }
 
 impl Schedulable for Running {
@@ -523,11 +524,17 @@ impl Worker {
             .collect();
         for (id, why) in gone {
             let mut job = self.running.remove(&id).unwrap();
-            for img in &job.image_ids {
-                self.images.remove(img);
-                if let Some(d) = self.decoders.get_mut(job.decoder) {
+            let decoder = self
+                .decoders
+                .iter_mut()
+                .find(|d| Arc::ptr_eq(d.model(), &job.bundle));
+            if let Some(d) = decoder {
+                for img in &job.image_ids {
                     d.cancel(*img);
                 }
+            }
+            for img in &job.image_ids {
+                self.images.remove(img);
             }
             self.metrics()
                 .count_images(&job.model, why.label(), job.image_ids.len());
@@ -566,10 +573,14 @@ impl Worker {
                 None => by_model.push((bundle, version, vec![job])),
             }
         }
+        // Every model's group gets its turn; the first failure is reported after.
+        let mut first_error = None;
         for (model, version, jobs) in by_model {
-            self.start_jobs(model, version, jobs)?;
+            if let Err(e) = self.start_jobs(model, version, jobs) {
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// The bundle a request was validated against (served or retired), else the one now
@@ -603,7 +614,23 @@ impl Worker {
             .collect();
         let t0 = Instant::now();
         let max_batch = self.scheduler.config().max_batch_images;
-        let encoded = crate::engine::pipeline::encode(&model, &pixels, max_batch)?;
+        let encoded = match crate::engine::pipeline::encode(&model, &pixels, max_batch) {
+            Ok(e) => e,
+            // Nothing of these requests is in a decoder yet: fail them alone, and the worker
+            // goes on with the rest.
+            Err(e) => {
+                let msg = format!("encoding failed: {e:#}");
+                tracing::error!(error = %msg, "inference failed for the requests being encoded");
+                drop(pixels);
+                for job in jobs {
+                    self.shared
+                        .metrics
+                        .count_images(&job.model, "error", job.input.len());
+                    let _ = job.reply.send(Err(EngineError::Inference(msg.clone())));
+                }
+                return Ok(());
+            }
+        };
         let encode_ms = if pixels.is_empty() {
             0.0
         } else {
@@ -685,7 +712,7 @@ impl Worker {
                     cancel: job.cancel,
                     deadline: job.deadline,
                     image_ids: ids,
-                    decoder: di,
+                    bundle: model.clone(),
                 },
             );
         }

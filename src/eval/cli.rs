@@ -71,7 +71,8 @@ pub fn score(a: ScoreArgs) -> Result<()> {
 
 pub fn eval(a: EvalArgs) -> Result<()> {
     let data = Dataset::open(&a.data)?;
-    let (engine, model) = crate::engine::Engine::local(&a.model, a.device, a.dtype, a.batch)?;
+    let (engine, model) =
+        crate::engine::Engine::local(&a.model, a.device, a.dtype, a.batch, u64::MAX)?;
     let opts = a
         .decode
         .resolve(&model.generation)

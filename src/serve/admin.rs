@@ -117,7 +117,10 @@ fn dataset_dir(st: &AppState, name: &str) -> Result<std::path::PathBuf, ApiError
     let dir = std::fs::canonicalize(root.join(rel)).map_err(|_| {
         ApiError::option(
             "dataset",
-            format!("no dataset {name:?} under the data root"),
+            format!(
+                "no dataset {:?} under the data root",
+                crate::serve::validation::echo(name)
+            ),
         )
     })?;
     if !dir.starts_with(&root) {
@@ -129,7 +132,10 @@ fn dataset_dir(st: &AppState, name: &str) -> Result<std::path::PathBuf, ApiError
     if !dir.join(crate::train::data::META).exists() {
         return Err(ApiError::option(
             "dataset",
-            format!("{name:?} is not a prepared dataset (no meta.json; run clipcap prepare)"),
+            format!(
+                "{:?} is not a prepared dataset (no meta.json; run clipcap prepare)",
+                crate::serve::validation::echo(name)
+            ),
         ));
     }
     Ok(dir)

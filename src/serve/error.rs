@@ -112,6 +112,7 @@ impl From<EngineError> for ApiError {
             | EngineError::Cancelled => ApiError::Unavailable(text),
             EngineError::UnknownModel { .. } => ApiError::option("model", text),
             EngineError::Deadline(_) => ApiError::DeadlineExceeded(text),
+            EngineError::NoImages => ApiError::Malformed(text),
             EngineError::Inference(_) => ApiError::Internal(text),
             EngineError::Image { ref error, .. } => match error {
                 ImageError::TooLarge { .. } => ApiError::TooLarge(text),

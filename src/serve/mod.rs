@@ -237,8 +237,14 @@ pub async fn serve(
             tokio::time::sleep(grace).await;
         } => None,
     };
+    // Whatever ended the serving, jobs and the worker are stopped below.
+    let report = |r: Result<std::io::Result<()>, tokio::task::JoinError>| match r {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "the HTTP server failed"),
+        Err(e) => tracing::error!(error = %e, "the HTTP server task ended abnormally"),
+    };
     match finished {
-        Some(r) => r??,
+        Some(r) => report(r),
         None => {
             // The grace period is over: what is still waiting gets 503 now, then the
             // remaining connections get a moment to carry those answers out.
@@ -248,7 +254,7 @@ pub async fn serve(
             );
             state.engine.abort();
             match tokio::time::timeout(Duration::from_secs(2), &mut server).await {
-                Ok(r) => r??,
+                Ok(r) => report(r),
                 Err(_) => server.abort(),
             }
         }

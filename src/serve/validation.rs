@@ -152,10 +152,9 @@ async fn parse_multipart(
             Err(e) => return Err(ApiError::Malformed(format!("bad multipart body: {e}"))),
         };
         let name = field.name().unwrap_or("").to_string();
-        let data = field
-            .bytes()
-            .await
-            .map_err(|e| ApiError::Malformed(format!("bad multipart field {name:?}: {e}")))?;
+        let data = field.bytes().await.map_err(|e| {
+            ApiError::Malformed(format!("bad multipart field {:?}: {e}", echo(&name)))
+        })?;
         if matches!(name.as_str(), "image" | "images" | "image[]" | "file") {
             if images.len() >= max_images {
                 return Err(ApiError::TooLarge(format!(

@@ -380,11 +380,13 @@ impl JobManager {
         };
         match job.state {
             JobState::Queued => {
-                job.state = JobState::Cancelled;
-                job.updated_unix = now();
-                let job = job.clone();
+                let mut next = job.clone();
+                next.state = JobState::Cancelled;
+                next.updated_unix = now();
+                write_record(&core.dir, &next).map_err(|e| format!("{e:#}"))?;
+                *job = next.clone();
+                let job = next;
                 inner.queue.retain(|q| q != id);
-                write_record(&core.dir, &job).map_err(|e| e.to_string())?;
                 drop(inner);
                 core.changed.notify_all();
                 core.update_metrics();
@@ -409,11 +411,14 @@ impl JobManager {
         };
         match job.state {
             JobState::Interrupted | JobState::Cancelled | JobState::Failed => {
-                job.state = JobState::Queued;
-                job.error = None;
-                job.updated_unix = now();
-                let job = job.clone();
-                write_record(&core.dir, &job).map_err(|e| e.to_string())?;
+                // On disk first: if the record cannot be written, nothing changes.
+                let mut next = job.clone();
+                next.state = JobState::Queued;
+                next.error = None;
+                next.updated_unix = now();
+                write_record(&core.dir, &next).map_err(|e| format!("{e:#}"))?;
+                *job = next.clone();
+                let job = next;
                 inner.queue.push_back(id.to_string());
                 drop(inner);
                 core.changed.notify_all();
@@ -448,19 +453,37 @@ impl Core {
 
     fn run(&self) {
         loop {
-            let id = {
+            let (id, flag, job) = {
                 let mut inner = self.inner.lock().unwrap();
                 loop {
                     if inner.stopping {
                         return;
                     }
-                    if let Some(id) = inner.queue.pop_front() {
-                        break id;
+                    let Some(id) = inner.queue.pop_front() else {
+                        inner = self.changed.wait(inner).unwrap();
+                        continue;
+                    };
+                    // Taken and marked running in one step: a cancel in between cannot be lost.
+                    let Some(job) = inner.jobs.get_mut(&id) else {
+                        continue;
+                    };
+                    if job.state != JobState::Queued {
+                        continue;
                     }
-                    inner = self.changed.wait(inner).unwrap();
+                    job.state = JobState::Running;
+                    job.runs += 1;
+                    job.updated_unix = now();
+                    let job = job.clone();
+                    if let Err(e) = write_record(&self.dir, &job) {
+                        tracing::error!(job = %id, error = %e, "cannot write job record");
+                    }
+                    let flag = Arc::new(AtomicBool::new(false));
+                    inner.cancel.insert(id.clone(), flag.clone());
+                    break (id, flag, job);
                 }
             };
-            self.run_job(&id);
+            self.changed.notify_all();
+            self.run_job(&id, flag, job);
         }
     }
 
@@ -490,19 +513,7 @@ impl Core {
         }
     }
 
-    fn run_job(&self, id: &str) {
-        let flag = Arc::new(AtomicBool::new(false));
-        self.inner
-            .lock()
-            .unwrap()
-            .cancel
-            .insert(id.to_string(), flag.clone());
-        let Some(job) = self.set(id, |j| {
-            j.state = JobState::Running;
-            j.runs += 1;
-        }) else {
-            return;
-        };
+    fn run_job(&self, id: &str, flag: Arc<AtomicBool>, job: JobRecord) {
         self.update_metrics();
         let resume = job.runs > 1;
         self.log(id, &format!("start (run {}, resume {resume})", job.runs));
@@ -539,15 +550,13 @@ impl Core {
                 .train(&job.spec, &ckpt, resume, &flag, &mut report)
         }))
         .unwrap_or_else(|_| Err(anyhow::anyhow!("the trainer panicked")));
-        let stopping = {
-            let mut inner = self.inner.lock().unwrap();
-            inner.cancel.remove(id);
-            inner.stopping
-        };
+        let stopping = self.inner.lock().unwrap().stopping;
         match result {
             Ok(Outcome::Finished { bundle, progress }) => {
                 self.log(id, &format!("finished: {}", bundle.display()));
-                let activated = job.activate && self.activate(&job.output, &bundle);
+                // A cancel that came after the last step still keeps the bundle from serving.
+                let cancelled = flag.load(Ordering::Relaxed);
+                let activated = job.activate && !cancelled && self.activate(&job.output, &bundle);
                 self.set(id, |j| {
                     j.state = JobState::Succeeded;
                     j.bundle = Some(bundle.display().to_string());
@@ -577,6 +586,7 @@ impl Core {
                 });
             }
         }
+        self.inner.lock().unwrap().cancel.remove(id);
         self.update_metrics();
     }
 
@@ -846,6 +856,21 @@ mod tests {
         assert!(!done.activated, "activate was not asked for");
         assert!(r.installs.0.lock().unwrap().is_empty());
         assert_eq!(r.jobs.get(&b.id).unwrap().runs, 0);
+    }
+
+    #[test]
+    fn a_cancel_after_the_last_step_keeps_the_bundle_from_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = rig(dir.path());
+        let a = r.submit("a", true);
+        r.started.recv_timeout(WAIT).unwrap();
+        r.wait(&a.id, JobState::Running);
+        // The trainer is past its last cancel check: it finishes, but nothing is activated.
+        r.jobs.cancel(&a.id).unwrap();
+        r.then.send(Then::Finish).unwrap();
+        let done = r.wait(&a.id, JobState::Succeeded);
+        assert!(!done.activated);
+        assert!(r.installs.0.lock().unwrap().is_empty());
     }
 
     #[test]
