@@ -139,16 +139,6 @@ impl DtypeChoice {
     }
 }
 
-/// `cpu`, `cuda`, `cuda:N` or `auto`, checked against this host.
-pub fn parse_device(name: &str) -> Result<Device> {
-    name.parse::<DeviceChoice>()?.resolve()
-}
-
-/// `f32`, `f16`, `bf16` or `auto` on `device`.
-pub fn parse_dtype(name: &str, device: Device) -> Result<Kind> {
-    name.parse::<DtypeChoice>()?.resolve(device)
-}
-
 pub fn device_name(d: Device) -> String {
     match d {
         Device::Cpu => "cpu".into(),

@@ -211,6 +211,21 @@ impl Rig {
             .get()
     }
 
+    /// Sends a caption request from another thread; its status comes back on join.
+    fn caption_later(&self, query: &str, seed: u8) -> std::thread::JoinHandle<u16> {
+        let url = format!("{}/caption?{query}", self.url);
+        std::thread::spawn(move || {
+            client()
+                .post(url)
+                .header("content-type", "image/png")
+                .body(png(32, 32, seed))
+                .send()
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    }
+
     /// Waits (bounded) until `cond` holds; a condition the test observes, not a fixed sleep.
     fn until(&self, what: &str, cond: impl Fn() -> bool) {
         let t0 = Instant::now();
@@ -641,17 +656,7 @@ fn requests_that_wait_together_share_one_encoder_pass_and_one_decode_batch() {
 fn overload_is_refused_with_429_and_retry_after_while_the_limit_is_held() {
     let r = rig(&[("CLIPCAP_MAX_INFLIGHT_REQUESTS", "1")]);
     let hold = r.engine.hold();
-    let url = format!("{}/caption?max_tokens=4", r.url);
-    let first = std::thread::spawn(move || {
-        client()
-            .post(url)
-            .header("content-type", "image/png")
-            .body(png(32, 32, 1))
-            .send()
-            .unwrap()
-            .status()
-            .as_u16()
-    });
+    let first = r.caption_later("max_tokens=4", 1);
     r.until("the first request to hold the only slot", || {
         r.engine.queued() == 1
     });
@@ -705,17 +710,7 @@ fn after_the_grace_period_what_is_left_gets_503_and_the_server_exits() {
 fn a_full_queue_refuses_before_any_image_is_decoded() {
     let r = rig(&[("CLIPCAP_QUEUE_CAPACITY", "1")]);
     let hold = r.engine.hold();
-    let url = format!("{}/caption?max_tokens=4", r.url);
-    let first = std::thread::spawn(move || {
-        client()
-            .post(url)
-            .header("content-type", "image/png")
-            .body(png(32, 32, 1))
-            .send()
-            .unwrap()
-            .status()
-            .as_u16()
-    });
+    let first = r.caption_later("max_tokens=4", 1);
     r.until("the first request to take the only place", || {
         r.engine.queued() == 1
     });

@@ -42,10 +42,12 @@ pub struct PrepareArgs {
     /// Split for captions whose source names none.
     #[arg(long, default_value = "train")]
     pub split: String,
+    /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: crate::device::DeviceChoice,
+    /// f32, f16, bf16 or auto (half types need CUDA).
     #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    pub dtype: crate::device::DtypeChoice,
     /// Images per encoder forward.
     #[arg(long = "batch-size", default_value_t = 64)]
     pub batch_size: usize,
@@ -77,8 +79,8 @@ struct ChunkInfo {
 }
 
 pub fn run(a: PrepareArgs) -> Result<()> {
-    let device = crate::device::parse_device(&a.device)?;
-    let kind = crate::device::parse_dtype(&a.dtype, device)?;
+    let device = a.device.resolve()?;
+    let kind = a.dtype.resolve(device)?;
     let items = collect(&a)?;
     if items.is_empty() {
         bail!("no images with captions found in the inputs");
