@@ -198,11 +198,6 @@ impl<J: Schedulable> Scheduler<J> {
         batch
     }
 
-    /// Takes every queued request (on shutdown failure paths).
-    pub fn drain(&mut self) -> Vec<J> {
-        self.pending.drain(..).collect()
-    }
-
     /// Iterates over the queued requests, oldest first.
     pub fn iter(&self) -> impl Iterator<Item = &J> {
         self.pending.iter()

@@ -195,6 +195,10 @@ impl Health {
     }
 
     fn take_fault(&self, which: Fault) -> bool {
+        // A plain load first: this runs every decode step, and is almost always "no fault".
+        if self.fault.load(Ordering::Relaxed) != which as u8 {
+            return false;
+        }
         self.fault
             .compare_exchange(which as u8, 0, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
@@ -430,13 +434,15 @@ impl Worker {
             });
             // A retired bundle stays while a queued request names it (running ones hold it
             // through their decoder).
-            let pending: Vec<(&String, u64)> = self
-                .scheduler
-                .iter()
-                .map(|j| (&j.model, j.version))
-                .collect();
-            self.retired
-                .retain(|(n, v, _)| pending.iter().any(|(pn, pv)| *pn == n && pv == v));
+            if !self.retired.is_empty() {
+                let pending: Vec<(&String, u64)> = self
+                    .scheduler
+                    .iter()
+                    .map(|j| (&j.model, j.version))
+                    .collect();
+                self.retired
+                    .retain(|(n, v, _)| pending.iter().any(|(pn, pv)| *pn == n && pv == v));
+            }
         }
     }
 

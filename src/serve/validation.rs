@@ -72,13 +72,6 @@ impl RawOptions {
     }
 }
 
-/// A parsed /caption request.
-#[derive(Debug)]
-pub struct CaptionRequest {
-    pub images: Vec<Bytes>,
-    pub options: RawOptions,
-}
-
 /// Parses query options (`a=1&b=2`).
 pub fn parse_query(query: Option<&str>, opts: &mut RawOptions) -> Result<(), ApiError> {
     let Some(q) = query else { return Ok(()) };
