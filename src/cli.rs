@@ -1,7 +1,7 @@
 //! Subcommand definitions and their entry points.
 use crate::engine::Engine;
 use crate::options::{DecodeOptions, OptionError};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -63,7 +63,8 @@ pub struct CaptionArgs {
     /// Print JSON lines with scores and timings.
     #[arg(long)]
     pub json: bool,
-    /// Image files.
+    /// Image files, folders (searched recursively for image files), or `-` for a list of
+    /// paths on stdin. Every readable image is captioned; unreadable ones are reported.
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
 }
@@ -143,11 +144,56 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// File names `clipcap caption` takes from a folder.
+const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"];
+
+/// The image paths the arguments name: files as given, folders searched recursively for
+/// image files (sorted), and `-` for paths read from stdin, one per line.
+fn image_paths(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("reading folder {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        for p in entries {
+            if p.is_dir() {
+                walk(&p, out)?;
+            } else if p
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+            {
+                out.push(p);
+            }
+        }
+        Ok(())
+    }
+    let mut out = vec![];
+    for a in args {
+        if a.as_os_str() == "-" {
+            for line in std::io::stdin().lines() {
+                let line = line.context("reading paths from stdin")?;
+                let line = line.trim();
+                if !line.is_empty() {
+                    out.push(PathBuf::from(line));
+                }
+            }
+        } else if a.is_dir() {
+            walk(a, &mut out)?;
+        } else {
+            out.push(a.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Captions every readable image; an unreadable one is reported (a JSON line with `--json`,
+/// else on stderr) and the others go on. Fails at the end if any image failed.
 fn caption(a: CaptionArgs) -> Result<()> {
-    let mut files = vec![];
-    for p in &a.images {
-        let bytes = std::fs::read(p).with_context(|| format!("reading image {}", p.display()))?;
-        files.push(bytes);
+    let paths = image_paths(&a.images)?;
+    if paths.is_empty() {
+        bail!("no images found in {:?}", a.images);
     }
     let t0 = Instant::now();
     let (engine, model) = Engine::local(&a.model, a.device, a.dtype, a.batch, a.max_pixels)?;
@@ -156,26 +202,59 @@ fn caption(a: CaptionArgs) -> Result<()> {
         .resolve(&model.generation)
         .map_err(OptionError::for_flags)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let batch = a.batch.max(1);
-    for (chunk_index, chunk) in files.chunks(batch).enumerate() {
-        let out = engine
-            .caption_blocking(&model, chunk, opts.clone())
-            .map_err(|e| match e {
-                crate::engine::EngineError::Image { index, error } => {
-                    anyhow::anyhow!(
-                        "{}: {error}",
-                        a.images[chunk_index * batch + index].display()
-                    )
+    let mut failed = 0usize;
+    let report_error = |path: &PathBuf, message: String| {
+        if a.json {
+            println!("{}", serde_json::json!({"image": path, "error": message}));
+        } else {
+            eprintln!("error: {}: {message}", path.display());
+        }
+    };
+    for chunk in paths.chunks(a.batch.max(1)) {
+        // Per position in the chunk: the bytes to caption, or why not. Printed in order.
+        let mut errors: Vec<Option<String>> = vec![None; chunk.len()];
+        let mut batch: Vec<(usize, Vec<u8>)> = vec![];
+        for (i, p) in chunk.iter().enumerate() {
+            match std::fs::read(p) {
+                Ok(bytes) => batch.push((i, bytes)),
+                Err(e) => errors[i] = Some(format!("cannot read: {e}")),
+            }
+        }
+        // An undecodable image fails the whole call: set it aside and caption the others.
+        let out = loop {
+            if batch.is_empty() {
+                break None;
+            }
+            let bytes: Vec<Vec<u8>> = batch.iter().map(|(_, b)| b.clone()).collect();
+            match engine.caption_blocking(&model, &bytes, opts.clone()) {
+                Ok(out) => break Some(out),
+                Err(crate::engine::EngineError::Image { index, error }) => {
+                    errors[batch[index].0] = Some(error.to_string());
+                    batch.remove(index);
                 }
-                other => anyhow::anyhow!("{other}"),
-            })?;
-        for (i, img) in out.images.iter().enumerate() {
-            let path = &a.images[chunk_index * batch + i];
+                Err(other) => return Err(anyhow::anyhow!("{other}")),
+            }
+        };
+        let mut captioned = batch
+            .iter()
+            .map(|(i, _)| *i)
+            .zip(out.iter().flat_map(|o| o.images.iter()))
+            .peekable();
+        for (i, path) in chunk.iter().enumerate() {
+            if let Some(message) = &errors[i] {
+                failed += 1;
+                report_error(path, message.clone());
+                continue;
+            }
+            let Some((_, img)) = captioned.next_if(|(j, _)| *j == i) else {
+                continue;
+            };
             if a.json {
+                let o = out.as_ref().expect("captioned images have an output");
                 let line = serde_json::json!({
                     "image": path,
                     "captions": img.captions.iter().map(|c| serde_json::json!({"text": c.text, "score": c.score})).collect::<Vec<_>>(),
-                    "timings_ms": {"load": load_ms, "preprocess_batch": out.preprocess_ms, "encode_batch": img.encode_ms, "decode": img.decode_ms, "batch_size": chunk.len()},
+                    "timings_ms": {"load": load_ms, "preprocess_batch": o.preprocess_ms, "encode_batch": img.encode_ms, "decode": img.decode_ms, "batch_size": batch.len()},
                 });
                 println!("{line}");
             } else {
@@ -186,6 +265,9 @@ fn caption(a: CaptionArgs) -> Result<()> {
         }
     }
     engine.shutdown();
+    if failed > 0 {
+        bail!("{failed} of {} images could not be captioned", paths.len());
+    }
     Ok(())
 }
 

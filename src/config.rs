@@ -28,6 +28,10 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     pub max_images_per_request: usize,
     pub max_inflight_requests: usize,
+    pub max_connections: usize,
+    pub header_timeout_ms: u64,
+    pub body_timeout_ms: u64,
+    pub max_header_bytes: usize,
     pub request_timeout_ms: u64,
     pub shutdown_grace_ms: u64,
     pub log_format: LogFormat,
@@ -54,6 +58,8 @@ pub struct AuthConfig {
 pub struct ModelsConfig {
     pub models: Vec<String>,
     pub default_model: String,
+    pub served_record: String,
+    pub load_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -35,16 +35,71 @@ pub fn rename_durable(tmp: &Path, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Replaces `path` with what `write` puts at the temporary path it is given (a file or a
+/// folder), then renames it into place durably. On any failure the temporary is removed: a
+/// full disk is left no fuller, and nothing half-written stays behind.
+pub fn replace_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = temp_path(path);
+    let result = write(&tmp).and_then(|()| rename_durable(&tmp, path));
+    if result.is_err() {
+        remove_any(&tmp);
+    }
+    result
+}
+
+fn remove_any(p: &Path) {
+    if p.is_dir() {
+        let _ = std::fs::remove_dir_all(p);
+    } else {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
 /// Writes `bytes` to `path` atomically (temp file + fsync + rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_path(path);
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.sync_all()?;
-    drop(f);
-    rename_durable(&tmp, path)
+    replace_with(path, |tmp| {
+        let mut f =
+            std::fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.sync_all()
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        Ok(())
+    })
+}
+
+/// The process id a temporary's name carries (`.NAME.tmp-PID-UUID`).
+fn temp_owner(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?;
+    let (_, tail) = rest.rsplit_once(".tmp-")?;
+    let (pid, uuid) = tail.split_once('-')?;
+    (uuid.len() == 32).then_some(())?;
+    pid.parse().ok()
+}
+
+/// Removes the temporaries under `dir` (down to `depth` folder levels) whose writing process
+/// is gone, e.g. after a `kill -9` or a full disk; returns how many it removed. A running
+/// process's temporaries (another `clipcap` writing there) are left alone.
+pub fn sweep_temps(dir: &Path, depth: usize) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = temp_owner(&name) {
+            let alive =
+                pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists();
+            if !alive {
+                remove_any(&path);
+                removed += 1;
+            }
+        } else if depth > 0 && entry.file_type().is_ok_and(|t| t.is_dir()) {
+            removed += sweep_temps(&path, depth - 1);
+        }
+    }
+    removed
 }
 
 /// Writes `bytes` to `path` atomically (temp file + rename) without fsync: readers never see a
@@ -68,6 +123,45 @@ pub fn write_atomic_nosync(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_replace_leaves_no_temp_and_sweeping_removes_a_dead_writers_temps() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ckpt.safetensors");
+        let err = replace_with(&path, |tmp| {
+            std::fs::write(tmp, b"half")?;
+            anyhow::bail!("No space left on device")
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("No space"), "{err}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        // A temp file and a temp folder of a process that no longer exists (pid far above
+        // pid_max), one of this process, and an ordinary dot-file.
+        let sub = dir.path().join("job").join("ckpt");
+        std::fs::create_dir_all(&sub).unwrap();
+        let dead = format!(".ckpt.safetensors.tmp-4999999-{}", "a".repeat(32));
+        std::fs::write(sub.join(&dead), b"x").unwrap();
+        std::fs::create_dir(
+            dir.path()
+                .join(format!(".out.tmp-4999999-{}", "b".repeat(32))),
+        )
+        .unwrap();
+        let mine = temp_path(&sub.join("other"));
+        std::fs::write(&mine, b"y").unwrap();
+        std::fs::write(sub.join(".keep"), b"z").unwrap();
+        assert_eq!(
+            sweep_temps(dir.path(), 1),
+            1,
+            "depth 1 reaches job/, not job/ckpt/"
+        );
+        assert_eq!(sweep_temps(dir.path(), 3), 1);
+        let left: Vec<String> = std::fs::read_dir(&sub)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(left.contains(&".keep".to_string()) && mine.exists());
+    }
 
     #[test]
     fn write_atomic_nosync_replaces_and_leaves_no_temp() {

@@ -50,8 +50,10 @@ pub struct GenOptions {
     pub beam_size: i64,
     /// Most tokens generated per caption (ClipCap's `entry_length`, 67).
     pub max_tokens: i64,
-    /// Captions returned per image: best beams, or independent samples.
-    pub n_best: i64,
+    /// Captions returned per image: best beams, or independent samples (`n_best` in older
+    /// manifests).
+    #[serde(alias = "n_best")]
+    pub n: i64,
     /// Logits are divided by this (ClipCap divides when > 0).
     pub temperature: f64,
     /// Sampling: keep the k most likely tokens (0 = all).
@@ -72,7 +74,7 @@ impl Default for GenOptions {
             strategy: Strategy::Beam,
             beam_size: 5,
             max_tokens: 67,
-            n_best: 1,
+            n: 1,
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
@@ -123,7 +125,7 @@ impl GenOptions {
             Strategy::Greedy => 1,
             Strategy::Sample => MAX_SAMPLES,
         };
-        if !(1..=max_n).contains(&self.n_best) {
+        if !(1..=max_n).contains(&self.n) {
             let why = match self.strategy {
                 Strategy::Beam => format!("must be between 1 and beam_size ({max_n})"),
                 Strategy::Greedy => "must be 1 for greedy decoding".into(),
@@ -154,7 +156,7 @@ impl GenOptions {
         match self.strategy {
             Strategy::Beam => self.beam_size,
             Strategy::Greedy => 1,
-            Strategy::Sample => self.n_best,
+            Strategy::Sample => self.n,
         }
     }
 }
@@ -299,13 +301,13 @@ impl DecodeOptions {
             o.seed = self.seed;
         }
         match self.n {
-            Some(n) => o.n_best = n,
+            Some(n) => o.n = n,
             // Unasked, the default count shrinks to what the strategy can give.
             None => {
-                o.n_best = o.n_best.min(match o.strategy {
+                o.n = o.n.min(match o.strategy {
                     Strategy::Greedy => 1,
                     Strategy::Beam => o.beam_size,
-                    Strategy::Sample => o.n_best,
+                    Strategy::Sample => o.n,
                 })
             }
         }
@@ -457,7 +459,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(
-            (s.top_p, s.seed, s.temperature, s.n_best),
+            (s.top_p, s.seed, s.temperature, s.n),
             (0.9, Some(4), 0.7, 3)
         );
         // Beam search takes a temperature (ClipCap's generate_beam divides by it).

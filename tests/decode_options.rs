@@ -92,7 +92,7 @@ fn sampling_is_seeded_and_batch_independent() {
         max_tokens: 20,
         seed: Some(7),
         top_p: 0.9,
-        n_best: 3,
+        n: 3,
         ..Default::default()
     };
     let a = caption_embeddings(b.clone(), &clip, &o).unwrap();
@@ -118,7 +118,7 @@ fn sampling_is_seeded_and_batch_independent() {
         &GenOptions {
             top_k: 1,
             top_p: 1.0,
-            n_best: 1,
+            n: 1,
             ..o.clone()
         },
     )
@@ -143,7 +143,7 @@ fn beam_n_best_is_sorted_and_distinct() {
     let (b, clip) = setup();
     let o = GenOptions {
         beam_size: 4,
-        n_best: 4,
+        n: 4,
         max_tokens: 15,
         ..Default::default()
     };
@@ -225,5 +225,96 @@ fn caption_cli_prints_captions_and_clear_errors() {
     fails(
         &["caption", "--model", model, "--beam-size", "99", img_s],
         "beam-size",
+    );
+}
+
+#[test]
+fn caption_cli_captions_every_readable_file_of_lists_folders_and_stdin() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("sub");
+    std::fs::create_dir_all(sub.join("deeper")).unwrap();
+    let (a, b) = (sub.join("a.png"), sub.join("deeper/b.PNG"));
+    std::fs::write(&a, common::png(80, 60, 1)).unwrap();
+    std::fs::write(&b, common::png(50, 70, 2)).unwrap();
+    std::fs::write(sub.join("notes.txt"), b"not an image").unwrap();
+    let bad = dir.path().join("bad.jpg");
+    std::fs::write(&bad, b"\xff\xd8\xffnope").unwrap();
+    let missing = dir.path().join("missing.png");
+    let bin = env!("CARGO_BIN_EXE_clipcap");
+    let model = bundle_dir().to_str().unwrap();
+    let caption = |args: &[&std::path::Path], stdin: &str| {
+        let mut child = std::process::Command::new(bin)
+            .args([
+                "caption",
+                "--model",
+                model,
+                "--json",
+                "--max-tokens",
+                "4",
+                "--batch",
+                "2",
+            ])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (
+            out.status.success(),
+            lines,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let name = |v: &serde_json::Value| v["image"].as_str().unwrap().to_string();
+    // Good, missing, undecodable, good: both good ones captioned, both bad ones reported in
+    // place, and the exit status says something failed.
+    let (ok, lines, err) = caption(&[&a, &missing, &bad, &b], "");
+    assert!(!ok);
+    assert!(
+        err.contains("2 of 4 images could not be captioned"),
+        "{err}"
+    );
+    let names: Vec<String> = lines.iter().map(name).collect();
+    assert_eq!(
+        names,
+        [&a, &missing, &bad, &b].map(|p| p.to_str().unwrap().to_string())
+    );
+    assert!(lines[0]["captions"].is_array() && lines[3]["captions"].is_array());
+    assert!(
+        lines[1]["error"].as_str().unwrap().contains("cannot read"),
+        "{}",
+        lines[1]
+    );
+    assert!(lines[2]["error"].is_string() && lines[2].get("captions").is_none());
+    // A folder: its image files, recursively, in order; other files ignored.
+    let (ok, lines, err) = caption(&[&sub], "");
+    assert!(ok, "{err}");
+    assert_eq!(
+        lines.iter().map(name).collect::<Vec<_>>(),
+        [a.to_str().unwrap(), b.to_str().unwrap()]
+    );
+    // Paths on stdin, blank lines skipped; the same captions as given on the command line.
+    let stdin = format!("{}\n\n{}\n", a.display(), b.display());
+    let (ok, from_stdin, err) = caption(&[std::path::Path::new("-")], &stdin);
+    assert!(ok, "{err}");
+    assert_eq!(
+        from_stdin
+            .iter()
+            .map(|l| &l["captions"])
+            .collect::<Vec<_>>(),
+        lines.iter().map(|l| &l["captions"]).collect::<Vec<_>>()
     );
 }

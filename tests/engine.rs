@@ -67,7 +67,7 @@ fn joining_a_running_decode_changes_no_caption() {
             "sample",
             opts(Strategy::Sample, |o| {
                 o.seed = Some(7);
-                o.n_best = 2;
+                o.n = 2;
                 o.temperature = 1.5;
             }),
         ),
@@ -164,6 +164,8 @@ fn rig(env: &[(&str, &str)]) -> Rig {
     let flags = [
         ("models", toml::Value::Array(vec![])),
         ("device", toml::Value::String("cpu".into())),
+        // Nothing recorded in the working folder, nothing read back from it.
+        ("served_record", toml::Value::String(String::new())),
     ];
     let cfg = Config::load(None, &env, &flags).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -58,7 +58,7 @@ fn check_parity(bundle_dir: &Path, clip: &Tensor, max_tokens: i64) {
     let beam = GenOptions {
         strategy: Strategy::Beam,
         beam_size: 5,
-        n_best: 5,
+        n: 5,
         max_tokens,
         ..Default::default()
     };

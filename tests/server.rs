@@ -63,6 +63,11 @@ fn every_input_form_gives_the_same_caption() {
     assert!(!want.is_empty());
     assert_eq!(raw["model"], "tiny");
     assert_eq!(raw["results"][0]["captions"].as_array().unwrap().len(), 1);
+    // The options come back under the names the request uses.
+    let echoed = raw["options"].as_object().unwrap();
+    assert_eq!(echoed["n"], 1);
+    assert_eq!(echoed["max_tokens"], 12);
+    assert!(!echoed.contains_key("n_best"), "{echoed:?}");
     // The request's phases happen one after another inside its total, and the header says
     // the same as the body.
     let t = &raw["timings_ms"];

@@ -180,6 +180,33 @@ fn prepare_resumes_from_finished_chunks() {
         .unwrap()
         .ends_with("broken.png"));
     assert_eq!(meta["encoder_sha256"].as_str().unwrap().len(), 64);
+    // COCO-format references beside the features: `clipcap score` takes them as they are.
+    let refs: Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("references.json")).unwrap())
+            .unwrap();
+    assert_eq!(refs["images"].as_array().unwrap().len(), 16);
+    assert_eq!(refs["annotations"].as_array().unwrap().len(), 16);
+    let cands: Vec<Value> = caption_rows(&data)
+        .into_iter()
+        .map(|(id, _, _, caption)| json!({"image_id": id, "caption": caption}))
+        .collect();
+    let cands_path = f.root.join("cands.json");
+    std::fs::write(&cands_path, serde_json::to_vec(&cands).unwrap()).unwrap();
+    let scored = run(&[
+        "score",
+        "--refs",
+        data.join("references.json").to_str().unwrap(),
+        "--cands",
+        cands_path.to_str().unwrap(),
+        "--json",
+        "--no-meteor",
+    ]);
+    let s: Value = serde_json::from_str(&scored).unwrap();
+    assert_eq!(s["n_images"], 16);
+    assert!(
+        s["Bleu_4"].as_f64().unwrap() > 0.99,
+        "each caption is its own reference: {s}"
+    );
 }
 
 /// Rows of `captions.jsonl` as (image id, row, split, caption).
@@ -538,6 +565,17 @@ fn bad_job_specs_get_4xx_naming_the_field() {
         let v: Value = r.json().unwrap();
         assert_eq!(v["field"], field, "{body}: {v}");
     }
+    // An existing bundle is replaced only when asked.
+    std::fs::create_dir_all(f.root.join("models/taken")).unwrap();
+    let r = c
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .json(&json!({"dataset": "ds", "output": "taken"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let v: Value = r.json().unwrap();
+    assert!(v["error"].as_str().unwrap().contains("overwrite"), "{v}");
     let r = c
         .get(format!("{}/train/none", s.url))
         .bearer_auth(TOKEN)
@@ -558,5 +596,334 @@ fn bad_job_specs_get_4xx_naming_the_field() {
             .next()
             .is_none(),
         "no job was created"
+    );
+    // With "overwrite", the job is queued; a second job for the same output is refused
+    // while the first may still write it.
+    let long = json!({"dataset": "ds", "output": "taken", "overwrite": true, "epochs": 400});
+    let id = start_job(&s, long.clone());
+    let r = c.post(&url).bearer_auth(TOKEN).json(&long).send().unwrap();
+    assert_eq!(r.status(), 409);
+    let v: Value = r.json().unwrap();
+    assert!(v["error"].as_str().unwrap().contains(&id), "{v}");
+    let r = c
+        .delete(format!("{}/train/{id}", s.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// `clipcap ARGS` expected to fail: its stderr.
+fn run_failing(args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(
+        !out.status.success(),
+        "clipcap {args:?} should have failed:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !err.contains("panicked") && !err.contains("libtorch"),
+        "a message, not a panic: {err}"
+    );
+    err
+}
+
+#[test]
+fn data_from_another_encoder_is_refused_before_any_tensor_op() {
+    let f = fixture();
+    let data = f.root.join("data/ds");
+    let other = f.root.join("other");
+    common::make_bundle(
+        &other,
+        &["--size", "tiny", "--seed", "32", "--clip-dim", "24"],
+    );
+    let prepare = |model: &Path, extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "prepare",
+            "--model",
+            model.to_str().unwrap(),
+            "--jsonl",
+            f.root.join("synth/train.jsonl").to_str().unwrap(),
+            "--out",
+            data.to_str().unwrap(),
+            "--chunk-size",
+            "5",
+            "--quiet",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let args = prepare(&other, &[]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = run_failing(&refs);
+    assert!(
+        err.contains("another image encoder or preprocessing") && err.contains("--overwrite"),
+        "{err}"
+    );
+    let meta = || -> Value {
+        serde_json::from_str(&std::fs::read_to_string(data.join("meta.json")).unwrap()).unwrap()
+    };
+    assert_eq!(
+        meta()["embedding_dim"],
+        32,
+        "the refused run changed nothing"
+    );
+    // The 32-wide data against a 24-wide bundle: eval and train say so.
+    let (o, d) = (other.to_str().unwrap(), data.to_str().unwrap());
+    let err = run_failing(&["eval", "--model", o, "--data", d, "--split", "train"]);
+    assert!(err.contains("32-value embeddings"), "{err}");
+    let out = f.root.join("models/x");
+    let err = run_failing(&[
+        "train",
+        "--data",
+        d,
+        "--out",
+        out.to_str().unwrap(),
+        "--base",
+        o,
+        "--epochs",
+        "1",
+    ]);
+    assert!(
+        err.contains("holds 32-value embeddings") && err.contains("gives 24"),
+        "{err}"
+    );
+    assert!(!out.exists(), "no bundle written");
+    // A bundle with the same width but another encoder is refused too.
+    let twin = f.root.join("twin");
+    common::make_bundle(&twin, &["--size", "tiny", "--seed", "33"]);
+    let err = run_failing(&[
+        "train",
+        "--data",
+        d,
+        "--out",
+        out.to_str().unwrap(),
+        "--base",
+        twin.to_str().unwrap(),
+        "--epochs",
+        "1",
+    ]);
+    assert!(err.contains("another image encoder"), "{err}");
+    // --overwrite starts over with the new encoder.
+    let args = prepare(&other, &["--overwrite"]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let done = run(&refs);
+    assert!(
+        done.contains("prepared 16 images") && done.contains("0 resumed"),
+        "{done}"
+    );
+    assert_eq!(meta()["embedding_dim"], 24);
+    // A meta.json that lies about the width is caught when the dataset opens.
+    let mut m = meta();
+    m["embedding_dim"] = json!(32);
+    std::fs::write(data.join("meta.json"), m.to_string()).unwrap();
+    let err = run_failing(&[
+        "eval",
+        "--model",
+        f.base.to_str().unwrap(),
+        "--data",
+        d,
+        "--split",
+        "train",
+    ]);
+    assert!(err.contains("24-wide but meta.json says 32"), "{err}");
+}
+
+#[test]
+fn a_resumed_run_with_no_steps_left_reports_its_true_step() {
+    use clipcap::train::spec::{TrainParams, TrainSpec};
+    use clipcap::train::trainer::{train, Outcome};
+    let f = fixture();
+    let spec = TrainSpec {
+        data: f.root.join("data/ds"),
+        out: f.root.join("models/done"),
+        base: Some(f.base.clone()),
+        params: TrainParams {
+            epochs: 1,
+            batch_size: 8,
+            warmup: 0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let ckpt = f.root.join("done.ckpt");
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let step_of = |o: Outcome| match o {
+        Outcome::Finished { progress, .. } => (progress.step, progress.total_steps),
+        Outcome::Cancelled { .. } => panic!("not cancelled"),
+    };
+    let first = train(&spec, tch::Device::Cpu, &ckpt, false, &cancel, &mut |_| {}).unwrap();
+    assert_eq!(step_of(first), (2, 2));
+    let mut reports = vec![];
+    let again = train(&spec, tch::Device::Cpu, &ckpt, true, &cancel, &mut |p| {
+        reports.push(p.step)
+    })
+    .unwrap();
+    assert_eq!(step_of(again), (2, 2), "resumed with nothing left to do");
+    assert!(reports.iter().all(|&s| s == 2), "{reports:?}");
+}
+
+#[test]
+fn a_full_disk_fails_the_job_cleanly_and_storage_errors_are_507() {
+    let f = fixture();
+    let model = format!("tiny={}", f.base.display());
+    let data_root = f.root.join("data");
+    let jobs = f.root.join("jobs");
+    let bundles = f.root.join("models");
+    let args = [
+        "--model",
+        model.as_str(),
+        "--data-root",
+        data_root.to_str().unwrap(),
+    ];
+    let env = [
+        ("CLIPCAP_ADMIN_TOKEN", TOKEN),
+        ("CLIPCAP_JOBS_DIR", jobs.to_str().unwrap()),
+        ("CLIPCAP_BUNDLES_DIR", bundles.to_str().unwrap()),
+    ];
+    // Files capped at 1 MiB: job records fit, a checkpoint (tens of MB) does not.
+    let id = {
+        let s = Server::start_limited(&args, &env, Some(1024));
+        let id = start_job(
+            &s,
+            json!({"dataset": "ds", "output": "full", "epochs": 1,
+                                      "batch_size": 8, "warmup": 0}),
+        );
+        let j = s.wait_for_job(TOKEN, &id, 120, |j| j["state"] == "failed");
+        let err = j["error"].as_str().unwrap();
+        assert!(err.contains("File too large"), "the reason: {err}");
+        id
+    };
+    // Nothing half-written is left anywhere.
+    let mut temps = vec![];
+    let mut stack = vec![f.root.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.contains(".tmp-") {
+                temps.push(e.path());
+            } else if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    assert!(temps.is_empty(), "temporaries left: {temps:?}");
+    assert!(!f.root.join("models/full").exists());
+    // No file may grow at all: no job record fits. A new job and a resume are refused with
+    // 507 and a reason without server paths; nothing changes in memory or on disk.
+    {
+        let s = Server::start_limited(&args, &env, Some(0));
+        assert_eq!(
+            s.job(TOKEN, &id)["state"],
+            "failed",
+            "still failed after a restart"
+        );
+        let r = client()
+            .post(format!("{}/train", s.url))
+            .bearer_auth(TOKEN)
+            .json(&json!({"dataset": "ds", "output": "other"}))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 507);
+        let v: Value = r.json().unwrap();
+        let msg = v["error"].as_str().unwrap();
+        assert!(
+            msg.contains("File too large") && !msg.contains(f.root.to_str().unwrap()),
+            "{msg}"
+        );
+        let r = client()
+            .post(format!("{}/train/{id}/resume", s.url))
+            .bearer_auth(TOKEN)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 507);
+        assert_eq!(s.job(TOKEN, &id)["state"], "failed");
+        let listed: Value = client()
+            .get(format!("{}/train", s.url))
+            .bearer_auth(TOKEN)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        assert_eq!(listed["jobs"].as_array().unwrap().len(), 1, "{listed}");
+    }
+    // With room again, the job resumes and finishes.
+    let s = server(&f);
+    assert_eq!(s.job(TOKEN, &id)["state"], "failed");
+    let r = client()
+        .post(format!("{}/train/{id}/resume", s.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    s.wait_for_job(TOKEN, &id, 120, |j| j["state"] == "succeeded");
+}
+
+#[test]
+fn train_warns_about_its_set_up_and_resume_names_what_changed() {
+    let f = fixture();
+    let (d, b) = (
+        f.root.join("data/ds").to_str().unwrap().to_string(),
+        f.base.to_str().unwrap().to_string(),
+    );
+    let out = f.root.join("models/w");
+    let o = out.to_str().unwrap().to_string();
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--data",
+            &d,
+            "--out",
+            &o,
+            "--base",
+            &b,
+            "--batch-size",
+            "8",
+        ];
+        args.extend_from_slice(extra);
+        Command::new(BIN).args(&args).output().unwrap()
+    };
+    // The default warmup (5000 steps) on a 2-step run, and no "val" split in the data.
+    let first = train(&["--epochs", "1"]);
+    assert!(first.status.success());
+    let err = String::from_utf8_lossy(&first.stderr);
+    assert!(
+        err.contains(
+            "warning: warmup is 5000 steps but the whole run is 2 (2 per epoch × 1 epochs)"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            r#"no validation: the dataset has no captions in split "val" (it has ["train"])"#
+        ),
+        "{err}"
+    );
+    // A finished run is extended by more epochs.
+    let more = train(&["--epochs", "2", "--warmup", "0", "--resume"]);
+    let err = String::from_utf8_lossy(&more.stderr);
+    assert!(
+        !more.status.success(),
+        "warmup differs from the checkpoint: {err}"
+    );
+    assert!(
+        err.contains("warmup (5000 → 0)") && err.contains("only epochs may change"),
+        "{err}"
+    );
+    let more = train(&["--epochs", "2", "--resume"]);
+    let err = String::from_utf8_lossy(&more.stderr);
+    assert!(more.status.success(), "{err}");
+    assert!(err.contains("resuming with 2 epochs instead of 1"), "{err}");
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("clipcap.json")).unwrap()).unwrap();
+    let text = manifest["provenance"].to_string();
+    assert!(
+        text.contains("\"epochs\":2"),
+        "the bundle records the extended run: {text}"
     );
 }

@@ -86,13 +86,15 @@ pub struct CaptionOutput {
 #[derive(Clone, Debug, Serialize)]
 pub struct Readiness {
     pub models: usize,
+    /// Start-up models are still loading: ready only once every one has (or failed).
+    pub loading: bool,
     pub worker_alive: bool,
     pub worker_answering: bool,
 }
 
 impl Readiness {
     pub fn ready(&self) -> bool {
-        self.models > 0 && self.worker_answering
+        self.models > 0 && !self.loading && self.worker_answering
     }
 }
 
@@ -255,6 +257,7 @@ impl Engine {
     pub fn readiness(&self) -> Readiness {
         Readiness {
             models: self.inner.registry.len(),
+            loading: self.inner.health.loading(),
             worker_alive: self.inner.health.alive(),
             worker_answering: self.inner.health.answering(Duration::from_secs(5)),
         }
@@ -487,10 +490,93 @@ impl Engine {
         dir: &Path,
         make_default: bool,
     ) -> Result<ModelInfo, EngineError> {
-        let bundle = (self.inner.load)(dir).map_err(|e| EngineError::Load {
+        let bundle = self.load_bundle(dir)?;
+        self.serve_bundle(name, bundle, make_default)
+    }
+
+    /// [`Engine::install_blocking`] from async code (loads on a blocking thread). With a
+    /// `limit`, a load that takes longer is refused, and the bundle it was loading is never
+    /// served (it is dropped when it arrives).
+    pub async fn install(
+        &self,
+        name: &str,
+        dir: &Path,
+        make_default: bool,
+        limit: Option<Duration>,
+    ) -> Result<ModelInfo, EngineError> {
+        const LOADING: u8 = 0;
+        const COMMITTED: u8 = 1;
+        const ABANDONED: u8 = 2;
+        let state = Arc::new(std::sync::atomic::AtomicU8::new(LOADING));
+        let (me, name, path) = (self.clone(), name.to_string(), dir.to_path_buf());
+        let flag = state.clone();
+        let mut task = tokio::task::spawn_blocking(move || {
+            let bundle = me.load_bundle(&path)?;
+            // Served only if the caller has not given up (and then it waits for this).
+            flag.compare_exchange(LOADING, COMMITTED, Ordering::AcqRel, Ordering::Acquire)
+                .map_err(|_| EngineError::Load {
+                    dir: path.clone(),
+                    reason: "the caller gave up waiting".into(),
+                })?;
+            me.serve_bundle(&name, bundle, make_default)
+        });
+        let joined = |r: Result<Result<ModelInfo, EngineError>, tokio::task::JoinError>| {
+            r.map_err(|e| EngineError::Inference(format!("loading thread: {e}")))?
+        };
+        let Some(limit) = limit else {
+            return joined(task.await);
+        };
+        match tokio::time::timeout(limit, &mut task).await {
+            Ok(r) => joined(r),
+            Err(_) => {
+                let gave_up = state
+                    .compare_exchange(LOADING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok();
+                if gave_up {
+                    Err(EngineError::Load {
+                        dir: dir.to_path_buf(),
+                        reason: format!(
+                            "the bundle did not load within {} ms (load_timeout_ms)",
+                            limit.as_millis()
+                        ),
+                    })
+                } else {
+                    // Loaded just in time: it is being served; report that.
+                    joined(task.await)
+                }
+            }
+        }
+    }
+
+    /// Reads and checks a bundle. libtorch reports some failures by panicking (tch's
+    /// non-`f_` calls): a bad bundle is still only a load error, with the message's first line.
+    fn load_bundle(&self, dir: &Path) -> Result<Bundle, EngineError> {
+        let loaded =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.inner.load)(dir)))
+                .unwrap_or_else(|p| {
+                    let text = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "loading panicked".into());
+                    Err(anyhow::anyhow!(
+                        "{}",
+                        text.lines().next().unwrap_or("loading panicked")
+                    ))
+                });
+        loaded.map_err(|e| EngineError::Load {
             dir: dir.to_path_buf(),
             reason: format!("{e:#}"),
-        })?;
+        })
+    }
+
+    /// Hands a loaded bundle to the worker to serve as `name`.
+    fn serve_bundle(
+        &self,
+        name: &str,
+        bundle: Bundle,
+        make_default: bool,
+    ) -> Result<ModelInfo, EngineError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.inner
             .tx
@@ -502,19 +588,6 @@ impl Engine {
             })
             .map_err(|_| EngineError::Stopped)?;
         rx.blocking_recv().map_err(|_| EngineError::Stopped)
-    }
-
-    /// [`Engine::install_blocking`] from async code (loads on a blocking thread).
-    pub async fn install(
-        &self,
-        name: &str,
-        dir: &Path,
-        make_default: bool,
-    ) -> Result<ModelInfo, EngineError> {
-        let (me, name, dir) = (self.clone(), name.to_string(), dir.to_path_buf());
-        tokio::task::spawn_blocking(move || me.install_blocking(&name, &dir, make_default))
-            .await
-            .map_err(|e| EngineError::Inference(format!("loading thread: {e}")))?
     }
 
     /// Stops serving `name` (requests already running on it finish).

@@ -110,6 +110,8 @@ pub struct Health {
     /// Milliseconds since `started` at the worker's last loop turn.
     heartbeat_ms: AtomicU64,
     alive: AtomicBool,
+    /// The start-up models are still loading (the server is not ready until all have).
+    loading: AtomicBool,
     pub(crate) fault: AtomicU8,
     /// Caption requests sent to the worker and not yet taken by it (tests wait on this).
     pub(crate) in_channel: std::sync::atomic::AtomicUsize,
@@ -128,11 +130,17 @@ struct Gate {
 }
 
 impl Health {
+    /// Whether the start-up models are still loading.
+    pub fn loading(&self) -> bool {
+        self.loading.load(Ordering::Acquire)
+    }
+
     pub fn new() -> Self {
         Health {
             started: Instant::now(),
             heartbeat_ms: AtomicU64::new(0),
             alive: AtomicBool::new(false),
+            loading: AtomicBool::new(true),
             fault: AtomicU8::new(Fault::None as u8),
             in_channel: std::sync::atomic::AtomicUsize::new(0),
             gate: std::sync::Mutex::new(Gate::default()),
@@ -259,6 +267,7 @@ pub fn spawn(
                 }
                 health.beat();
             }
+            health.loading.store(false, Ordering::Release);
             w.run();
         })
         .expect("spawning the inference thread")
@@ -319,6 +328,8 @@ struct Worker {
     images: HashMap<u64, ImageSlot>,
     next_id: u64,
     stopping: bool,
+    /// Whether the last pass had work (memory goes back to the system when that ends).
+    busy: bool,
 }
 
 impl Worker {
@@ -335,6 +346,7 @@ impl Worker {
             images: HashMap::new(),
             next_id: 0,
             stopping: false,
+            busy: false,
         }
     }
 
@@ -443,6 +455,12 @@ impl Worker {
                 self.retired
                     .retain(|(n, v, _)| pending.iter().any(|(pn, pv)| *pn == n && pv == v));
             }
+            let busy =
+                !self.decoders.iter().all(|d| d.is_empty()) || self.scheduler.pending_jobs() > 0;
+            if self.busy && !busy {
+                crate::device::release_free_memory();
+            }
+            self.busy = busy;
         }
     }
 

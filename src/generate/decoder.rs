@@ -316,7 +316,7 @@ fn finish(model: &Bundle, c: &Cohort, gone: &[i64]) -> Result<Vec<Finished>> {
                     .unwrap_or(std::cmp::Ordering::Equal)
             });
         }
-        caps.truncate(c.opts.n_best as usize);
+        caps.truncate(c.opts.n as usize);
         out.push(Finished {
             id: c.ids[img as usize],
             captions: caps,

@@ -82,6 +82,14 @@ pub struct Manifest {
 impl Manifest {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST);
+        // A named pipe or device here would block the reader forever.
+        let size = regular_file(&path)?;
+        if size > MAX_MANIFEST_BYTES {
+            bail!(
+                "{}: {size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}",
+                path.display()
+            );
+        }
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading bundle manifest {}", path.display()))?;
         let m: Manifest = serde_json::from_str(&text)
@@ -103,6 +111,21 @@ impl Manifest {
         m.gpt2
             .validate()
             .with_context(|| format!("{}: gpt2", path.display()))?;
+        let mp = &m.mapper;
+        for (name, value, max) in [
+            ("prefix_dim", mp.prefix_dim, 1 << 16),
+            ("prefix_length", mp.prefix_length, 4096),
+            ("clip_length", mp.clip_length, 4096),
+            ("num_layers", mp.num_layers, 128),
+            ("image.size", m.image.size, 4096),
+        ] {
+            if value <= 0 || value > max {
+                bail!(
+                    "{}: mapper {name} is {value}; it must be 1 to {max}",
+                    path.display()
+                );
+            }
+        }
         if m.stop_tokens.is_empty() {
             bail!("{}: stop_tokens is empty", path.display());
         }
@@ -114,6 +137,20 @@ impl Manifest {
         let text = serde_json::to_string_pretty(self)?;
         crate::fsutil::write_atomic(&dir.join(MANIFEST), text.as_bytes())
     }
+}
+
+/// The largest manifest read (a real one is a few kB).
+const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+
+/// The size of `path`, which must be a regular file (after symlinks): a named pipe, device
+/// or folder is refused before anything opens it.
+pub fn regular_file(path: &Path) -> Result<u64> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("bundle file {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{} is not a regular file", path.display());
+    }
+    Ok(meta.len())
 }
 
 /// The trainable part of a bundle: mapper + GPT-2 in one `VarStore`, with ClipCap's names.
@@ -151,15 +188,15 @@ impl CaptionNet {
 
     /// Saves every variable (f32) to a safetensors file atomically.
     pub fn save_weights(&self, file: &Path) -> Result<()> {
-        let tmp = crate::fsutil::temp_path(file);
         let vars = self.vs.variables();
         let named: Vec<(String, Tensor)> = vars
             .iter()
             .map(|(n, t)| (n.clone(), t.to_kind(Kind::Float).to_device(Device::Cpu)))
             .collect();
-        Tensor::write_safetensors(&named, &tmp)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        crate::fsutil::rename_durable(&tmp, file)
+        crate::fsutil::replace_with(file, |tmp| {
+            Tensor::write_safetensors(&named, tmp)
+                .with_context(|| format!("writing {}", file.display()))
+        })
     }
 
     /// Prefix embeddings for CLIP embeddings `[B, D]`, in GPT-2's dtype.
@@ -188,6 +225,21 @@ impl Bundle {
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         let manifest = Manifest::read(dir)?;
         let files = &manifest.files;
+        for f in [&files.tokenizer, &files.encoder, &files.weights] {
+            regular_file(&dir.join(f))?;
+        }
+        // The shapes the manifest claims must fit in the weights file (stored at 2 bytes a
+        // value or more) before anything is allocated for them.
+        let weights = dir.join(&files.weights);
+        let need = manifest.gpt2.parameters().saturating_mul(2) as u64;
+        let have = regular_file(&weights)?;
+        if have < need {
+            bail!(
+                "{}: the manifest's GPT-2 ({} parameters) needs at least {need} bytes of weights; the file has {have}",
+                weights.display(),
+                manifest.gpt2.parameters()
+            );
+        }
         let tok_path = dir.join(&files.tokenizer);
         let tokenizer = Tokenizer::from_file(&tok_path)
             .map_err(|e| anyhow::anyhow!("loading tokenizer {}: {e}", tok_path.display()))?;

@@ -74,8 +74,34 @@ impl Gpt2Config {
         if self.n_layer <= 0 || self.vocab_size <= 0 || self.n_positions <= 0 {
             bail!("n_layer, vocab_size and n_positions must be positive");
         }
+        // Far above any GPT-2 (50257 tokens, 1600 wide, 48 layers, 1024 positions): a
+        // manifest past these is a mistake, and would allocate without bound before the
+        // weights could say so.
+        for (name, value, max) in [
+            ("vocab_size", self.vocab_size, 1 << 20),
+            ("n_positions", self.n_positions, 1 << 17),
+            ("n_embd", self.n_embd, 1 << 14),
+            ("n_layer", self.n_layer, 512),
+            ("n_head", self.n_head, 1024),
+            ("n_inner", self.inner(), 1 << 16),
+        ] {
+            if value > max {
+                bail!("{name} is {value}; at most {max}");
+            }
+        }
+        if self.inner() <= 0 {
+            bail!("n_inner must be positive");
+        }
         Activation::parse(&self.activation_function)?;
         Ok(())
+    }
+
+    /// Parameters of the network (the tied lm_head counted once).
+    pub fn parameters(&self) -> i64 {
+        let (e, inner) = (self.n_embd, self.inner());
+        let layer =
+            4 * e + (3 * e * e + 3 * e) + (e * e + e) + (e * inner + inner) + (inner * e + e);
+        (self.vocab_size + self.n_positions) * e + self.n_layer * layer + 2 * e
     }
 
     pub fn head_dim(&self) -> i64 {

@@ -41,6 +41,9 @@ pub struct TrainTarget {
     /// Start from the base model's mapper and GPT-2 weights (fine-tune) instead of a fresh mapper.
     #[serde(default)]
     init_from_base: bool,
+    /// Replace an existing bundle named `output` (refused with 409 otherwise).
+    #[serde(default)]
+    overwrite: bool,
 }
 
 /// The body of `POST /train`: the target and the hyper-parameters (the original's defaults),
@@ -145,7 +148,9 @@ fn dataset_dir(st: &AppState, name: &str) -> Result<std::path::PathBuf, ApiError
 #[utoipa::path(post, path = "/train", tag = "admin", request_body = TrainRequest,
     responses((status = 202, description = "Queued: `{id, state, status_url}`; Location names the job"),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 422, description = "A bad field (named)", body = ErrorBody)),
+        (status = 409, description = "The output bundle exists (without `overwrite`) or a job is writing it", body = ErrorBody),
+        (status = 422, description = "A bad field (named)", body = ErrorBody),
+        (status = 507, description = "The job record cannot be written (disk full)", body = ErrorBody)),
     security(("admin_token" = [])))]
 pub(crate) async fn start(
     State(st): State<AppState>,
@@ -192,9 +197,23 @@ pub(crate) async fn start(
     }
     spec.name = Some(req.output.clone());
     spec.validate().map_err(|(f, m)| ApiError::option(f, m))?;
-    let job = jobs(&st)?
+    let manager = jobs(&st)?;
+    // A finished bundle is replaced only when asked; one being written never twice at once.
+    if let Some(other) = manager.writing(&req.output) {
+        return Err(ApiError::Conflict(format!(
+            "job {other} is already writing bundle {:?}",
+            req.output
+        )));
+    }
+    if spec.out.exists() && !req.overwrite {
+        return Err(ApiError::Conflict(format!(
+            "bundle {:?} exists; send \"overwrite\": true to replace it",
+            req.output
+        )));
+    }
+    let job = manager
         .submit(req.dataset, req.output, base_model.name, req.activate, spec)
-        .map_err(|e| ApiError::Internal(format!("{e:#}")))?;
+        .map_err(ApiError::from)?;
     let url = format!("/train/{}", job.id);
     Ok((
         StatusCode::ACCEPTED,
@@ -249,34 +268,28 @@ pub(crate) async fn cancel(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    match jobs(&st)?.cancel(&id) {
-        Ok(Some(j)) => Ok((
-            StatusCode::OK,
-            Json(json!({"id": j.id, "state": j.state, "cancel_requested": true})),
-        )
-            .into_response()),
-        Ok(None) => Err(ApiError::NotFound(format!("no training job {id:?}"))),
-        Err(e) => Err(ApiError::Conflict(e)),
-    }
+    let j = jobs(&st)?.cancel(&id)?;
+    Ok((
+        StatusCode::OK,
+        Json(json!({"id": j.id, "state": j.state, "cancel_requested": true})),
+    )
+        .into_response())
 }
 
 /// Re-queues an interrupted, cancelled or failed job; it continues from its checkpoint.
 #[utoipa::path(post, path = "/train/{id}/resume", tag = "admin", params(("id" = String, Path)),
-    responses((status = 202, description = "Queued"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    responses((status = 202, description = "Queued"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 507, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub(crate) async fn resume(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    match jobs(&st)?.resume(&id) {
-        Ok(Some(j)) => Ok((
-            StatusCode::ACCEPTED,
-            Json(json!({"id": j.id, "state": j.state})),
-        )
-            .into_response()),
-        Ok(None) => Err(ApiError::NotFound(format!("no training job {id:?}"))),
-        Err(e) => Err(ApiError::Conflict(e)),
-    }
+    let j = jobs(&st)?.resume(&id)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"id": j.id, "state": j.state})),
+    )
+        .into_response())
 }
 
 /// The loss curve as SVG.

@@ -44,6 +44,18 @@ pub enum ApiError {
     /// 403: admin routes are disabled (no token configured).
     #[error("{0}")]
     Forbidden(String),
+    /// 408: the body did not arrive in time.
+    #[error("{0}")]
+    BodyTimeout(String),
+    /// 414: the request target is too long.
+    #[error("{0}")]
+    UriTooLong(String),
+    /// 431: the headers are too large.
+    #[error("{0}")]
+    HeadersTooLarge(String),
+    /// 507: the server cannot write what the request needs (disk full).
+    #[error("{0}")]
+    InsufficientStorage(String),
     /// 500: a bug or an inference failure; logged with details.
     #[error("{0}")]
     Internal(String),
@@ -66,6 +78,10 @@ impl ApiError {
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -86,6 +102,10 @@ impl ApiError {
             ApiError::TooManyRequests(_) => "too_many_requests",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::DeadlineExceeded(_) => "deadline_exceeded",
+            ApiError::BodyTimeout(_) => "body_timeout",
+            ApiError::UriTooLong(_) => "uri_too_long",
+            ApiError::HeadersTooLarge(_) => "headers_too_large",
+            ApiError::InsufficientStorage(_) => "insufficient_storage",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -123,6 +143,18 @@ impl From<EngineError> for ApiError {
             EngineError::InvalidOption(o) => ApiError::option(o.field, o.message),
             EngineError::Load { .. } => ApiError::option("path", text),
             EngineError::NotLoaded(_) => ApiError::NotFound(text),
+        }
+    }
+}
+
+impl From<crate::train::jobs::JobError> for ApiError {
+    fn from(e: crate::train::jobs::JobError) -> Self {
+        use crate::train::jobs::JobError;
+        let text = e.to_string();
+        match e {
+            JobError::NotFound(_) => ApiError::NotFound(text),
+            JobError::Conflict(_) => ApiError::Conflict(text),
+            JobError::Storage(_) => ApiError::InsufficientStorage(text),
         }
     }
 }

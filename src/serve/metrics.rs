@@ -2,8 +2,8 @@
 //! engine and the training jobs register theirs in the same registry. All names start with
 //! `clipcap_`.
 use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 pub struct HttpMetrics {
@@ -11,6 +11,11 @@ pub struct HttpMetrics {
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub inflight: IntGauge,
+    /// Requests whose body is still arriving (they hold a connection, no in-flight slot).
+    pub reading_bodies: IntGauge,
+    pub open_connections: IntGauge,
+    /// Connections answered 503 because `max_connections` were open.
+    pub refused_connections: IntCounter,
 }
 
 impl HttpMetrics {
@@ -36,7 +41,26 @@ impl HttpMetrics {
         registry
             .register(Box::new(request_duration.clone()))
             .unwrap();
+        let reading_bodies = IntGauge::new(
+            "clipcap_reading_bodies",
+            "Requests whose body is still arriving",
+        )
+        .unwrap();
+        let open_connections =
+            IntGauge::new("clipcap_open_connections", "Open client connections").unwrap();
+        let refused_connections = IntCounter::new(
+            "clipcap_refused_connections_total",
+            "Connections refused (503) because max_connections were open",
+        )
+        .unwrap();
         registry.register(Box::new(inflight.clone())).unwrap();
+        registry.register(Box::new(reading_bodies.clone())).unwrap();
+        registry
+            .register(Box::new(open_connections.clone()))
+            .unwrap();
+        registry
+            .register(Box::new(refused_connections.clone()))
+            .unwrap();
         #[cfg(target_os = "linux")]
         {
             let pc = prometheus::process_collector::ProcessCollector::new(
@@ -50,6 +74,9 @@ impl HttpMetrics {
             requests,
             request_duration,
             inflight,
+            reading_bodies,
+            open_connections,
+            refused_connections,
         }
     }
 

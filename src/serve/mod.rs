@@ -5,10 +5,12 @@
 //! `metrics` holds the Prometheus registry. Nothing here touches tch.
 pub mod admin;
 pub mod bench;
+pub mod conn;
 pub mod error;
 pub mod metrics;
 pub mod openapi;
 pub mod routes;
+pub mod served;
 pub mod validation;
 
 use crate::config::{parse_model_entry, Config};
@@ -18,7 +20,6 @@ use anyhow::{Context, Result};
 use clap::Args;
 use error::ApiError;
 use metrics::HttpMetrics;
-use std::future::IntoFuture;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -93,19 +94,27 @@ pub struct AppState {
     pub draining: Arc<AtomicBool>,
     /// Training jobs; `None` when admin routes are disabled (no admin token).
     pub jobs: Option<Arc<JobManager>>,
+    /// Models loaded or activated at run time, served again after a restart.
+    pub served: Arc<served::ServedRecord>,
 }
 
 impl AppState {
     /// The state for `engine`, with a training job manager when admin routes are enabled.
     pub fn new(cfg: Arc<Config>, engine: Engine, http: Arc<HttpMetrics>) -> Result<Self> {
+        let served = Arc::new(served::ServedRecord::new(&cfg.models.served_record));
         let jobs = if cfg.auth.admin_token.is_empty() {
             None
         } else {
             let device = cfg.inference.device.resolve()?;
+            // Trained-bundle folders half-written by a process that died.
+            crate::fsutil::sweep_temps(std::path::Path::new(&cfg.training.bundles_dir), 0);
             Some(JobManager::open(
                 PathBuf::from(&cfg.training.jobs_dir),
                 Arc::new(LocalTrainer { device }),
-                Some(Arc::new(engine.clone())),
+                Some(Arc::new(served::RecordingInstaller {
+                    engine: engine.clone(),
+                    record: served.clone(),
+                })),
                 &http.registry,
             )?)
         };
@@ -115,6 +124,7 @@ impl AppState {
             http,
             draining: Arc::new(AtomicBool::new(false)),
             jobs,
+            served,
         })
     }
 }
@@ -123,13 +133,13 @@ impl AppState {
 pub fn engine_for(cfg: &Config, registry: &prometheus::Registry) -> Result<Engine> {
     let device = cfg.inference.device.resolve()?;
     let kind = cfg.inference.dtype.resolve(device)?;
-    let models: Vec<(String, PathBuf)> = cfg
+    let configured: Vec<(String, PathBuf)> = cfg
         .models
         .models
         .iter()
         .map(|m| parse_model_entry(m))
         .collect();
-    for (name, dir) in &models {
+    for (name, dir) in &configured {
         if !dir.join(crate::model::bundle::MANIFEST).exists() {
             anyhow::bail!(
                 "model {name}: no bundle at {} (run scripts/build-demo.sh for the default bundle)",
@@ -137,6 +147,12 @@ pub fn engine_for(cfg: &Config, registry: &prometheus::Registry) -> Result<Engin
             );
         }
     }
+    let record = served::ServedRecord::new(&cfg.models.served_record);
+    let (models, recorded_default) = served::startup_models(configured, &record)?;
+    if models.len() > cfg.models.models.len() || recorded_default.is_some() {
+        tracing::info!(record = %cfg.models.served_record, "serving the recorded models too");
+    }
+    let default_model = recorded_default.unwrap_or_else(|| cfg.models.default_model.clone());
     let i = &cfg.inference;
     let engine_cfg = EngineConfig {
         device,
@@ -151,12 +167,7 @@ pub fn engine_for(cfg: &Config, registry: &prometheus::Registry) -> Result<Engin
         max_pixels: i.max_pixels,
         preprocess_threads: i.preprocess_threads,
     };
-    Ok(Engine::start(
-        engine_cfg,
-        registry,
-        models,
-        cfg.models.default_model.clone(),
-    ))
+    Ok(Engine::start(engine_cfg, registry, models, default_model))
 }
 
 fn init_tracing(cfg: &Config) {
@@ -169,7 +180,10 @@ fn init_tracing(cfg: &Config) {
         .with_env_filter(filter)
         .with_target(false)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_ansi(std::io::stderr().is_terminal())
+        // A log that cannot be written (its disk is full) must not take the server down:
+        // tracing reports such failures with eprintln!, which panics when stderr fails.
+        .log_internal_errors(false);
     let _ = if cfg.server.log_format == crate::config::LogFormat::Json {
         builder.json().flatten_event(true).try_init()
     } else {
@@ -225,11 +239,14 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     };
     let grace = Duration::from_millis(state.cfg.server.shutdown_grace_ms);
-    let mut server = tokio::spawn(
-        axum::serve(listener, app)
-            .with_graceful_shutdown(signal)
-            .into_future(),
-    );
+    let limits = conn::ConnLimits::from_config(&state.cfg.server);
+    let mut server = tokio::spawn(conn::serve_connections(
+        listener,
+        app,
+        limits,
+        state.http.clone(),
+        signal,
+    ));
     let finished = tokio::select! {
         r = &mut server => Some(r),
         _ = async {
@@ -238,10 +255,10 @@ pub async fn serve(
         } => None,
     };
     // Whatever ended the serving, jobs and the worker are stopped below.
-    let report = |r: Result<std::io::Result<()>, tokio::task::JoinError>| match r {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "the HTTP server failed"),
-        Err(e) => tracing::error!(error = %e, "the HTTP server task ended abnormally"),
+    let report = |r: Result<(), tokio::task::JoinError>| {
+        if let Err(e) = r {
+            tracing::error!(error = %e, "the HTTP server task ended abnormally");
+        }
     };
     match finished {
         Some(r) => report(r),
@@ -269,9 +286,14 @@ pub async fn serve(
     Ok(())
 }
 
-/// The router with its layers (request ids, tracing, panics as opaque 500s).
+/// The router with its layers (request ids, tracing, panics as opaque 500s, and the request
+/// guard: header and URI caps, the body read within its deadline).
 pub fn app(state: AppState) -> axum::Router {
-    with_layers(routes::router(state))
+    let guarded = routes::router(state.clone()).layer(axum::middleware::from_fn_with_state(
+        state,
+        conn::guard_request,
+    ));
+    with_layers(guarded)
 }
 
 fn with_layers(router: axum::Router) -> axum::Router {
@@ -288,6 +310,9 @@ fn with_layers(router: axum::Router) -> axum::Router {
                 .unwrap_or("-");
             tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path())
         })
+        // Statuses are in the access log; routine 503s and 504s are no errors (a 500 is
+        // logged where it happens, with its detail).
+        .on_failure(())
         // The access log: one line per request, inside its span (id, method, path).
         .on_response(
             |resp: &axum::response::Response, latency: Duration, _span: &tracing::Span| {

@@ -353,7 +353,7 @@ pub(crate) async fn ready(State(st): State<AppState>) -> Response {
     let r = st.engine.readiness();
     let draining = st.draining.load(Ordering::Relaxed);
     let ok = r.ready() && !draining;
-    let body = json!({"ready": ok, "models": r.models, "worker_alive": r.worker_alive,
+    let body = json!({"ready": ok, "models": r.models, "loading": r.loading, "worker_alive": r.worker_alive,
         "worker_answering": r.worker_answering, "draining": draining});
     let status = if ok {
         StatusCode::OK
@@ -461,11 +461,26 @@ pub(crate) async fn load_model(
             "must be non-empty letters, digits, '-', '_' or '.'",
         ));
     }
+    let dir = std::path::PathBuf::from(&req.path);
+    let limit = Duration::from_millis(st.cfg.models.load_timeout_ms.max(1));
     let info = st
         .engine
-        .install(&req.name, std::path::Path::new(&req.path), req.default)
+        .install(&req.name, &dir, req.default, Some(limit))
         .await?;
-    Ok((StatusCode::OK, Json(json!({"loaded": info}))).into_response())
+    // Served again after a restart; a failed record write leaves it served for now.
+    let recorded = match st.served.record(&req.name, &dir, req.default) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(model = %req.name, error = %format!("{e:#}"),
+                "serving the model, but it will not come back after a restart");
+            false
+        }
+    };
+    Ok((
+        StatusCode::OK,
+        Json(json!({"loaded": info, "recorded": recorded})),
+    )
+        .into_response())
 }
 
 #[utoipa::path(delete, path = "/admin/models/{name}", tag = "admin",
@@ -477,6 +492,10 @@ pub(crate) async fn unload_model(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     st.engine.unload(&name).await?;
+    if let Err(e) = st.served.forget(&name) {
+        tracing::warn!(model = %name, error = %format!("{e:#}"),
+            "unloaded, but the served-models record still names it");
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -263,11 +263,11 @@ mod tests {
         o.set_text("strategy", "greedy".into()).unwrap();
         let r = o
             .resolve(&GenOptions {
-                n_best: 3,
+                n: 3,
                 ..Default::default()
             })
             .unwrap();
-        assert_eq!((r.strategy, r.n_best), (Strategy::Greedy, 1));
+        assert_eq!((r.strategy, r.n), (Strategy::Greedy, 1));
         o.set_text("n", "2".into()).unwrap();
         assert_eq!(
             o.resolve(&GenOptions::default()).unwrap_err().to_string(),

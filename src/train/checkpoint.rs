@@ -34,6 +34,34 @@ pub(super) struct Start {
     pub(super) state: CheckpointState,
     /// The state (and `net`'s and `opt`'s) came from a checkpoint.
     pub(super) resumed: bool,
+    /// What the resume changed (more epochs), for the run's warnings.
+    pub(super) notes: Vec<String>,
+}
+
+/// The fields of two specs that differ, as `name (old → new)`, flattened (params inline).
+fn spec_diff(old: &TrainSpec, new: &TrainSpec) -> Vec<(String, String)> {
+    let (a, b) = (
+        serde_json::to_value(old).unwrap_or_default(),
+        serde_json::to_value(new).unwrap_or_default(),
+    );
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+        return vec![];
+    };
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            let show = |v: Option<&serde_json::Value>| {
+                v.map(|v| v.to_string()).unwrap_or_else(|| "unset".into())
+            };
+            (
+                k.clone(),
+                format!("{k} ({} → {})", show(a.get(k)), show(b.get(k))),
+            )
+        })
+        .collect()
 }
 
 /// Creates `ckpt_dir`; with `resume` and a checkpoint there, loads it into `net` and `opt` and
@@ -57,19 +85,45 @@ pub(super) fn start(
     std::fs::create_dir_all(ckpt_dir)?;
     let ckpt = ckpt_dir.join(CHECKPOINT);
     let resumed = resume && ckpt.exists();
+    let mut notes = vec![];
     if resumed {
         state = load(&ckpt, net, opt)?;
-        if state.spec != *spec {
+        let diff = spec_diff(&state.spec, spec);
+        // Only the number of epochs may change: a finished run can be extended (or a long
+        // one cut short, not below where it stands).
+        let others: Vec<&str> = diff
+            .iter()
+            .filter(|(k, _)| k != "epochs")
+            .map(|(_, d)| d.as_str())
+            .collect();
+        if !others.is_empty() {
             bail!(
-                "the checkpoint in {} was made with a different spec",
-                ckpt_dir.display()
+                "the checkpoint in {} was made with another spec: {}; only epochs may change on --resume",
+                ckpt_dir.display(),
+                others.join(", ")
             );
+        }
+        if spec.params.epochs != state.spec.params.epochs {
+            if spec.params.epochs < state.epoch {
+                bail!(
+                    "the checkpoint in {} has finished {} epochs; --epochs {} would end before it",
+                    ckpt_dir.display(),
+                    state.epoch,
+                    spec.params.epochs
+                );
+            }
+            notes.push(format!(
+                "resuming with {} epochs instead of {}: the learning-rate schedule is stretched to the new length",
+                spec.params.epochs, state.spec.params.epochs
+            ));
+            state.spec.params.epochs = spec.params.epochs;
         }
     }
     Ok(Start {
         path: ckpt,
         state,
         resumed,
+        notes,
     })
 }
 
@@ -93,10 +147,10 @@ pub(super) fn save(
     );
     let json = serde_json::to_vec(state)?;
     named.push(("state_json".into(), Tensor::from_slice(&json)));
-    let tmp = crate::fsutil::temp_path(path);
-    Tensor::write_safetensors(&named, &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    crate::fsutil::rename_durable(&tmp, path)
+    crate::fsutil::replace_with(path, |tmp| {
+        Tensor::write_safetensors(&named, tmp)
+            .with_context(|| format!("writing {}", path.display()))
+    })
 }
 
 /// Loads a checkpoint's weights into `net` and its optimizer state into `opt`.

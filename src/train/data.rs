@@ -4,6 +4,7 @@
 //! embeddings.safetensors   tensor "embeddings" [N, D] (f32), one row per image
 //! captions.jsonl           {"caption", "image_id", "row", "split"} per caption
 //! meta.json                encoder hash, preprocessing, counts, skipped files, source bundle
+//! references.json          the captions in COCO's annotation format (`clipcap score --refs`)
 //! ```
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -15,6 +16,8 @@ use tokenizers::Tokenizer;
 pub const EMBEDDINGS: &str = "embeddings.safetensors";
 pub const CAPTIONS: &str = "captions.jsonl";
 pub const META: &str = "meta.json";
+/// The captions as a COCO annotation file, for `clipcap score --refs`.
+pub const REFERENCES: &str = "references.json";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CaptionRecord {
@@ -82,7 +85,24 @@ impl Dataset {
             .get("embeddings")
             .with_context(|| format!("{}: no tensor \"embeddings\"", file.display()))?
             .to_kind(Kind::Float);
-        let n = embeddings.size()[0];
+        // What meta.json claims must be what the file holds: every later check (train, eval)
+        // trusts the claim, and a tensor op on the wrong width only panics.
+        let shape = embeddings.size();
+        if shape.len() != 2 {
+            bail!(
+                "{}: embeddings are {shape:?}, not [images, width]",
+                file.display()
+            );
+        }
+        if meta.embedding_dim != shape[1] {
+            bail!(
+                "{}: the embeddings are {}-wide but meta.json says {} (an interrupted or mixed prepare? run clipcap prepare --overwrite)",
+                dir.display(),
+                shape[1],
+                meta.embedding_dim
+            );
+        }
+        let n = shape[0];
         let f = std::fs::File::open(dir.join(CAPTIONS))
             .with_context(|| format!("reading {}", dir.join(CAPTIONS).display()))?;
         let mut records = vec![];

@@ -78,28 +78,41 @@ pub(super) fn write_bundle(
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent)?;
+    // Built in a temporary folder beside `out` (removed if anything fails, so a full disk
+    // stays no fuller), then renamed into place; an old bundle is moved aside first and put
+    // back if the swap fails.
     let tmp = crate::fsutil::temp_path(out);
-    std::fs::create_dir_all(&tmp)?;
-    let files = &manifest.files;
-    std::fs::copy(
-        base.join(&base_manifest.files.encoder),
-        tmp.join(&files.encoder),
-    )
-    .context("copying the encoder")?;
-    std::fs::copy(
-        base.join(&base_manifest.files.tokenizer),
-        tmp.join(&files.tokenizer),
-    )
-    .context("copying the tokenizer")?;
-    net.save_weights(&tmp.join(&files.weights))?;
-    manifest.write(&tmp)?;
-    if out.exists() {
+    let built = (|| -> Result<()> {
+        std::fs::create_dir_all(&tmp)?;
+        let files = &manifest.files;
+        std::fs::copy(
+            base.join(&base_manifest.files.encoder),
+            tmp.join(&files.encoder),
+        )
+        .context("copying the encoder")?;
+        std::fs::copy(
+            base.join(&base_manifest.files.tokenizer),
+            tmp.join(&files.tokenizer),
+        )
+        .context("copying the tokenizer")?;
+        net.save_weights(&tmp.join(&files.weights))?;
+        manifest.write(&tmp)
+    })();
+    let swapped = built.and_then(|()| {
+        if !out.exists() {
+            return Ok(std::fs::rename(&tmp, out)?);
+        }
         let old = crate::fsutil::temp_path(out);
         std::fs::rename(out, &old)?;
-        std::fs::rename(&tmp, out)?;
+        if let Err(e) = std::fs::rename(&tmp, out) {
+            let _ = std::fs::rename(&old, out);
+            return Err(e.into());
+        }
         let _ = std::fs::remove_dir_all(&old);
-    } else {
-        std::fs::rename(&tmp, out)?;
+        Ok(())
+    });
+    if swapped.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
     }
-    Ok(())
+    swapped
 }

@@ -75,6 +75,9 @@ pub struct JobRecord {
     pub loss_history: Vec<LossPoint>,
     pub val_loss_history: Vec<LossPoint>,
     pub error: Option<String>,
+    /// The run's set-up warnings (a warmup longer than the run, no validation split, …).
+    #[serde(default)]
+    pub warnings: Vec<String>,
     pub bundle: Option<String>,
     pub activated: bool,
     /// How many times it was (re)started.
@@ -86,6 +89,31 @@ fn now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Why a job request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("no training job {0:?}")]
+    NotFound(String),
+    /// The job's state forbids it (resuming a running job, cancelling a finished one).
+    #[error("{0}")]
+    Conflict(String),
+    /// The job record could not be written (disk full, read-only): nothing changed.
+    #[error("cannot store the job record: {0}")]
+    Storage(String),
+}
+
+impl JobError {
+    /// A storage error, with the operating system's reason but no server path.
+    fn storage(e: &anyhow::Error) -> Self {
+        let reason = e
+            .chain()
+            .find_map(|c| c.downcast_ref::<std::io::Error>())
+            .map(|io| io.to_string())
+            .unwrap_or_else(|| "the write failed".into());
+        JobError::Storage(reason)
+    }
 }
 
 /// Runs one training (or resumes it from the checkpoint in `ckpt`).
@@ -177,7 +205,30 @@ struct Inner {
     jobs: BTreeMap<String, JobRecord>,
     queue: VecDeque<String>,
     cancel: HashMap<String, Arc<AtomicBool>>,
+    /// Jobs whose latest state is not on disk yet (a write failed); retried on every change.
+    unsaved: std::collections::BTreeSet<String>,
     stopping: bool,
+}
+
+impl Inner {
+    /// Writes job `id`'s record, then retries any that failed before; a failure is logged
+    /// and remembered, so memory and disk agree again once the disk has room.
+    fn save(&mut self, dir: &Path, id: &str) {
+        self.unsaved.insert(id.to_string());
+        let pending: Vec<String> = self.unsaved.iter().cloned().collect();
+        for id in pending {
+            let Some(job) = self.jobs.get(&id) else {
+                self.unsaved.remove(&id);
+                continue;
+            };
+            match write_record(dir, job) {
+                Ok(()) => {
+                    self.unsaved.remove(&id);
+                }
+                Err(e) => tracing::error!(job = %id, error = %e, "cannot write job record"),
+            }
+        }
+    }
 }
 
 /// What the manager and its thread share (the thread holds no handle to the manager).
@@ -209,6 +260,12 @@ impl JobManager {
         registry: &Registry,
     ) -> Result<Arc<Self>> {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        // Checkpoint and record temporaries of a process that died mid-write (kill -9, a
+        // full disk) would otherwise stay forever.
+        let swept = crate::fsutil::sweep_temps(&dir, 3);
+        if swept > 0 {
+            tracing::info!(removed = swept, dir = %dir.display(), "removed stale temporary files");
+        }
         let mut jobs = BTreeMap::new();
         let mut queue = VecDeque::new();
         for entry in std::fs::read_dir(&dir)? {
@@ -245,6 +302,7 @@ impl JobManager {
                 jobs,
                 queue,
                 cancel: HashMap::new(),
+                unsaved: Default::default(),
                 stopping: false,
             }),
             changed: Condvar::new(),
@@ -275,6 +333,20 @@ impl JobManager {
         if let Some(t) = self.thread.lock().unwrap().take() {
             let _ = t.join();
         }
+        let mut inner = self.core.inner.lock().unwrap();
+        if let Some(id) = inner.unsaved.iter().next().cloned() {
+            inner.save(&self.core.dir, &id);
+        }
+    }
+
+    /// A queued or running job that writes bundle `output`, if any.
+    pub fn writing(&self, output: &str) -> Option<String> {
+        let inner = self.core.inner.lock().unwrap();
+        inner
+            .jobs
+            .values()
+            .find(|j| j.output == output && matches!(j.state, JobState::Queued | JobState::Running))
+            .map(|j| j.id.clone())
     }
 
     pub fn list(&self) -> Vec<JobRecord> {
@@ -328,7 +400,7 @@ impl JobManager {
         base: String,
         activate: bool,
         spec: TrainSpec,
-    ) -> Result<JobRecord> {
+    ) -> std::result::Result<JobRecord, JobError> {
         let id = format!(
             "{}-{}",
             now(),
@@ -354,13 +426,16 @@ impl JobManager {
             loss_history: vec![],
             val_loss_history: vec![],
             error: None,
+            warnings: vec![],
             bundle: None,
             activated: false,
             runs: 0,
         };
         let dir = &self.core.dir;
-        std::fs::create_dir_all(dir.join(&id))?;
-        write_record(dir, &job)?;
+        if let Err(e) = write_record(dir, &job) {
+            let _ = std::fs::remove_dir_all(dir.join(&id));
+            return Err(JobError::storage(&e));
+        }
         let mut inner = self.core.inner.lock().unwrap();
         inner.jobs.insert(id.clone(), job.clone());
         inner.queue.push_back(id);
@@ -370,44 +445,59 @@ impl JobManager {
         Ok(job)
     }
 
-    /// Cancels a queued or running job. Errors: `Ok(None)` when unknown, `Err` when finished.
-    pub fn cancel(&self, id: &str) -> std::result::Result<Option<JobRecord>, String> {
+    /// Cancels a queued or running job (a running one stops at its next step).
+    pub fn cancel(&self, id: &str) -> std::result::Result<JobRecord, JobError> {
         let core = &self.core;
         let mut inner = core.inner.lock().unwrap();
         let flag = inner.cancel.get(id).cloned();
         let Some(job) = inner.jobs.get_mut(id) else {
-            return Ok(None);
+            return Err(JobError::NotFound(id.to_string()));
         };
         match job.state {
             JobState::Queued => {
                 let mut next = job.clone();
                 next.state = JobState::Cancelled;
                 next.updated_unix = now();
-                write_record(&core.dir, &next).map_err(|e| format!("{e:#}"))?;
+                write_record(&core.dir, &next).map_err(|e| JobError::storage(&e))?;
                 *job = next.clone();
                 let job = next;
                 inner.queue.retain(|q| q != id);
                 drop(inner);
                 core.changed.notify_all();
                 core.update_metrics();
-                Ok(Some(job))
+                Ok(job)
             }
             JobState::Running => {
                 if let Some(f) = flag {
                     f.store(true, Ordering::Relaxed);
                 }
-                Ok(Some(job.clone()))
+                Ok(job.clone())
             }
-            s => Err(format!("job {id} is already {}", s.name())),
+            s => Err(JobError::Conflict(format!(
+                "job {id} is already {}",
+                s.name()
+            ))),
         }
     }
 
     /// Re-queues an interrupted, cancelled or failed job; it continues from its checkpoint.
-    pub fn resume(&self, id: &str) -> std::result::Result<Option<JobRecord>, String> {
+    pub fn resume(&self, id: &str) -> std::result::Result<JobRecord, JobError> {
         let core = &self.core;
         let mut inner = core.inner.lock().unwrap();
+        if let Some(other) = inner.jobs.get(id).and_then(|j| {
+            inner.jobs.values().find(|o| {
+                o.id != j.id
+                    && o.output == j.output
+                    && matches!(o.state, JobState::Queued | JobState::Running)
+            })
+        }) {
+            return Err(JobError::Conflict(format!(
+                "job {} is writing the same output bundle",
+                other.id
+            )));
+        }
         let Some(job) = inner.jobs.get_mut(id) else {
-            return Ok(None);
+            return Err(JobError::NotFound(id.to_string()));
         };
         match job.state {
             JobState::Interrupted | JobState::Cancelled | JobState::Failed => {
@@ -416,19 +506,19 @@ impl JobManager {
                 next.state = JobState::Queued;
                 next.error = None;
                 next.updated_unix = now();
-                write_record(&core.dir, &next).map_err(|e| format!("{e:#}"))?;
+                write_record(&core.dir, &next).map_err(|e| JobError::storage(&e))?;
                 *job = next.clone();
                 let job = next;
                 inner.queue.push_back(id.to_string());
                 drop(inner);
                 core.changed.notify_all();
                 core.update_metrics();
-                Ok(Some(job))
+                Ok(job)
             }
-            s => Err(format!(
+            s => Err(JobError::Conflict(format!(
                 "job {id} is {}; only interrupted, cancelled or failed jobs resume",
                 s.name()
-            )),
+            ))),
         }
     }
 }
@@ -474,9 +564,7 @@ impl Core {
                     job.runs += 1;
                     job.updated_unix = now();
                     let job = job.clone();
-                    if let Err(e) = write_record(&self.dir, &job) {
-                        tracing::error!(job = %id, error = %e, "cannot write job record");
-                    }
+                    inner.save(&self.dir, &id);
                     let flag = Arc::new(AtomicBool::new(false));
                     inner.cancel.insert(id.clone(), flag.clone());
                     break (id, flag, job);
@@ -493,11 +581,9 @@ impl Core {
         f(job);
         job.updated_unix = now();
         let job = job.clone();
-        // Written under the lock: whoever sees the new state in memory finds it on disk too,
-        // and two writers never interleave.
-        if let Err(e) = write_record(&self.dir, &job) {
-            tracing::error!(job = id, error = %e, "cannot write job record");
-        }
+        // Written under the lock: whoever sees the new state in memory finds it on disk too
+        // (or it is retried), and two writers never interleave.
+        inner.save(&self.dir, id);
         drop(inner);
         self.changed.notify_all();
         Some(job)
@@ -537,6 +623,7 @@ impl Core {
                 j.eta_s = Some(p.eta_s);
                 j.loss_history = p.history.clone();
                 j.val_loss_history = p.val_history.clone();
+                j.warnings = p.warnings.clone();
             };
             if flush {
                 self.set(id, apply);
@@ -819,9 +906,10 @@ mod tests {
             .jobs
             .cancel(&job.id)
             .unwrap_err()
+            .to_string()
             .contains("already succeeded"));
         assert!(r.jobs.resume(&job.id).is_err());
-        assert!(matches!(r.jobs.cancel("nope"), Ok(None)));
+        assert!(matches!(r.jobs.cancel("nope"), Err(JobError::NotFound(_))));
     }
 
     #[test]
@@ -833,19 +921,18 @@ mod tests {
         assert!(!r.started.recv_timeout(WAIT).unwrap());
         r.wait(&a.id, JobState::Running);
         // b waits behind a: cancelling it never runs it.
-        assert_eq!(
-            r.jobs.cancel(&b.id).unwrap().unwrap().state,
-            JobState::Cancelled
-        );
+        assert_eq!(r.jobs.cancel(&b.id).unwrap().state, JobState::Cancelled);
         r.then.send(Then::UntilCancelled).unwrap();
-        assert!(r.jobs.resume(&a.id).unwrap_err().contains("is running"));
+        assert!(r
+            .jobs
+            .resume(&a.id)
+            .unwrap_err()
+            .to_string()
+            .contains("is running"));
         r.jobs.cancel(&a.id).unwrap();
         let cancelled = r.wait(&a.id, JobState::Cancelled);
         assert!(!cancelled.activated);
-        assert_eq!(
-            r.jobs.resume(&a.id).unwrap().unwrap().state,
-            JobState::Queued
-        );
+        assert_eq!(r.jobs.resume(&a.id).unwrap().state, JobState::Queued);
         assert!(
             r.started.recv_timeout(WAIT).unwrap(),
             "the second run resumes"
@@ -886,7 +973,7 @@ mod tests {
             on_disk(dir.path(), &a.id).error.as_deref(),
             Some("disk on fire")
         );
-        let again = r.jobs.resume(&a.id).unwrap().unwrap();
+        let again = r.jobs.resume(&a.id).unwrap();
         assert_eq!((again.state, again.error), (JobState::Queued, None));
         assert!(r.started.recv_timeout(WAIT).unwrap());
         r.then.send(Then::Finish).unwrap();

@@ -78,7 +78,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
     );
     let cancel = AtomicBool::new(false);
     let mut last_epoch = usize::MAX;
+    let mut warned = false;
     let outcome = trainer::train(&spec, device, &ckpt, a.resume, &cancel, &mut |p| {
+        if !warned {
+            warned = true;
+            for w in &p.warnings {
+                bar.suspend(|| eprintln!("warning: {w}"));
+            }
+        }
         bar.set_length(p.total_steps as u64);
         bar.set_position(p.step as u64);
         bar.set_message(format!(

@@ -5,7 +5,9 @@
 //! image is encoded once however many captions it has. Work is chunked: each finished chunk is
 //! written atomically under `chunks/`, so an interrupted run resumes losing at most one chunk.
 use crate::model::bundle::Bundle;
-use crate::train::data::{CaptionRecord, DatasetMeta, Skipped, CAPTIONS, EMBEDDINGS, META};
+use crate::train::data::{
+    CaptionRecord, DatasetMeta, Skipped, CAPTIONS, EMBEDDINGS, META, REFERENCES,
+};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
@@ -59,6 +61,10 @@ pub struct PrepareArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Start over when --out holds chunks made with another encoder or preprocessing
+    /// (refused otherwise).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// One image to encode and its captions.
@@ -76,6 +82,48 @@ struct ChunkInfo {
     /// Which of them were encoded (row in the chunk tensor) or skipped.
     rows: Vec<Option<i64>>,
     skipped: Vec<Skipped>,
+    /// What made the chunk (encoder hash and preprocessing, see [`work_key`]); a chunk is
+    /// reused only by a run with the same key.
+    #[serde(default)]
+    work: String,
+}
+
+/// The encoder's hash and the preprocessing, hashed: chunks from another key are other data.
+fn work_key(encoder_sha256: &str, preprocessing: &serde_json::Value, max_pixels: u64) -> String {
+    use sha2::{Digest, Sha256};
+    let text = format!("{encoder_sha256}\n{preprocessing}\n{max_pixels}");
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+/// Refuses (or with `overwrite` clears) chunks in `chunks_dir` that another encoder or
+/// preprocessing made, before any is resumed.
+fn check_chunks(chunks_dir: &Path, key: &str, overwrite: bool) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(chunks_dir) else {
+        return Ok(());
+    };
+    let foreign = entries.flatten().any(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        name.starts_with("chunk_")
+            && name.ends_with(".json")
+            && std::fs::read_to_string(e.path())
+                .ok()
+                .and_then(|t| serde_json::from_str::<ChunkInfo>(&t).ok())
+                .is_none_or(|info| info.work != key)
+    });
+    if !foreign {
+        return Ok(());
+    }
+    if !overwrite {
+        bail!(
+            "{} holds chunks made with another image encoder or preprocessing; \
+             pass --overwrite to start over (or choose another --out)",
+            chunks_dir.parent().unwrap_or(chunks_dir).display()
+        );
+    }
+    std::fs::remove_dir_all(chunks_dir)
+        .with_context(|| format!("clearing {}", chunks_dir.display()))?;
+    std::fs::create_dir_all(chunks_dir)?;
+    Ok(())
 }
 
 pub fn run(a: PrepareArgs) -> Result<()> {
@@ -264,6 +312,34 @@ fn collect(a: &PrepareArgs) -> Result<Vec<Item>> {
         .collect())
 }
 
+/// The captions as a COCO caption annotation file: what `clipcap score --refs` reads, and
+/// what `clipcap eval --out` results are scored against (ids that are integers stay integers).
+fn coco_references(records: &[CaptionRecord]) -> Value {
+    let id = |s: &str| {
+        s.parse::<i64>()
+            .map(Value::from)
+            .unwrap_or_else(|_| Value::from(s))
+    };
+    let mut images: BTreeMap<&str, &str> = BTreeMap::new();
+    let annotations: Vec<Value> = records
+        .iter()
+        .enumerate()
+        .map(|(n, r)| {
+            images.entry(&r.image_id).or_insert(&r.split);
+            serde_json::json!({"image_id": id(&r.image_id), "id": n, "caption": r.caption, "split": r.split})
+        })
+        .collect();
+    let images: Vec<Value> = images
+        .into_iter()
+        .map(|(i, split)| serde_json::json!({"id": id(i), "file_name": i, "split": split}))
+        .collect();
+    serde_json::json!({
+        "info": {"description": "written by clipcap prepare"},
+        "images": images,
+        "annotations": annotations,
+    })
+}
+
 fn sha256_file(p: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
     let bytes = std::fs::read(p)?;
@@ -272,6 +348,13 @@ fn sha256_file(p: &Path) -> Result<String> {
 
 fn prepare(a: &PrepareArgs, bundle: &Arc<Bundle>, items: Vec<Item>) -> Result<()> {
     let chunks_dir = a.out.join("chunks");
+    let encoder_sha256 = sha256_file(&bundle.dir.join(&bundle.manifest.files.encoder))?;
+    let preprocessing = serde_json::json!({
+        "size": bundle.manifest.image.size, "mean": bundle.manifest.image.mean, "std": bundle.manifest.image.std,
+        "resize": "shorter side, bicubic (PIL), center crop", "exif_orientation": true,
+    });
+    let key = work_key(&encoder_sha256, &preprocessing, a.max_pixels);
+    check_chunks(&chunks_dir, &key, a.overwrite)?;
     std::fs::create_dir_all(&chunks_dir)?;
     let cfg = crate::engine::pipeline::preprocess_config(&bundle.manifest.image, a.max_pixels);
     let n_chunks = items.len().div_ceil(a.chunk_size.max(1));
@@ -295,6 +378,7 @@ fn prepare(a: &PrepareArgs, bundle: &Arc<Bundle>, items: Vec<Item>) -> Result<()
         if let Ok(text) = std::fs::read_to_string(&info_path) {
             if let Ok(info) = serde_json::from_str::<ChunkInfo>(&text) {
                 if info.ids == ids
+                    && info.work == key
                     && chunks_dir
                         .join(format!("chunk_{ci:06}.safetensors"))
                         .exists()
@@ -336,10 +420,15 @@ fn prepare(a: &PrepareArgs, bundle: &Arc<Bundle>, items: Vec<Item>) -> Result<()
         let emb =
             crate::engine::pipeline::encode(bundle, &ok, a.batch_size)?.to_device(Device::Cpu);
         let tpath = chunks_dir.join(format!("chunk_{ci:06}.safetensors"));
-        let tmp = crate::fsutil::temp_path(&tpath);
-        Tensor::write_safetensors(&[("embeddings", &emb)], &tmp)?;
-        crate::fsutil::rename_durable(&tmp, &tpath)?;
-        let info = ChunkInfo { ids, rows, skipped };
+        crate::fsutil::replace_with(&tpath, |tmp| {
+            Ok(Tensor::write_safetensors(&[("embeddings", &emb)], tmp)?)
+        })?;
+        let info = ChunkInfo {
+            ids,
+            rows,
+            skipped,
+            work: key.clone(),
+        };
         crate::fsutil::write_atomic(&info_path, &serde_json::to_vec(&info)?)?;
         bar.inc(chunk.len() as u64);
     }
@@ -382,15 +471,22 @@ fn prepare(a: &PrepareArgs, bundle: &Arc<Bundle>, items: Vec<Item>) -> Result<()
         Tensor::cat(&parts, 0)
     };
     let epath = a.out.join(EMBEDDINGS);
-    let tmp = crate::fsutil::temp_path(&epath);
-    Tensor::write_safetensors(&[("embeddings", &embeddings)], &tmp)?;
-    crate::fsutil::rename_durable(&tmp, &epath)?;
+    crate::fsutil::replace_with(&epath, |tmp| {
+        Ok(Tensor::write_safetensors(
+            &[("embeddings", &embeddings)],
+            tmp,
+        )?)
+    })?;
     let mut lines = String::new();
     for r in &records {
         lines.push_str(&serde_json::to_string(r)?);
         lines.push('\n');
     }
     crate::fsutil::write_atomic(&a.out.join(CAPTIONS), lines.as_bytes())?;
+    crate::fsutil::write_atomic(
+        &a.out.join(REFERENCES),
+        &serde_json::to_vec(&coco_references(&records))?,
+    )?;
     let mut sources = vec![];
     sources.extend(a.coco_captions.iter().map(|p| p.display().to_string()));
     sources.extend(a.karpathy.iter().map(|p| p.display().to_string()));
@@ -401,16 +497,13 @@ fn prepare(a: &PrepareArgs, bundle: &Arc<Bundle>, items: Vec<Item>) -> Result<()
             .unwrap_or(a.model.clone())
             .display()
             .to_string(),
-        encoder_sha256: sha256_file(&bundle.dir.join(&bundle.manifest.files.encoder))?,
+        encoder_sha256,
         embedding_dim: bundle.encoder.dim,
         images: row_base as usize,
         captions: records.len(),
         splits,
         skipped: skipped_all.clone(),
-        preprocessing: serde_json::json!({
-            "size": bundle.manifest.image.size, "mean": bundle.manifest.image.mean, "std": bundle.manifest.image.std,
-            "resize": "shorter side, bicubic (PIL), center crop", "exif_orientation": true,
-        }),
+        preprocessing,
         sources,
     };
     crate::fsutil::write_atomic(

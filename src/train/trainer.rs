@@ -42,6 +42,9 @@ pub struct Progress {
     pub eta_s: f64,
     pub history: Vec<LossPoint>,
     pub val_history: Vec<LossPoint>,
+    /// What in the set-up is likely a mistake (a warmup longer than the run, no validation
+    /// captions, a resumed run given more epochs); reported with every progress.
+    pub warnings: Vec<String>,
 }
 
 pub enum Outcome {
@@ -80,7 +83,13 @@ pub fn train(
             "resumed from checkpoint"
         );
     }
+    let mut warnings = start.notes.clone();
+    warnings.extend(set_up_warnings(spec, &corpus));
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
     let mut run = Run::new(spec, device, &corpus, net, opt, start);
+    run.progress.warnings = warnings;
     while run.state.epoch < spec.params.epochs {
         if let EpochEnd::Cancelled = run.train_epoch(cancel, report)? {
             run.progress.history = run.state.history.clone();
@@ -162,6 +171,38 @@ fn set_up(spec: &TrainSpec, device: Device) -> Result<SetUp> {
     })
 }
 
+/// What in `spec` and the data is likely a mistake, in words that say how to fix it.
+fn set_up_warnings(spec: &TrainSpec, corpus: &Corpus) -> Vec<String> {
+    let p = &spec.params;
+    let per_epoch = corpus.train_set.len().div_ceil(p.batch_size) as i64;
+    let total = per_epoch * p.epochs as i64;
+    let mut out = vec![];
+    if p.warmup >= total {
+        out.push(format!(
+            "warmup is {} steps but the whole run is {total} ({per_epoch} per epoch × {} epochs): \
+             the learning rate never reaches lr={} (it rises linearly over the warmup, then \
+             decays linearly to 0 at the last step); pass a --warmup below {total}",
+            p.warmup, p.epochs, p.lr
+        ));
+    }
+    if !p.val_split.is_empty() && corpus.val_set.is_none() {
+        let mut splits: Vec<&str> = corpus
+            .data
+            .records
+            .iter()
+            .map(|r| r.split.as_str())
+            .collect();
+        splits.sort();
+        splits.dedup();
+        out.push(format!(
+            "no validation: the dataset has no captions in split {:?} (it has {splits:?}); \
+             pass --val-split with one of those, or prepare a validation split",
+            p.val_split
+        ));
+    }
+    out
+}
+
 /// The base bundle (`base`, else `init`, else the one `prepare` used), its manifest, its
 /// tokenizer and the tokenizer's `<|endoftext|>` id (required with `eos`).
 fn open_base(
@@ -175,6 +216,30 @@ fn open_base(
     };
     let base_manifest =
         Manifest::read(&base).with_context(|| format!("base bundle {}", base.display()))?;
+    // The trained bundle takes the base's encoder: features from another one would train a
+    // bundle that cannot load (another width) or captions nonsense (same width).
+    let width = data.embeddings.size()[1];
+    if base_manifest.mapper.prefix_dim != width {
+        bail!(
+            "{} holds {width}-value embeddings but the base bundle {}'s encoder gives {} (prepared with another encoder?)",
+            spec.data.display(),
+            base.display(),
+            base_manifest.mapper.prefix_dim
+        );
+    }
+    let encoder = base.join(&base_manifest.files.encoder);
+    if !data.meta.encoder_sha256.is_empty() {
+        use sha2::{Digest, Sha256};
+        let bytes =
+            std::fs::read(&encoder).with_context(|| format!("reading {}", encoder.display()))?;
+        if hex::encode(Sha256::digest(&bytes)) != data.meta.encoder_sha256 {
+            bail!(
+                "{} was prepared with another image encoder than the base bundle {}'s (sha256 differs)",
+                spec.data.display(),
+                base.display()
+            );
+        }
+    }
     let tok_path = base.join(&base_manifest.files.tokenizer);
     let tokenizer = Tokenizer::from_file(&tok_path)
         .map_err(|e| anyhow::anyhow!("loading tokenizer {}: {e}", tok_path.display()))?;
@@ -373,8 +438,13 @@ impl<'a> Run<'a> {
         };
         let amp = spec.params.amp.dtype();
         let fp16 = amp == Some(AmpDtype::F16);
+        // A resumed run reports where it stands before its first step (a run with no steps
+        // left never reports otherwise).
         let progress = Progress {
             epochs: spec.params.epochs,
+            epoch: state.epoch.min(spec.params.epochs.saturating_sub(1)),
+            step: state.global_step,
+            loss: state.history.last().map(|h| h.loss).unwrap_or(0.0),
             total_steps,
             history: state.history.clone(),
             val_history: state.val_history.clone(),

@@ -91,15 +91,40 @@ pub struct Server {
 impl Server {
     /// Starts the server with extra args and `CLIPCAP_*` env, and waits until /ready is 200.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::start_limited(args, env, None)
+    }
+
+    /// [`Server::start`] with every file the server writes capped at `file_kb` KiB
+    /// (RLIMIT_FSIZE, SIGXFSZ ignored): writes past it fail as on a full disk.
+    pub fn start_limited(args: &[&str], env: &[(&str, &str)], file_kb: Option<u64>) -> Server {
         use std::io::BufRead;
         // The server's stderr goes to a kept temp file, shown when a test fails.
         let (_file, stderr_path) = tempfile::NamedTempFile::new().unwrap().keep().unwrap();
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_clipcap"));
+        let bin = env!("CARGO_BIN_EXE_clipcap");
+        let mut cmd = match file_kb {
+            None => std::process::Command::new(bin),
+            Some(kb) => {
+                let mut c = std::process::Command::new("bash");
+                c.args([
+                    "-c",
+                    &format!("trap '' XFSZ; ulimit -f {kb}; exec \"$0\" \"$@\""),
+                    bin,
+                ]);
+                c
+            }
+        };
         cmd.arg("serve")
             .args(["--bind", "127.0.0.1:0", "--device", "cpu"])
             .args(args)
             .stdout(std::process::Stdio::piped())
             .stderr(std::fs::File::create(&stderr_path).unwrap());
+        // Models loaded at run time are recorded beside the log, not in the working folder,
+        // unless the test names a record (to restart on it).
+        if !env.iter().any(|(k, _)| *k == "CLIPCAP_SERVED_RECORD") {
+            let mut record = stderr_path.clone().into_os_string();
+            record.push(".served.json");
+            cmd.env("CLIPCAP_SERVED_RECORD", record);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -207,5 +232,8 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.stderr_path);
+        let mut record = self.stderr_path.clone().into_os_string();
+        record.push(".served.json");
+        let _ = std::fs::remove_file(record);
     }
 }
