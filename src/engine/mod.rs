@@ -507,7 +507,21 @@ impl Engine {
         const LOADING: u8 = 0;
         const COMMITTED: u8 = 1;
         const ABANDONED: u8 = 2;
+        /// Gives up on the load unless it was committed: on a timeout, and also when the
+        /// caller's future is dropped (a client that hung up), so a late bundle is never served.
+        struct GiveUp(Arc<std::sync::atomic::AtomicU8>);
+        impl Drop for GiveUp {
+            fn drop(&mut self) {
+                let _ = self.0.compare_exchange(
+                    LOADING,
+                    ABANDONED,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+            }
+        }
         let state = Arc::new(std::sync::atomic::AtomicU8::new(LOADING));
+        let give_up = GiveUp(state.clone());
         let (me, name, path) = (self.clone(), name.to_string(), dir.to_path_buf());
         let flag = state.clone();
         let mut task = tokio::task::spawn_blocking(move || {
@@ -529,10 +543,8 @@ impl Engine {
         match tokio::time::timeout(limit, &mut task).await {
             Ok(r) => joined(r),
             Err(_) => {
-                let gave_up = state
-                    .compare_exchange(LOADING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok();
-                if gave_up {
+                drop(give_up);
+                if state.load(Ordering::Acquire) == ABANDONED {
                     Err(EngineError::Load {
                         dir: dir.to_path_buf(),
                         reason: format!(

@@ -257,7 +257,10 @@ pub fn spawn(
             // replies of its unanswered requests are dropped.
             let _alive = AliveGuard(health.clone());
             for (i, (name, dir)) in initial.iter().enumerate() {
-                match load(dir) {
+                // A bundle that makes libtorch panic is a load error like any other.
+                let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| load(dir)))
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("loading panicked")));
+                match loaded {
                     Ok(b) => {
                         let make_default = if default_model.is_empty() { i == 0 } else { *name == default_model };
                         let info = w.install(name.clone(), b, make_default);

@@ -20,7 +20,44 @@ pub fn train_routes() -> Router<AppState> {
         .route("/train", post(start).get(list))
         .route("/train/{id}", get(show).delete(cancel))
         .route("/train/{id}/resume", post(resume))
-        .route("/train/{id}/loss.svg", get(svg))
+}
+
+/// Routes that take the admin token or a short-lived signed link (an `<img>` cannot send
+/// an Authorization header).
+pub fn signed_routes() -> Router<AppState> {
+    Router::new().route("/train/{id}/loss.svg", get(svg))
+}
+
+/// How long a signed link from `GET /train` or `GET /train/{id}` stays valid.
+const SIGNED_LINK_SECS: u64 = 600;
+
+/// HMAC-SHA256 of what a link grants, keyed with the admin token.
+fn signature(token: &str, id: &str, expires: u64) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(token.as_bytes())
+        .expect("HMAC takes keys of any length");
+    mac.update(format!("loss.svg\n{id}\n{expires}").as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `/train/{id}/loss.svg`, signed for the next ten minutes.
+fn signed_svg_url(st: &AppState, id: &str) -> String {
+    let expires = unix_now() + SIGNED_LINK_SECS;
+    let sig = signature(&st.cfg.auth.admin_token, id, expires);
+    format!("/train/{id}/loss.svg?expires={expires}&sig={sig}")
+}
+
+#[derive(Deserialize, Default)]
+struct SignedQuery {
+    expires: Option<u64>,
+    sig: Option<String>,
 }
 
 /// What a `POST /train` trains on and where its bundle goes: names, never paths.
@@ -197,23 +234,15 @@ pub(crate) async fn start(
     }
     spec.name = Some(req.output.clone());
     spec.validate().map_err(|(f, m)| ApiError::option(f, m))?;
-    let manager = jobs(&st)?;
     // A finished bundle is replaced only when asked; one being written never twice at once.
-    if let Some(other) = manager.writing(&req.output) {
-        return Err(ApiError::Conflict(format!(
-            "job {other} is already writing bundle {:?}",
-            req.output
-        )));
-    }
-    if spec.out.exists() && !req.overwrite {
-        return Err(ApiError::Conflict(format!(
-            "bundle {:?} exists; send \"overwrite\": true to replace it",
-            req.output
-        )));
-    }
-    let job = manager
-        .submit(req.dataset, req.output, base_model.name, req.activate, spec)
-        .map_err(ApiError::from)?;
+    let job = jobs(&st)?.submit(
+        req.dataset,
+        req.output,
+        base_model.name,
+        req.activate,
+        spec,
+        req.overwrite,
+    )?;
     let url = format!("/train/{}", job.id);
     Ok((
         StatusCode::ACCEPTED,
@@ -238,7 +267,8 @@ pub(crate) async fn list(State(st): State<AppState>) -> Result<Json<serde_json::
         .map(|j| {
             json!({"id": j.id, "state": j.state, "dataset": j.dataset, "output": j.output,
                    "epoch": j.epoch, "epochs": j.epochs, "step": j.step, "total_steps": j.total_steps,
-                   "loss": j.loss, "status_url": format!("/train/{}", j.id)})
+                   "loss": j.loss, "status_url": format!("/train/{}", j.id),
+                   "loss_svg_url": signed_svg_url(&st, &j.id)})
         })
         .collect();
     Ok(Json(json!({"jobs": jobs})))
@@ -256,7 +286,7 @@ pub(crate) async fn show(
         .get(&id)
         .ok_or_else(|| ApiError::NotFound(format!("no training job {id:?}")))?;
     let mut v = serde_json::to_value(&j).map_err(|e| ApiError::Internal(e.to_string()))?;
-    v["loss_svg_url"] = json!(format!("/train/{}/loss.svg", j.id));
+    v["loss_svg_url"] = json!(signed_svg_url(&st, &j.id));
     Ok(Json(v))
 }
 
@@ -292,14 +322,41 @@ pub(crate) async fn resume(
         .into_response())
 }
 
-/// The loss curve as SVG.
-#[utoipa::path(get, path = "/train/{id}/loss.svg", tag = "admin", params(("id" = String, Path)),
-    responses((status = 200, description = "SVG", content_type = "image/svg+xml"), (status = 404, body = ErrorBody)),
-    security(("admin_token" = [])))]
+/// The loss curve as SVG: with the admin token, or through the signed link (`loss_svg_url`,
+/// valid ten minutes) that `GET /train` and `GET /train/{id}` give.
+#[utoipa::path(get, path = "/train/{id}/loss.svg", tag = "admin",
+    params(("id" = String, Path), ("expires" = Option<u64>, Query, description = "Signed link: expiry (Unix seconds)"),
+        ("sig" = Option<String>, Query, description = "Signed link: signature")),
+    responses((status = 200, description = "SVG", content_type = "image/svg+xml"),
+        (status = 401, description = "Neither the token nor a valid, unexpired signature", body = ErrorBody),
+        (status = 404, body = ErrorBody)),
+    security(("admin_token" = []), ()))]
 pub(crate) async fn svg(
     State(st): State<AppState>,
     Path(id): Path<String>,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
+    use crate::serve::routes::{bearer, secret_eq};
+    let token = &st.cfg.auth.admin_token;
+    if token.is_empty() {
+        return Err(ApiError::Forbidden(
+            "admin routes are disabled: set CLIPCAP_ADMIN_TOKEN (or auth.admin_token)".into(),
+        ));
+    }
+    let by_token = bearer(&headers).is_some_and(|t| secret_eq(t, token));
+    let q: SignedQuery = serde_urlencoded::from_str(uri.query().unwrap_or("")).unwrap_or_default();
+    let by_link = match (q.expires, q.sig.as_deref()) {
+        (Some(expires), Some(sig)) => {
+            expires >= unix_now() && secret_eq(sig, &signature(token, &id, expires))
+        }
+        _ => false,
+    };
+    if !by_token && !by_link {
+        return Err(ApiError::Unauthorized(
+            "needs Authorization: Bearer <admin token>, or a signed link from GET /train (valid ten minutes)".into(),
+        ));
+    }
     let j = jobs(&st)?
         .get(&id)
         .ok_or_else(|| ApiError::NotFound(format!("no training job {id:?}")))?;

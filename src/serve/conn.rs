@@ -219,8 +219,15 @@ pub async fn guard_request(State(st): State<AppState>, req: Request<Body>, next:
             "body of {len} bytes; at most {limit}"
         )));
     }
-    let reading = &st.http.reading_bodies;
-    reading.inc();
+    // Counted while the body arrives, also if the client leaves meanwhile.
+    struct Reading(prometheus::IntGauge);
+    impl Drop for Reading {
+        fn drop(&mut self) {
+            self.0.dec();
+        }
+    }
+    st.http.reading_bodies.inc();
+    let reading = Reading(st.http.reading_bodies.clone());
     let read = axum::body::to_bytes(body, limit);
     let bytes = if s.body_timeout_ms > 0 {
         tokio::time::timeout(Duration::from_millis(s.body_timeout_ms), read)
@@ -229,7 +236,7 @@ pub async fn guard_request(State(st): State<AppState>, req: Request<Body>, next:
     } else {
         Some(read.await)
     };
-    reading.dec();
+    drop(reading);
     let bytes = match bytes {
         None => {
             return closing(ApiError::BodyTimeout(format!(

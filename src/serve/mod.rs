@@ -148,7 +148,14 @@ pub fn engine_for(cfg: &Config, registry: &prometheus::Registry) -> Result<Engin
         }
     }
     let record = served::ServedRecord::new(&cfg.models.served_record);
-    let (models, recorded_default) = served::startup_models(configured, &record)?;
+    let (models, recorded_default) = match served::startup_models(configured.clone(), &record) {
+        Ok(m) => m,
+        Err(e) => {
+            // The configured models are served; the unreadable record is kept as it is.
+            tracing::warn!(error = %format!("{e:#}"), "cannot read the served-models record; serving the configured models only");
+            (configured, None)
+        }
+    };
     if models.len() > cfg.models.models.len() || recorded_default.is_some() {
         tracing::info!(record = %cfg.models.served_record, "serving the recorded models too");
     }
@@ -206,7 +213,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let served = rt.block_on(async move {
         // Bind first: a taken port fails fast, before any model starts loading.
         let listener = tokio::net::TcpListener::bind(&cfg.server.bind)
             .await
@@ -215,7 +222,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let engine = engine_for(&cfg, &http.registry)?;
         let state = AppState::new(Arc::new(cfg), engine, http)?;
         serve(listener, state, shutdown_signal()).await
-    })
+    });
+    // A bundle load that was given up on may still be reading on a blocking thread: the
+    // process exits anyway.
+    rt.shutdown_timeout(Duration::from_secs(2));
+    served
 }
 
 /// Serves `state` on `listener` until `stop` resolves, then drains: no new connections,

@@ -39,6 +39,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))
         .merge(admin)
+        .merge(crate::serve::admin::signed_routes())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::middleware::from_fn_with_state(state.clone(), track))
@@ -85,7 +86,7 @@ impl Drop for InflightGuard {
 }
 
 /// Compares secrets without an early exit (by hashing both to equal-length digests).
-fn secret_eq(given: &str, expected: &str) -> bool {
+pub(crate) fn secret_eq(given: &str, expected: &str) -> bool {
     use sha2::{Digest, Sha256};
     let a = Sha256::digest(given.as_bytes());
     let b = Sha256::digest(expected.as_bytes());
@@ -97,7 +98,7 @@ fn secret_eq(given: &str, expected: &str) -> bool {
 
 /// The credentials of `Authorization: Bearer <token>` (the scheme is case-insensitive,
 /// RFC 7235).
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
@@ -462,10 +463,11 @@ pub(crate) async fn load_model(
         ));
     }
     let dir = std::path::PathBuf::from(&req.path);
-    let limit = Duration::from_millis(st.cfg.models.load_timeout_ms.max(1));
+    let ms = st.cfg.models.load_timeout_ms;
+    let limit = (ms > 0).then(|| Duration::from_millis(ms));
     let info = st
         .engine
-        .install(&req.name, &dir, req.default, Some(limit))
+        .install(&req.name, &dir, req.default, limit)
         .await?;
     // Served again after a restart; a failed record write leaves it served for now.
     let recorded = match st.served.record(&req.name, &dir, req.default) {

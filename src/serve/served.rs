@@ -60,10 +60,12 @@ impl ServedRecord {
                     m.default = false;
                 }
             }
+            // A swap without "default" keeps the name's default status (as the engine does).
+            let was_default = models.iter().any(|m| m.name == name && m.default);
             let entry = ServedEntry {
                 name: name.to_string(),
                 dir,
-                default,
+                default: default || was_default,
             };
             match models.iter_mut().find(|m| m.name == name) {
                 Some(m) => *m = entry,
@@ -161,6 +163,8 @@ mod tests {
         );
         record.record("demo", &b, false).unwrap();
         record.record("trained", &c, true).unwrap();
+        // A later swap of the default, not asking for default, keeps it the default.
+        record.record("trained", &c, false).unwrap();
         record
             .record("gone", &tmp.path().join("missing"), false)
             .unwrap();

@@ -95,6 +95,9 @@ pub(super) fn write_bundle(
             tmp.join(&files.tokenizer),
         )
         .context("copying the tokenizer")?;
+        for f in [&files.encoder, &files.tokenizer] {
+            std::fs::File::open(tmp.join(f))?.sync_all()?;
+        }
         net.save_weights(&tmp.join(&files.weights))?;
         manifest.write(&tmp)
     })();
@@ -102,7 +105,13 @@ pub(super) fn write_bundle(
         if !out.exists() {
             return Ok(std::fs::rename(&tmp, out)?);
         }
-        let old = crate::fsutil::temp_path(out);
+        // Not a temporary's name: a crash between the two renames leaves the old bundle
+        // here for the operator, never swept away.
+        let old = out.with_file_name(format!(
+            ".{}.old-{}",
+            out.file_name().unwrap_or_default().to_string_lossy(),
+            uuid::Uuid::new_v4().simple()
+        ));
         std::fs::rename(out, &old)?;
         if let Err(e) = std::fs::rename(&tmp, out) {
             let _ = std::fs::rename(&old, out);

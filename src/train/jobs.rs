@@ -82,6 +82,9 @@ pub struct JobRecord {
     pub activated: bool,
     /// How many times it was (re)started.
     pub runs: u32,
+    /// The step each resumed run started from (marked on the loss curve).
+    #[serde(default)]
+    pub resumed_at: Vec<i64>,
 }
 
 fn now() -> u64 {
@@ -268,6 +271,7 @@ impl JobManager {
         }
         let mut jobs = BTreeMap::new();
         let mut queue = VecDeque::new();
+        let mut unsaved = std::collections::BTreeSet::new();
         for entry in std::fs::read_dir(&dir)? {
             let path = entry?.path().join("job.json");
             let Ok(text) = std::fs::read_to_string(&path) else {
@@ -279,7 +283,11 @@ impl JobManager {
                         JobState::Running => {
                             job.state = JobState::Interrupted;
                             job.updated_unix = now();
-                            write_record(&dir, &job)?;
+                            // A full disk must not stop the server: retried on the next change.
+                            if let Err(e) = write_record(&dir, &job) {
+                                tracing::error!(job = %job.id, error = %e, "cannot write job record");
+                                unsaved.insert(job.id.clone());
+                            }
                         }
                         JobState::Queued => queue.push_back(job.id.clone()),
                         _ => {}
@@ -302,7 +310,7 @@ impl JobManager {
                 jobs,
                 queue,
                 cancel: HashMap::new(),
-                unsaved: Default::default(),
+                unsaved,
                 stopping: false,
             }),
             changed: Condvar::new(),
@@ -337,16 +345,6 @@ impl JobManager {
         if let Some(id) = inner.unsaved.iter().next().cloned() {
             inner.save(&self.core.dir, &id);
         }
-    }
-
-    /// A queued or running job that writes bundle `output`, if any.
-    pub fn writing(&self, output: &str) -> Option<String> {
-        let inner = self.core.inner.lock().unwrap();
-        inner
-            .jobs
-            .values()
-            .find(|j| j.output == output && matches!(j.state, JobState::Queued | JobState::Running))
-            .map(|j| j.id.clone())
     }
 
     pub fn list(&self) -> Vec<JobRecord> {
@@ -392,7 +390,9 @@ impl JobManager {
         }
     }
 
-    /// Queues a new job.
+    /// Queues a new job. Refused when a queued or running job writes the same output, or
+    /// (without `overwrite`) when its bundle exists: checked and recorded under one lock, so
+    /// two requests cannot both pass.
     pub fn submit(
         &self,
         dataset: String,
@@ -400,6 +400,7 @@ impl JobManager {
         base: String,
         activate: bool,
         spec: TrainSpec,
+        overwrite: bool,
     ) -> std::result::Result<JobRecord, JobError> {
         let id = format!(
             "{}-{}",
@@ -430,13 +431,28 @@ impl JobManager {
             bundle: None,
             activated: false,
             runs: 0,
+            resumed_at: vec![],
         };
         let dir = &self.core.dir;
+        let mut inner = self.core.inner.lock().unwrap();
+        if let Some(other) = inner.jobs.values().find(|j| {
+            j.output == job.output && matches!(j.state, JobState::Queued | JobState::Running)
+        }) {
+            return Err(JobError::Conflict(format!(
+                "job {} is already writing bundle {:?}",
+                other.id, job.output
+            )));
+        }
+        if job.spec.out.exists() && !overwrite {
+            return Err(JobError::Conflict(format!(
+                "bundle {:?} exists; send \"overwrite\": true to replace it",
+                job.output
+            )));
+        }
         if let Err(e) = write_record(dir, &job) {
             let _ = std::fs::remove_dir_all(dir.join(&id));
             return Err(JobError::storage(&e));
         }
-        let mut inner = self.core.inner.lock().unwrap();
         inner.jobs.insert(id.clone(), job.clone());
         inner.queue.push_back(id);
         drop(inner);
@@ -562,6 +578,9 @@ impl Core {
                     }
                     job.state = JobState::Running;
                     job.runs += 1;
+                    if job.runs > 1 {
+                        job.resumed_at.push(job.step);
+                    }
                     job.updated_unix = now();
                     let job = job.clone();
                     inner.save(&self.dir, &id);
@@ -704,50 +723,154 @@ fn write_record(dir: &Path, job: &JobRecord) -> Result<()> {
     )
 }
 
-/// The loss curve (training, and validation when present) as a small standalone SVG.
+/// About `n` round tick values covering `lo..=hi` (steps of 1, 2 or 5 × 10^k).
+fn ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
+    let span = (hi - lo).max(1e-12);
+    let raw = span / n.max(1) as f64;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|s| *s >= raw * (1.0 - 1e-9))
+        .unwrap_or(10.0 * mag);
+    // With a little slack: 2.9 / 0.1 is 28.999999999999996.
+    let first = (lo / step - 1e-9).ceil() as i64;
+    let last = (hi / step + 1e-9).floor() as i64;
+    // Rounded, so 0.2 · 12 reads 2.4, not 2.4000000000000004.
+    (first..=last)
+        .map(|i| (i as f64 * step * 1e9).round() / 1e9)
+        .collect()
+}
+
+/// A tick label without needless digits.
+fn tick_label(v: f64) -> String {
+    let s = format!("{v:.4}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s == "-0" {
+        "0".into()
+    } else {
+        s.to_string()
+    }
+}
+
+/// The loss curve as a standalone SVG: step on x (with epoch boundaries), loss on y, ticks
+/// and labels on both axes, training and validation in a legend, and a mark where the job was
+/// resumed (after a cancel or a restart).
 pub fn loss_svg(job: &JobRecord) -> String {
-    let (w, h, pad) = (640.0, 320.0, 40.0);
+    use std::fmt::Write as _;
+    let (w, h) = (680.0, 360.0);
+    let (left, right, top, bottom) = (64.0, 20.0, 44.0, 64.0);
     let all: Vec<&LossPoint> = job
         .loss_history
         .iter()
         .chain(job.val_loss_history.iter())
         .collect();
-    let max_step = all.iter().map(|p| p.step).max().unwrap_or(1).max(1) as f64;
-    let max_loss = all.iter().map(|p| p.loss).fold(0.0f64, f64::max).max(1e-9);
-    let min_loss = all
+    let max_step = all
         .iter()
-        .map(|p| p.loss)
-        .fold(f64::INFINITY, f64::min)
-        .min(max_loss);
-    let span = (max_loss - min_loss).max(1e-9);
-    let x = |s: i64| pad + (s as f64 / max_step) * (w - 2.0 * pad);
-    let y = |l: f64| h - pad - ((l - min_loss) / span) * (h - 2.0 * pad);
+        .map(|p| p.step)
+        .chain([job.total_steps, 1])
+        .max()
+        .unwrap_or(1) as f64;
+    let (mut lo, mut hi) = all
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+            (a.min(p.loss), b.max(p.loss))
+        });
+    if !lo.is_finite() {
+        (lo, hi) = (0.0, 1.0);
+    }
+    let pad = ((hi - lo) * 0.05).max(1e-3);
+    let (lo, hi) = (lo - pad, hi + pad);
+    let (x0, x1, y0, y1) = (left, w - right, h - bottom, top);
+    let x = |s: f64| x0 + s / max_step * (x1 - x0);
+    let y = |l: f64| y0 - (l - lo) / (hi - lo) * (y0 - y1);
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">
+<title>loss of training job {id}</title>
+<rect width="100%" height="100%" fill="white"/>
+<text x="{x0}" y="18" font-size="13">job {id}: {state}, step {step} of {total}</text>"##,
+        id = job.id,
+        state = job.state.name(),
+        step = job.step,
+        total = job.total_steps,
+    );
+    // Grid, ticks and labels.
+    for t in ticks(lo, hi, 5) {
+        let _ = writeln!(
+            svg,
+            r##"<line class="ytick" x1="{x0}" y1="{yy:.1}" x2="{x1}" y2="{yy:.1}" stroke="#eee"/><text x="{lx}" y="{ty:.1}" text-anchor="end">{label}</text>"##,
+            yy = y(t),
+            lx = x0 - 6.0,
+            ty = y(t) + 4.0,
+            label = tick_label(t)
+        );
+    }
+    for t in ticks(0.0, max_step, 6) {
+        let _ = writeln!(
+            svg,
+            r##"<line class="xtick" x1="{xx:.1}" y1="{y0}" x2="{xx:.1}" y2="{yt}" stroke="#999"/><text x="{xx:.1}" y="{ty}" text-anchor="middle">{label}</text>"##,
+            xx = x(t),
+            yt = y0 + 5.0,
+            ty = y0 + 18.0,
+            label = tick_label(t)
+        );
+    }
+    // Epoch boundaries, labelled below the step axis (at most 20 of them).
+    if job.epochs > 0 && job.total_steps > 0 {
+        let per = job.total_steps as f64 / job.epochs as f64;
+        let every = job.epochs.div_ceil(20);
+        for e in (every..=job.epochs).step_by(every) {
+            let xx = x(e as f64 * per);
+            let _ = writeln!(
+                svg,
+                r##"<line class="epoch" x1="{xx:.1}" y1="{y1}" x2="{xx:.1}" y2="{y0}" stroke="#ccc" stroke-dasharray="2,3"/><text x="{xx:.1}" y="{ty}" text-anchor="middle" fill="#777" font-size="10">e{e}</text>"##,
+                ty = y0 + 31.0
+            );
+        }
+    }
+    let _ = writeln!(
+        svg,
+        r##"<line x1="{x0}" y1="{y0}" x2="{x1}" y2="{y0}" stroke="#555"/><line x1="{x0}" y1="{y1}" x2="{x0}" y2="{y0}" stroke="#555"/>
+<text x="{cx}" y="{h2}" text-anchor="middle">step (epoch boundaries dashed)</text>
+<text transform="translate(16 {cy}) rotate(-90)" text-anchor="middle">loss (cross-entropy per token)</text>"##,
+        cx = (x0 + x1) / 2.0,
+        h2 = h - 8.0,
+        cy = (y0 + y1) / 2.0
+    );
+    for s in &job.resumed_at {
+        let xx = x(*s as f64);
+        let _ = writeln!(
+            svg,
+            r##"<line class="resumed" x1="{xx:.1}" y1="{y1}" x2="{xx:.1}" y2="{y0}" stroke="#2a6" stroke-width="1.5"/><text x="{tx:.1}" y="{ty}" fill="#2a6" font-size="10">resumed</text>"##,
+            tx = xx + 3.0,
+            ty = y1 + 10.0
+        );
+    }
     let line = |pts: &[LossPoint]| {
         pts.iter()
-            .map(|p| format!("{:.1},{:.1}", x(p.step), y(p.loss)))
+            .map(|p| format!("{:.1},{:.1}", x(p.step as f64), y(p.loss)))
             .collect::<Vec<_>>()
             .join(" ")
     };
-    format!(
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">
-<rect width="100%" height="100%" fill="white"/>
-<text x="{pad}" y="20">job {id}: loss by step ({state})</text>
-<line x1="{pad}" y1="{b}" x2="{r}" y2="{b}" stroke="#999"/><line x1="{pad}" y1="{pad}" x2="{pad}" y2="{b}" stroke="#999"/>
-<text x="4" y="{ty}">{max_loss:.3}</text><text x="4" y="{b}">{min_loss:.3}</text><text x="{r}" y="{tb}" text-anchor="end">step {ms}</text>
-<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{train}"/>
-<polyline fill="none" stroke="#d62728" stroke-width="2" stroke-dasharray="5,3" points="{val}"/>
-<text x="{r}" y="20" text-anchor="end" fill="#1f77b4">train</text><text x="{r}" y="34" text-anchor="end" fill="#d62728">validation</text>
+    let _ = write!(
+        svg,
+        r##"<polyline class="train" fill="none" stroke="#1f77b4" stroke-width="2" points="{train}"/>
+<polyline class="val" fill="none" stroke="#d62728" stroke-width="2" stroke-dasharray="5,3" points="{val}"/>
+<g class="legend" font-size="11"><line x1="{lx}" y1="30" x2="{lx2}" y2="30" stroke="#1f77b4" stroke-width="2"/><text x="{tx}" y="34">train</text>
+<line x1="{vx}" y1="30" x2="{vx2}" y2="30" stroke="#d62728" stroke-width="2" stroke-dasharray="5,3"/><text x="{vtx}" y="34">validation</text></g>
 </svg>"##,
-        id = job.id,
-        state = job.state.name(),
-        b = h - pad,
-        r = w - pad,
-        ty = pad + 4.0,
-        tb = h - pad + 16.0,
-        ms = max_step as i64,
         train = line(&job.loss_history),
         val = line(&job.val_loss_history),
-    )
+        lx = x1 - 170.0,
+        lx2 = x1 - 150.0,
+        tx = x1 - 145.0,
+        vx = x1 - 100.0,
+        vx2 = x1 - 80.0,
+        vtx = x1 - 75.0,
+    );
+    svg
 }
 
 #[cfg(test)]
@@ -850,7 +973,14 @@ mod tests {
         fn submit(&self, output: &str, activate: bool) -> JobRecord {
             let spec = spec(&format!("/b/{output}"));
             self.jobs
-                .submit("d".into(), output.into(), "demo".into(), activate, spec)
+                .submit(
+                    "d".into(),
+                    output.into(),
+                    "demo".into(),
+                    activate,
+                    spec,
+                    false,
+                )
                 .unwrap()
         }
 
@@ -868,6 +998,64 @@ mod tests {
                 ..Default::default()
             },
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_loss_curve_has_ticks_labels_a_legend_and_resume_marks() {
+        assert_eq!(ticks(0.0, 100.0, 5), [0.0, 20.0, 40.0, 60.0, 80.0, 100.0]);
+        assert_eq!(ticks(2.31, 2.87, 5), [2.4, 2.6, 2.8]);
+        assert_eq!(ticks(2.3, 2.9, 6), [2.3, 2.4, 2.5, 2.6, 2.7, 2.8, 2.9]);
+        assert_eq!(tick_label(2.5000), "2.5");
+        let point = |step, epoch, loss| LossPoint { step, epoch, loss };
+        let mut job: JobRecord = serde_json::from_value(serde_json::json!({
+            "id": "j1", "state": "running", "created_unix": 0, "updated_unix": 0,
+            "dataset": "d", "output": "o", "base": "b", "activate": false,
+            "spec": spec("/b/o"), "epoch": 1, "epochs": 4, "step": 30, "total_steps": 40,
+            "loss": 2.0, "samples_per_s": 1.0, "eta_s": null, "loss_history": [],
+            "val_loss_history": [], "error": null, "bundle": null, "activated": false,
+            "runs": 2
+        }))
+        .unwrap();
+        job.loss_history = (0..30)
+            .map(|s| point(s, (s / 10) as usize, 5.0 - s as f64 * 0.1))
+            .collect();
+        job.val_loss_history = vec![point(10, 0, 4.5), point(20, 1, 3.6)];
+        job.resumed_at = vec![12];
+        let svg = loss_svg(&job);
+        let count = |needle: &str| svg.matches(needle).count();
+        assert_eq!(count(r#"class="epoch""#), 4, "a boundary per epoch");
+        assert_eq!(count(r#"class="resumed""#), 1);
+        assert!(
+            count(r#"class="xtick""#) >= 4 && count(r#"class="ytick""#) >= 4,
+            "{svg}"
+        );
+        for label in [
+            "step (epoch",
+            "loss (cross-entropy",
+            ">train<",
+            ">validation<",
+            ">e4<",
+            ">40<",
+        ] {
+            assert!(svg.contains(label), "{label} in {svg}");
+        }
+        // Every point lies inside the plot area.
+        let train = svg.split(r#"class="train""#).nth(1).unwrap();
+        let pts = train
+            .split("points=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
+        for p in pts.split(' ') {
+            let (px, py) = p.split_once(',').unwrap();
+            let (px, py): (f64, f64) = (px.parse().unwrap(), py.parse().unwrap());
+            assert!(
+                (64.0..=660.0).contains(&px) && (44.0..=296.0).contains(&py),
+                "{p}"
+            );
         }
     }
 
