@@ -34,6 +34,17 @@ fi
 step "4/5 training mapper + GPT-2 ($EPOCHS epochs)"
 "$BIN" train --data "$WORK/data" --out models/demo --epochs "$EPOCHS" --batch-size 64 --lr 1e-3 \
   --warmup 100 --seed 0 --name demo --checkpoint-dir "$WORK/ckpt" --grad-clip 1.0 --dropout 0
+# Say what it is wherever it is served (the page shows the notice under the model's name).
+"$CLIPCAP_PYTHON" - <<'PY'
+import json, os
+path = "models/demo/clipcap.json"
+m = json.load(open(path))
+m.setdefault("provenance", {})["notice"] = (
+    "a demo trained on synthetic shapes only: real photos get captions about coloured shapes")
+tmp = path + ".tmp"
+json.dump(m, open(tmp, "w"), indent=2)
+os.replace(tmp, path)
+PY
 step "5/5 evaluation on the held-out test split"
 "$BIN" eval --model models/demo --data "$WORK/data" --split test --greedy | tee "$WORK/eval-greedy.txt"
 "$BIN" eval --model models/demo --data "$WORK/data" --split test | tee "$WORK/eval-beam.txt"

@@ -154,6 +154,31 @@ impl Config {
         }
         toml::to_string(&v).unwrap_or_default()
     }
+
+    /// The configuration with secrets masked, one line per section (`key=value …`), for a
+    /// start-up log that reads as lines (and as fields with `log_format=json`).
+    pub fn masked_sections(&self) -> Vec<(String, String)> {
+        let masked: Value = self
+            .to_masked_toml()
+            .parse::<Table>()
+            .map(Value::Table)
+            .unwrap_or(Value::Table(Table::new()));
+        let Value::Table(t) = masked else {
+            return vec![];
+        };
+        t.iter()
+            .filter_map(|(name, section)| match section {
+                Value::Table(s) => Some((
+                    name.clone(),
+                    s.iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 /// Overlays `user` on `base`; every user key must exist in the defaults.

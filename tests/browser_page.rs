@@ -1,13 +1,21 @@
 //! The browser page end to end in headless Chromium (Debian's, driven by playwright-core):
-//! upload an image and see its captions, scores and timings appear in the DOM; with the admin
-//! token, see a finished training job and its loss curve drawn.
+//! upload two images and see their captions, scores and timings appear in the DOM (a progress
+//! bar while waiting); the model's provenance; no admin section without admin routes; with
+//! the admin token, a finished training job and its loss curve drawn, and a job started,
+//! cancelled and resumed with the page's own form and buttons.
 mod common;
 
 use serde_json::{json, Value};
 use std::path::Path;
 
 /// Runs tests/browser/page.mjs against `url`; returns what it read from the page.
-fn browse(url: &str, image: &Path, shot: &Path, token: Option<&str>) -> Value {
+fn browse(
+    url: &str,
+    image: &Path,
+    shot: &Path,
+    token: Option<&str>,
+    dataset: Option<&str>,
+) -> Value {
     let mut cmd = std::process::Command::new("node");
     cmd.arg("page.mjs")
         .arg(format!("{url}/"))
@@ -15,6 +23,9 @@ fn browse(url: &str, image: &Path, shot: &Path, token: Option<&str>) -> Value {
         .arg(shot);
     if let Some(t) = token {
         cmd.arg(t);
+    }
+    if let Some(d) = dataset {
+        cmd.arg(d);
     }
     let out = cmd
         .current_dir(common::repo().join("tests/browser"))
@@ -38,8 +49,24 @@ fn page_uploads_an_image_and_shows_captions() {
     let image = dir.path().join("photo.png");
     std::fs::write(&image, common::png(120, 90, 3)).unwrap();
     let shot = dir.path().join("page.png");
-    let v = browse(&s.url, &image, &shot, None);
-    let captions = v["captions"].as_array().unwrap();
+    let v = browse(&s.url, &image, &shot, None, None);
+    // Two files in one request: two results, each with n=2 captions, the same for the same
+    // image; a progress bar while waiting; sampling controls only for sampling.
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "{v}");
+    assert_eq!(results[0]["name"], "photo.png");
+    assert_eq!(results[0]["captions"], results[1]["captions"], "{v}");
+    assert_eq!(v["busyShown"], true);
+    assert_eq!(v["samplingEnabled"], true);
+    assert_eq!(v["samplingDisabledForBeam"], true);
+    // Where the model comes from, and no admin section on a server without admin routes.
+    assert!(
+        v["provenance"].as_str().unwrap().contains("random weights"),
+        "{v}"
+    );
+    assert_eq!(v["noticeShown"], false);
+    assert_eq!(v["adminShown"], false, "{v}");
+    let captions = results[0]["captions"].as_array().unwrap();
     assert_eq!(captions.len(), 2, "n=2 captions shown: {v}");
     assert!(
         captions
@@ -48,7 +75,10 @@ fn page_uploads_an_image_and_shows_captions() {
         "{v}"
     );
     assert!(
-        v["scores"][0].as_str().unwrap().starts_with("score "),
+        results[0]["scores"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("score "),
         "{v}"
     );
     let timings: Vec<&str> = v["timings"]
@@ -62,7 +92,6 @@ fn page_uploads_an_image_and_shows_captions() {
         "{timings:?}"
     );
     assert_eq!(v["error"], "", "{v}");
-    assert!(v["jobsError"].as_str().unwrap().starts_with("403"), "{v}");
     // The same caption as the API gives for the same image and options.
     let api: Value = reqwest::blocking::Client::new()
         .post(format!("{}/caption?beam_size=3&n=2", s.url))
@@ -89,6 +118,11 @@ fn page_lists_training_jobs_with_their_loss_curves() {
     let root = dir.path();
     let base = root.join("base");
     common::make_bundle(&base, &["--size", "tiny", "--seed", "22"]);
+    // A bundle with a notice for its users, as the demo bundle has.
+    let manifest = base.join("clipcap.json");
+    let mut m: Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    m["provenance"]["notice"] = json!("knows four test pictures only");
+    std::fs::write(&manifest, m.to_string()).unwrap();
     // A four-image dataset, prepared by the real CLI.
     let images = root.join("images");
     std::fs::create_dir_all(&images).unwrap();
@@ -141,8 +175,44 @@ fn page_lists_training_jobs_with_their_loss_curves() {
     });
     assert_eq!(job["state"], "succeeded", "{job}");
 
+    // The loss curve: the token or the signed link opens it; nothing else does.
+    let svg_url = |auth: Option<&str>, url: &str| {
+        let mut r = http.get(format!("{}{url}", s.url));
+        if let Some(t) = auth {
+            r = r.bearer_auth(t);
+        }
+        r.send().unwrap().status().as_u16()
+    };
+    let listed = s.job(TOKEN, &id);
+    let signed = listed["loss_svg_url"].as_str().unwrap().to_string();
+    assert!(
+        signed.contains("expires=") && signed.contains("&sig="),
+        "{signed}"
+    );
+    let plain = format!("/train/{id}/loss.svg");
+    assert_eq!(svg_url(None, &signed), 200);
+    assert_eq!(svg_url(Some(TOKEN), &plain), 200);
+    assert_eq!(svg_url(None, &plain), 401);
+    let tampered = signed.replace(&format!("/train/{id}/"), "/train/other/");
+    assert_eq!(svg_url(None, &tampered), 401, "a link signs one job only");
+    let expired = {
+        let (head, _) = signed.split_once("expires=").unwrap();
+        let sig = signed.split("&sig=").nth(1).unwrap();
+        format!("{head}expires=1&sig={sig}")
+    };
+    assert_eq!(svg_url(None, &expired), 401);
+
     let image = images.join("0.png");
-    let v = browse(&s.url, &image, &root.join("page.png"), Some(TOKEN));
+    let v = browse(
+        &s.url,
+        &image,
+        &root.join("page.png"),
+        Some(TOKEN),
+        Some("pics"),
+    );
+    assert_eq!(v["adminShown"], true, "{v}");
+    assert_eq!(v["noticeShown"], true, "{v}");
+    assert_eq!(v["notice"], "Note: knows four test pictures only", "{v}");
     assert_eq!(v["jobsError"], "", "{v}");
     let jobs = v["jobs"].as_array().unwrap();
     assert_eq!(jobs.len(), 1, "{v}");
@@ -157,4 +227,31 @@ fn page_lists_training_jobs_with_their_loss_curves() {
         curve["width"].as_u64().unwrap() >= 200 && curve["height"].as_u64().unwrap() >= 100,
         "loss curve not drawn: {v}"
     );
+    // The form started a job, its buttons cancelled and resumed it, and the server agrees.
+    let flow: Vec<&str> = v["flow"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert_eq!(flow.len(), 4, "{v}");
+    assert_eq!((flow[1], flow[3]), ("cancelled", "cancelled"), "{v}");
+    let all: Value = http
+        .get(format!("{}/train", s.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let started: Vec<&Value> = all["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["output"] == "page-job")
+        .collect();
+    assert_eq!(started.len(), 1, "{all}");
+    let record = s.job(TOKEN, started[0]["id"].as_str().unwrap());
+    assert_eq!(record["state"], "cancelled");
+    assert_eq!(record["dataset"], "pics");
+    assert_eq!(record["epochs"], 5000);
 }

@@ -417,6 +417,19 @@ fn health_ready_info_metrics_openapi_and_request_ids() {
         log.contains("CLIPCAP_MAX_BATCH_IMAGE is not a setting"),
         "{log}"
     );
+    // The effective configuration: one line per section, secrets masked.
+    let config: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" configuration "))
+        .collect();
+    assert_eq!(config.len(), 5, "{log}");
+    assert!(
+        config.iter().any(|l| l.contains("section=server")
+            && l.contains("max_connections=1024")
+            && l.contains("header_timeout_ms=10000")),
+        "{config:?}"
+    );
+    assert!(!log.lines().any(|l| l.trim() == "[server]"), "{log}");
     assert!(
         log.contains("did you mean CLIPCAP_MAX_BATCH_IMAGES?"),
         "{log}"

@@ -26,6 +26,9 @@ pub struct ModelInfo {
     /// Increments each time a model is installed under this name.
     pub version: u64,
     pub loaded_at_unix: u64,
+    /// Where the weights came from (the manifest's `provenance`; `notice` is a warning for
+    /// people who use it, e.g. that the demo knows synthetic shapes only).
+    pub provenance: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 impl ModelInfo {
@@ -43,6 +46,7 @@ impl ModelInfo {
             gpt2_width: m.gpt2.n_embd,
             embedding_dim: m.mapper.prefix_dim,
             generation: m.generation.clone(),
+            provenance: m.provenance.clone(),
             version,
             loaded_at_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

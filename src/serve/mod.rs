@@ -206,7 +206,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     for warning in crate::config::unknown_env(&env) {
         tracing::warn!("{warning}");
     }
-    tracing::info!("configuration:\n{}", cfg.to_masked_toml());
+    for (section, settings) in cfg.masked_sections() {
+        tracing::info!(section = %section, settings = %settings, "configuration");
+    }
     if cfg.inference.torch_threads > 0 {
         crate::device::set_threads(cfg.inference.torch_threads);
     }

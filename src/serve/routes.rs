@@ -382,6 +382,10 @@ pub(crate) async fn info(
         for m in models.as_array_mut().into_iter().flatten() {
             if let Some(o) = m.as_object_mut() {
                 o.remove("dir");
+                // Provenance may name server paths (a trained bundle's dataset and base).
+                if let Some(p) = o.get_mut("provenance").and_then(|p| p.as_object_mut()) {
+                    p.retain(|k, _| matches!(k.as_str(), "source" | "trained_by" | "notice"));
+                }
             }
         }
     }
