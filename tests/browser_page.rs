@@ -236,13 +236,7 @@ fn page_lists_training_jobs_with_their_loss_curves() {
         .collect();
     assert_eq!(flow.len(), 4, "{v}");
     assert_eq!((flow[1], flow[3]), ("cancelled", "cancelled"), "{v}");
-    let all: Value = http
-        .get(format!("{}/train", s.url))
-        .bearer_auth(TOKEN)
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let all = s.admin("GET", "/train", TOKEN).1;
     let started: Vec<&Value> = all["jobs"]
         .as_array()
         .unwrap()

@@ -33,6 +33,32 @@ fn run(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `clipcap prepare` of the fixture's JSON lines with `model` into `data` (chunks of 5).
+fn prepare_args(root: &Path, model: &Path, data: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "prepare",
+        "--model",
+        model.to_str().unwrap(),
+        "--jsonl",
+        root.join("synth/train.jsonl").to_str().unwrap(),
+        "--out",
+        data.to_str().unwrap(),
+        "--chunk-size",
+        "5",
+        "--quiet",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// `run` with owned arguments.
+fn run_owned(args: &[String]) -> String {
+    run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 /// A tiny base bundle, 16 synthetic images with one caption each (JSON lines, plus one
 /// unreadable image), prepared into `data/ds`.
 fn fixture() -> Fixture {
@@ -86,18 +112,7 @@ fn fixture() -> Fixture {
     lines.push('\n');
     std::fs::write(synth.join("train.jsonl"), lines).unwrap();
     let data = root.join("data/ds");
-    let out = run(&[
-        "prepare",
-        "--model",
-        base.to_str().unwrap(),
-        "--jsonl",
-        synth.join("train.jsonl").to_str().unwrap(),
-        "--out",
-        data.to_str().unwrap(),
-        "--chunk-size",
-        "5",
-        "--quiet",
-    ]);
+    let out = run_owned(&prepare_args(&root, &base, &data, &[]));
     assert!(out.contains("prepared 16 images, 16 captions"), "{out}");
     assert!(out.contains("1 skipped"), "{out}");
     Fixture {
@@ -158,18 +173,7 @@ fn prepare_resumes_from_finished_chunks() {
     // Interrupted run: the final files and the last chunk are gone, earlier chunks remain.
     std::fs::remove_file(data.join("embeddings.safetensors")).unwrap();
     std::fs::remove_file(data.join("chunks/chunk_000003.safetensors")).unwrap();
-    let out = run(&[
-        "prepare",
-        "--model",
-        f.base.to_str().unwrap(),
-        "--jsonl",
-        f.root.join("synth/train.jsonl").to_str().unwrap(),
-        "--out",
-        data.to_str().unwrap(),
-        "--chunk-size",
-        "5",
-        "--quiet",
-    ]);
+    let out = run_owned(&prepare_args(&f.root, &f.base, &data, &[]));
     assert!(out.contains("(4 chunks, 3 resumed, 1 skipped)"), "{out}");
     let meta: Value =
         serde_json::from_str(&std::fs::read_to_string(data.join("meta.json")).unwrap()).unwrap();
@@ -404,13 +408,7 @@ fn a_trained_bundle_is_served_and_captions_its_training_images() {
         .unwrap();
     assert_eq!(svg.headers()["content-type"], "image/svg+xml");
     assert!(svg.text().unwrap().contains("<polyline"));
-    let list: Value = client()
-        .get(format!("{}/train", s.url))
-        .bearer_auth(TOKEN)
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let list = s.admin("GET", "/train", TOKEN).1;
     assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
     assert!(s.metric("clipcap_train_jobs{state=\"succeeded\"}").unwrap() >= 1.0);
     // The bundle on disk is complete.
@@ -445,34 +443,17 @@ fn cancel_resume_and_restart_mid_job() {
                       "warmup": 0, "save_every": 4});
     let id = start_job(&s, body);
     s.wait_for_job(TOKEN, &id, 120, |j| j["step"].as_i64().unwrap_or(0) >= 6);
-    let r = client()
-        .delete(format!("{}/train/{id}", s.url))
-        .bearer_auth(TOKEN)
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(s.admin("DELETE", &format!("/train/{id}"), TOKEN).0, 200);
     let j = s.wait_for_job(TOKEN, &id, 60, |j| j["state"] == "cancelled");
     let cancelled_at = j["step"].as_i64().unwrap();
     // Finished jobs cannot be cancelled again; unknown ones are 404.
-    let r = client()
-        .delete(format!("{}/train/{id}", s.url))
-        .bearer_auth(TOKEN)
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 409);
-    let r = client()
-        .delete(format!("{}/train/nope", s.url))
-        .bearer_auth(TOKEN)
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 404);
+    assert_eq!(s.admin("DELETE", &format!("/train/{id}"), TOKEN).0, 409);
+    assert_eq!(s.admin("DELETE", "/train/nope", TOKEN).0, 404);
     // Resume continues from the checkpoint, not from step 0.
-    let r = client()
-        .post(format!("{}/train/{id}/resume", s.url))
-        .bearer_auth(TOKEN)
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    assert_eq!(
+        s.admin("POST", &format!("/train/{id}/resume"), TOKEN).0,
+        202
+    );
     let j = s.wait_for_job(TOKEN, &id, 120, |j| {
         j["state"] == "running" && j["step"].as_i64().unwrap() > cancelled_at + 8
     });
@@ -484,12 +465,10 @@ fn cancel_resume_and_restart_mid_job() {
     let s2 = server(&f);
     let j = s2.job(TOKEN, &id);
     assert_eq!(j["state"], "interrupted", "{j}");
-    let r = client()
-        .post(format!("{}/train/{id}/resume", s2.url))
-        .bearer_auth(TOKEN)
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    assert_eq!(
+        s2.admin("POST", &format!("/train/{id}/resume"), TOKEN).0,
+        202
+    );
     let j = s2.wait_for_job(TOKEN, &id, 120, |j| {
         j["state"] == "running" && j["runs"] == 3 && j["step"].as_i64().unwrap() > 0
     });
@@ -504,12 +483,7 @@ fn cancel_resume_and_restart_mid_job() {
         j["step"].as_i64().unwrap() >= cancelled_at,
         "resumed from the checkpoint, not from 0: {j}"
     );
-    let r = client()
-        .delete(format!("{}/train/{id}", s2.url))
-        .bearer_auth(TOKEN)
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(s2.admin("DELETE", &format!("/train/{id}"), TOKEN).0, 200);
     s2.wait_for_job(TOKEN, &id, 60, |j| j["state"] == "cancelled");
 }
 
@@ -638,25 +612,7 @@ fn data_from_another_encoder_is_refused_before_any_tensor_op() {
         &other,
         &["--size", "tiny", "--seed", "32", "--clip-dim", "24"],
     );
-    let prepare = |model: &Path, extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = [
-            "prepare",
-            "--model",
-            model.to_str().unwrap(),
-            "--jsonl",
-            f.root.join("synth/train.jsonl").to_str().unwrap(),
-            "--out",
-            data.to_str().unwrap(),
-            "--chunk-size",
-            "5",
-            "--quiet",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
-    };
+    let prepare = |model: &Path, extra: &[&str]| prepare_args(&f.root, model, &data, extra);
     let args = prepare(&other, &[]);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let err = run_failing(&refs);
@@ -677,17 +633,20 @@ fn data_from_another_encoder_is_refused_before_any_tensor_op() {
     let err = run_failing(&["eval", "--model", o, "--data", d, "--split", "train"]);
     assert!(err.contains("32-value embeddings"), "{err}");
     let out = f.root.join("models/x");
-    let err = run_failing(&[
-        "train",
-        "--data",
-        d,
-        "--out",
-        out.to_str().unwrap(),
-        "--base",
-        o,
-        "--epochs",
-        "1",
-    ]);
+    let train_on = |base: &str| {
+        run_failing(&[
+            "train",
+            "--data",
+            d,
+            "--out",
+            out.to_str().unwrap(),
+            "--base",
+            base,
+            "--epochs",
+            "1",
+        ])
+    };
+    let err = train_on(o);
     assert!(
         err.contains("holds 32-value embeddings") && err.contains("gives 24"),
         "{err}"
@@ -696,22 +655,10 @@ fn data_from_another_encoder_is_refused_before_any_tensor_op() {
     // A bundle with the same width but another encoder is refused too.
     let twin = f.root.join("twin");
     common::make_bundle(&twin, &["--size", "tiny", "--seed", "33"]);
-    let err = run_failing(&[
-        "train",
-        "--data",
-        d,
-        "--out",
-        out.to_str().unwrap(),
-        "--base",
-        twin.to_str().unwrap(),
-        "--epochs",
-        "1",
-    ]);
+    let err = train_on(twin.to_str().unwrap());
     assert!(err.contains("another image encoder"), "{err}");
     // --overwrite starts over with the new encoder.
-    let args = prepare(&other, &["--overwrite"]);
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let done = run(&refs);
+    let done = run_owned(&prepare(&other, &["--overwrite"]));
     assert!(
         done.contains("prepared 16 images") && done.contains("0 resumed"),
         "{done}"
@@ -836,31 +783,21 @@ fn a_full_disk_fails_the_job_cleanly_and_storage_errors_are_507() {
             msg.contains("File too large") && !msg.contains(f.root.to_str().unwrap()),
             "{msg}"
         );
-        let r = client()
-            .post(format!("{}/train/{id}/resume", s.url))
-            .bearer_auth(TOKEN)
-            .send()
-            .unwrap();
-        assert_eq!(r.status(), 507);
+        assert_eq!(
+            s.admin("POST", &format!("/train/{id}/resume"), TOKEN).0,
+            507
+        );
         assert_eq!(s.job(TOKEN, &id)["state"], "failed");
-        let listed: Value = client()
-            .get(format!("{}/train", s.url))
-            .bearer_auth(TOKEN)
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
+        let listed = s.admin("GET", "/train", TOKEN).1;
         assert_eq!(listed["jobs"].as_array().unwrap().len(), 1, "{listed}");
     }
     // With room again, the job resumes and finishes.
     let s = server(&f);
     assert_eq!(s.job(TOKEN, &id)["state"], "failed");
-    let r = client()
-        .post(format!("{}/train/{id}/resume", s.url))
-        .bearer_auth(TOKEN)
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    assert_eq!(
+        s.admin("POST", &format!("/train/{id}/resume"), TOKEN).0,
+        202
+    );
     s.wait_for_job(TOKEN, &id, 120, |j| j["state"] == "succeeded");
 }
 

@@ -178,6 +178,19 @@ impl Server {
             .unwrap()
     }
 
+    /// An admin request (`Authorization: Bearer token`) to `path`: its status and JSON body
+    /// (`Null` when it has none).
+    pub fn admin(&self, method: &str, path: &str, token: &str) -> (u16, serde_json::Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let r = reqwest::blocking::Client::new()
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(token)
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(serde_json::Value::Null))
+    }
+
     /// Polls training job `id` until `pred` holds; panics with the job and the server log after
     /// `secs` seconds.
     pub fn wait_for_job(
