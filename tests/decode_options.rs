@@ -318,3 +318,32 @@ fn caption_cli_captions_every_readable_file_of_lists_folders_and_stdin() {
         lines.iter().map(|l| &l["captions"]).collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn clipcap_info_names_torch_the_cpu_threads_and_the_packing_state() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clipcap"))
+        .arg("info")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let field = |k: &str| -> String {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}: ")))
+            .unwrap_or_else(|| panic!("no {k:?} line in:\n{text}"))
+            .to_string()
+    };
+    assert!(field("torch").starts_with("2."), "{text}");
+    assert!(!field("cpu").is_empty(), "{text}");
+    assert!(
+        field("torch threads").parse::<usize>().unwrap() >= 1,
+        "{text}"
+    );
+    let packing = field("cpu decoding");
+    assert!(
+        ["in use", "refused on this CPU", "off (", "unavailable"]
+            .iter()
+            .any(|w| packing.contains(w)),
+        "{packing}"
+    );
+}
