@@ -326,6 +326,17 @@ fn bad_bundles_are_refused_with_a_reason_and_never_hang() {
         assert!(msg.contains(reason), "{dir}: {msg}");
         assert!(msg.len() < 1000, "a reason, not a backtrace: {msg}");
     }
+    // A large admin body under max_body_bytes reaches the handler (no framework limit of its
+    // own): a JSON 400 for the bad JSON, not a plain-text 413.
+    let r = c
+        .post(format!("{}/admin/models", s.url))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body(vec![b' '; 3 << 20])
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().unwrap()["type"], "malformed_request");
     // Still serving the good model.
     let r = c
         .post(format!("{}/caption?max_tokens=3", s.url))

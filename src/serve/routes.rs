@@ -43,6 +43,9 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::middleware::from_fn_with_state(state.clone(), track))
+        // The request guard (serve::conn) enforces max_body_bytes with a JSON 413 on every
+        // route; axum's own 2 MB default would answer in plain text.
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
 }
 
