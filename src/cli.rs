@@ -215,31 +215,33 @@ fn caption(a: CaptionArgs) -> Result<()> {
     for chunk in paths.chunks(a.batch.max(1)) {
         // Per position in the chunk: the bytes to caption, or why not. Printed in order.
         let mut errors: Vec<Option<String>> = vec![None; chunk.len()];
-        let mut batch: Vec<(usize, Vec<u8>)> = vec![];
+        let (mut positions, mut bytes): (Vec<usize>, Vec<Vec<u8>>) = (vec![], vec![]);
         for (i, p) in chunk.iter().enumerate() {
             match std::fs::read(p) {
-                Ok(bytes) => batch.push((i, bytes)),
+                Ok(b) => {
+                    positions.push(i);
+                    bytes.push(b);
+                }
                 Err(e) => errors[i] = Some(format!("cannot read: {e}")),
             }
         }
         // An undecodable image fails the whole call: set it aside and caption the others.
         let out = loop {
-            if batch.is_empty() {
+            if bytes.is_empty() {
                 break None;
             }
-            let bytes: Vec<Vec<u8>> = batch.iter().map(|(_, b)| b.clone()).collect();
             match engine.caption_blocking(&model, &bytes, opts.clone()) {
                 Ok(out) => break Some(out),
                 Err(crate::engine::EngineError::Image { index, error }) => {
-                    errors[batch[index].0] = Some(error.to_string());
-                    batch.remove(index);
+                    errors[positions.remove(index)] = Some(error.to_string());
+                    bytes.remove(index);
                 }
                 Err(other) => return Err(anyhow::anyhow!("{other}")),
             }
         };
-        let mut captioned = batch
+        let mut captioned = positions
             .iter()
-            .map(|(i, _)| *i)
+            .copied()
             .zip(out.iter().flat_map(|o| o.images.iter()))
             .peekable();
         for (i, path) in chunk.iter().enumerate() {
@@ -256,7 +258,7 @@ fn caption(a: CaptionArgs) -> Result<()> {
                 let line = serde_json::json!({
                     "image": path,
                     "captions": img.captions.iter().map(|c| serde_json::json!({"text": c.text, "score": c.score})).collect::<Vec<_>>(),
-                    "timings_ms": {"load": load_ms, "preprocess_batch": o.preprocess_ms, "encode_batch": img.encode_ms, "decode": img.decode_ms, "batch_size": batch.len()},
+                    "timings_ms": {"load": load_ms, "preprocess_batch": o.preprocess_ms, "encode_batch": img.encode_ms, "decode": img.decode_ms, "batch_size": bytes.len()},
                 });
                 println!("{line}");
             } else {

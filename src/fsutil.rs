@@ -68,6 +68,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// The SHA-256 of a file's contents, in hex (how datasets name the encoder that made them).
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(hex::encode(Sha256::digest(&bytes)))
+}
+
 /// The process id a temporary's name carries (`.NAME.tmp-PID-UUID`).
 fn temp_owner(name: &str) -> Option<u32> {
     let rest = name.strip_prefix('.')?;

@@ -711,7 +711,9 @@ fn a_resumed_run_with_no_steps_left_reports_its_true_step() {
     })
     .unwrap();
     assert_eq!(step_of(again), (2, 2), "resumed with nothing left to do");
-    assert!(reports.iter().all(|&s| s == 2), "{reports:?}");
+    // Nothing was left to train, so nothing was reported step by step: the outcome alone
+    // carries the step (which is what the job manager records).
+    assert_eq!(reports, Vec::<i64>::new());
 }
 
 #[test]

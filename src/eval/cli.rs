@@ -78,28 +78,13 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         .resolve(&model.generation)
         .map_err(crate::options::OptionError::for_flags)?;
     // Features from another encoder would silently give nonsense captions.
-    if data.meta.embedding_dim != model.embedding_dim {
-        bail!(
-            "{} holds {}-value embeddings but {} takes {} (prepared with another encoder?)",
-            a.data.display(),
-            data.meta.embedding_dim,
-            a.model.display(),
-            model.embedding_dim
-        );
-    }
     let manifest = crate::model::bundle::Manifest::read(&a.model)?;
-    let enc = a.model.join(&manifest.files.encoder);
-    let hash = {
-        use sha2::{Digest, Sha256};
-        hex::encode(Sha256::digest(std::fs::read(&enc)?))
-    };
-    if !data.meta.encoder_sha256.is_empty() && data.meta.encoder_sha256 != hash {
-        bail!(
-            "{} was prepared with another image encoder than {} (sha256 differs)",
-            a.data.display(),
-            enc.display()
-        );
-    }
+    data.check_encoder(
+        &a.data,
+        &a.model,
+        model.embedding_dim,
+        &a.model.join(&manifest.files.encoder),
+    )?;
     let mut refs: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut rows: BTreeMap<String, i64> = BTreeMap::new();
     for r in data.records.iter().filter(|r| r.split == a.split) {

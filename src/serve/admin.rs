@@ -40,16 +40,9 @@ fn signature(token: &str, id: &str, expires: u64) -> String {
     hex::encode(mac.finalize().into_bytes())
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// `/train/{id}/loss.svg`, signed for the next ten minutes.
 fn signed_svg_url(st: &AppState, id: &str) -> String {
-    let expires = unix_now() + SIGNED_LINK_SECS;
+    let expires = crate::train::jobs::now() + SIGNED_LINK_SECS;
     let sig = signature(&st.cfg.auth.admin_token, id, expires);
     format!("/train/{id}/loss.svg?expires={expires}&sig={sig}")
 }
@@ -340,15 +333,13 @@ pub(crate) async fn svg(
     use crate::serve::routes::{bearer, secret_eq};
     let token = &st.cfg.auth.admin_token;
     if token.is_empty() {
-        return Err(ApiError::Forbidden(
-            "admin routes are disabled: set CLIPCAP_ADMIN_TOKEN (or auth.admin_token)".into(),
-        ));
+        return Err(crate::serve::routes::admin_disabled());
     }
     let by_token = bearer(&headers).is_some_and(|t| secret_eq(t, token));
     let q: SignedQuery = serde_urlencoded::from_str(uri.query().unwrap_or("")).unwrap_or_default();
     let by_link = match (q.expires, q.sig.as_deref()) {
         (Some(expires), Some(sig)) => {
-            expires >= unix_now() && secret_eq(sig, &signature(token, &id, expires))
+            expires >= crate::train::jobs::now() && secret_eq(sig, &signature(token, &id, expires))
         }
         _ => false,
     };

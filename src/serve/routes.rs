@@ -107,13 +107,17 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
+/// What a server without an admin token answers on admin routes.
+pub(crate) fn admin_disabled() -> ApiError {
+    ApiError::Forbidden(
+        "admin routes are disabled: set CLIPCAP_ADMIN_TOKEN (or auth.admin_token)".into(),
+    )
+}
+
 async fn require_admin(State(st): State<AppState>, req: Request<Body>, next: Next) -> Response {
     let token = &st.cfg.auth.admin_token;
     if token.is_empty() {
-        return ApiError::Forbidden(
-            "admin routes are disabled: set CLIPCAP_ADMIN_TOKEN (or auth.admin_token)".into(),
-        )
-        .into_response();
+        return admin_disabled().into_response();
     }
     match bearer(req.headers()) {
         Some(t) if secret_eq(t, token) => next.run(req).await,
@@ -180,7 +184,10 @@ pub(crate) async fn caption(
     check_api_key(&st, &parts.headers)?;
     let mut raw = RawOptions::default();
     validation::parse_query(parts.uri.query(), &mut raw)?;
-    let body = read_body(&parts.headers, body, st.cfg.server.max_body_bytes).await?;
+    // Already whole and within max_body_bytes: the request guard (serve::conn) read it.
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .map_err(|e| ApiError::Malformed(format!("cannot read the body: {e}")))?;
     let ct = parts
         .headers
         .get(header::CONTENT_TYPE)
@@ -196,34 +203,6 @@ pub(crate) async fn caption(
         .await?;
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
     Ok(caption_response(out, n_images, total_ms, &opts))
-}
-
-/// The body, refused early (413) when its announced or actual length is over `limit`.
-async fn read_body(
-    headers: &HeaderMap,
-    body: Body,
-    limit: usize,
-) -> Result<axum::body::Bytes, ApiError> {
-    if let Some(len) = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-    {
-        if len > limit {
-            return Err(ApiError::TooLarge(format!(
-                "body of {len} bytes; at most {limit}"
-            )));
-        }
-    }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-            || e.to_string().contains("length limit")
-        {
-            ApiError::TooLarge(format!("body larger than {limit} bytes"))
-        } else {
-            ApiError::Malformed(format!("cannot read the body: {e}"))
-        }
-    })
 }
 
 /// One caption and its score (mean log-probability per generated token).

@@ -130,6 +130,36 @@ impl Dataset {
         })
     }
 
+    /// Refuses a bundle whose encoder did not make these features: another width (its
+    /// mapper could not take them) or another encoder file (same width, nonsense captions).
+    /// Checked before any tensor op; `dir` and `bundle` only name things in the message.
+    pub fn check_encoder(
+        &self,
+        dir: &Path,
+        bundle: &Path,
+        width: i64,
+        encoder: &Path,
+    ) -> Result<()> {
+        let have = self.embeddings.size()[1];
+        if have != width {
+            bail!(
+                "{} holds {have}-value embeddings but {}'s encoder gives {width} (prepared with another encoder?)",
+                dir.display(),
+                bundle.display()
+            );
+        }
+        if !self.meta.encoder_sha256.is_empty()
+            && crate::fsutil::sha256_file(encoder)? != self.meta.encoder_sha256
+        {
+            bail!(
+                "{} was prepared with another image encoder than {}'s (sha256 differs)",
+                dir.display(),
+                bundle.display()
+            );
+        }
+        Ok(())
+    }
+
     pub fn has_split(&self, split: &str) -> bool {
         self.records.iter().any(|r| r.split == split)
     }

@@ -87,7 +87,8 @@ pub struct JobRecord {
     pub resumed_at: Vec<i64>,
 }
 
-fn now() -> u64 {
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -340,15 +340,10 @@ fn coco_references(records: &[CaptionRecord]) -> Value {
     })
 }
 
-fn sha256_file(p: &Path) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    let bytes = std::fs::read(p)?;
-    Ok(hex::encode(Sha256::digest(&bytes)))
-}
-
 fn prepare(a: &PrepareArgs, bundle: &Arc<Bundle>, items: Vec<Item>) -> Result<()> {
     let chunks_dir = a.out.join("chunks");
-    let encoder_sha256 = sha256_file(&bundle.dir.join(&bundle.manifest.files.encoder))?;
+    let encoder_sha256 =
+        crate::fsutil::sha256_file(&bundle.dir.join(&bundle.manifest.files.encoder))?;
     let preprocessing = serde_json::json!({
         "size": bundle.manifest.image.size, "mean": bundle.manifest.image.mean, "std": bundle.manifest.image.std,
         "resize": "shorter side, bicubic (PIL), center crop", "exif_orientation": true,

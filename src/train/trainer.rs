@@ -218,28 +218,12 @@ fn open_base(
         Manifest::read(&base).with_context(|| format!("base bundle {}", base.display()))?;
     // The trained bundle takes the base's encoder: features from another one would train a
     // bundle that cannot load (another width) or captions nonsense (same width).
-    let width = data.embeddings.size()[1];
-    if base_manifest.mapper.prefix_dim != width {
-        bail!(
-            "{} holds {width}-value embeddings but the base bundle {}'s encoder gives {} (prepared with another encoder?)",
-            spec.data.display(),
-            base.display(),
-            base_manifest.mapper.prefix_dim
-        );
-    }
-    let encoder = base.join(&base_manifest.files.encoder);
-    if !data.meta.encoder_sha256.is_empty() {
-        use sha2::{Digest, Sha256};
-        let bytes =
-            std::fs::read(&encoder).with_context(|| format!("reading {}", encoder.display()))?;
-        if hex::encode(Sha256::digest(&bytes)) != data.meta.encoder_sha256 {
-            bail!(
-                "{} was prepared with another image encoder than the base bundle {}'s (sha256 differs)",
-                spec.data.display(),
-                base.display()
-            );
-        }
-    }
+    data.check_encoder(
+        &spec.data,
+        &base,
+        base_manifest.mapper.prefix_dim,
+        &base.join(&base_manifest.files.encoder),
+    )?;
     let tok_path = base.join(&base_manifest.files.tokenizer);
     let tokenizer = Tokenizer::from_file(&tok_path)
         .map_err(|e| anyhow::anyhow!("loading tokenizer {}: {e}", tok_path.display()))?;
