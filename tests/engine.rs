@@ -571,7 +571,8 @@ fn the_openapi_document_is_valid_and_names_every_field_the_handlers_accept() {
     // Every accepted field, with a valid value, is taken (beam_size by beam search, the
     // sampling fields by sampling).
     let sample = "model=tiny&strategy=sample&max_tokens=5&n=2&temperature=0.9&top_p=0.9&top_k=40\
-                  &seed=3&repetition_penalty=1.1&no_repeat_ngram=2";
+                  &seed=3&repetition_penalty=1.1&no_repeat_ngram=2&prompt=A%20photo&priority=-1\
+                  &timeout=30";
     let beam = "strategy=beam&beam_size=2";
     let mut covered: Vec<&str> = sample
         .split('&')
@@ -740,4 +741,161 @@ fn a_full_queue_refuses_before_any_image_is_decoded() {
         "with room, the image itself is judged"
     );
     assert_eq!(r.engine.queued(), 0, "a refused image gives its place back");
+}
+
+fn admitted(r: &Rig, priority: &str) -> u64 {
+    r.engine
+        .metrics()
+        .admitted
+        .with_label_values(&[priority])
+        .get()
+}
+
+#[test]
+fn waiting_requests_start_by_priority_then_arrival() {
+    // One image decodes at a time, so the order in which requests start is observable.
+    let r = rig(&[("CLIPCAP_MAX_RUNNING_IMAGES", "1")]);
+    let hold = r.engine.hold();
+    let late = r.caption_later("max_tokens=4&priority=5", 1);
+    let normal = r.caption_later("max_tokens=4", 2);
+    r.until("two requests in the queue", || {
+        r.engine.captions_in_channel() == 2
+    });
+    let urgent = r.caption_later("max_tokens=4&priority=-3", 3);
+    r.until("three requests in the queue", || {
+        r.engine.captions_in_channel() == 3
+    });
+    let mut hold = r.one_turn(hold);
+    assert_eq!(
+        (admitted(&r, "-3"), admitted(&r, "0"), admitted(&r, "5")),
+        (1, 0, 0),
+        "the urgent request, sent last, starts first"
+    );
+    // Turn by turn: priority 0 starts before priority 5.
+    let mut turns = 0;
+    while admitted(&r, "0") == 0 {
+        hold = r.one_turn(hold);
+        turns += 1;
+        assert!(turns < 100, "the priority-0 request never started");
+    }
+    assert_eq!(admitted(&r, "5"), 0, "priority 5 waits for priority 0");
+    drop(hold);
+    for t in [late, normal, urgent] {
+        assert_eq!(t.join().unwrap(), 200);
+    }
+    assert_eq!(admitted(&r, "5"), 1);
+}
+
+#[test]
+fn a_request_timeout_that_passes_in_the_queue_answers_504_uncomputed() {
+    let r = rig(&[]);
+    let hold = r.engine.hold();
+    // The worker is held: no caption can be ready within the request's own 0.3 s.
+    let resp = r.caption("max_tokens=6&timeout=0.3", 4);
+    assert_eq!(resp.status(), 504);
+    let body: Value = resp.json().unwrap();
+    assert_eq!(body["type"], "deadline_exceeded", "{body}");
+    let _hold = r.one_turn(hold);
+    assert_eq!(r.images("deadline"), 1);
+    assert_eq!(r.images("ok"), 0);
+    assert_eq!(admitted(&r, "0"), 0, "never started");
+    let bad: Value = r.caption("timeout=0", 4).json().unwrap();
+    assert_eq!(bad["field"], "timeout", "{bad}");
+    let bad: Value = r.caption("priority=1.5", 4).json().unwrap();
+    assert_eq!(bad["field"], "priority", "{bad}");
+}
+
+/// A streamed chat request over a raw socket: the request's bytes.
+fn stream_request(r: &Rig, max_tokens: u32) -> Vec<u8> {
+    use base64::Engine as _;
+    let uri = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(png(48, 40, 6))
+    );
+    let body = serde_json::json!({
+        "model": "tiny", "stream": true, "temperature": 0, "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}]}],
+    })
+    .to_string();
+    let host = r.url.trim_start_matches("http://");
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[test]
+fn a_stream_whose_client_leaves_frees_its_rows() {
+    use std::io::{BufRead, Write};
+    let r = rig(&[]);
+    // Unheld first: this image's greedy caption runs to max_tokens (no stop token), so the
+    // streamed request below cannot finish in fewer than 256 steps.
+    let whole: Value = client()
+        .post(format!("{}/v1/chat/completions", r.url))
+        .header("content-type", "application/json")
+        .body({
+            let raw = String::from_utf8(stream_request(&r, 256)).unwrap();
+            raw.split("\r\n\r\n")
+                .nth(1)
+                .unwrap()
+                .replace("\"stream\":true", "\"stream\":false")
+        })
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(whole["choices"][0]["finish_reason"], "length", "{whole}");
+    assert_eq!(whole["usage"]["completion_tokens"], 256, "{whole}");
+    let ok_before = r.images("ok");
+
+    let hold = r.engine.hold();
+    let addr = r.url.trim_start_matches("http://").to_string();
+    let mut sock = std::net::TcpStream::connect(&addr).unwrap();
+    sock.write_all(&stream_request(&r, 256)).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = sock.try_clone().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(reader).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    r.until("the stream to reach the queue", || {
+        r.engine.captions_in_channel() == 1
+    });
+    // Step by step until the first text arrives.
+    let mut hold = hold;
+    let mut turns = 0;
+    let mut lines = vec![];
+    while !lines.iter().any(|l: &String| {
+        l.starts_with("data:") && l.contains("\"content\":\"") && !l.contains("\"content\":\"\"")
+    }) {
+        hold = r.one_turn(hold);
+        lines.extend(rx.try_iter());
+        turns += 1;
+        assert!(turns < 100, "no text streamed: {lines:?}");
+    }
+    assert!(lines[0].starts_with("HTTP/1.1 200"), "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.eq_ignore_ascii_case("content-type: text/event-stream")),
+        "{lines:?}"
+    );
+    // The client leaves; the request ends cancelled, its rows freed, long before its 256 steps.
+    sock.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(sock);
+    while r.images("cancelled") == 0 {
+        hold = r.one_turn(hold);
+        turns += 1;
+        assert!(turns < 200, "the stream's rows were never freed");
+    }
+    drop(hold);
+    assert_eq!(r.images("ok"), ok_before, "the stream never finished");
+    r.until("the decoder to empty", || {
+        r.engine.metrics().requests_running.get() == 0
+    });
 }

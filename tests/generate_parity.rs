@@ -30,6 +30,19 @@ fn make_bundle(dir: &Path, extra: &[&str]) {
 }
 
 fn reference(bundle: &Path, clip: &Tensor, stop: i64, max_tokens: i64) -> Vec<Reference> {
+    reference_prompted(bundle, clip, stop, max_tokens, &[])
+}
+
+/// The reference fed `prompt` (token ids) after each prefix.
+fn reference_prompted(
+    bundle: &Path,
+    clip: &Tensor,
+    stop: i64,
+    max_tokens: i64,
+    prompt: &[i64],
+) -> Vec<Reference> {
+    let ids: Vec<String> = prompt.iter().map(|t| t.to_string()).collect();
+    let ids = ids.join(",");
     let emb = bundle.join("clip_embeddings.safetensors");
     Tensor::write_safetensors(&[("clip", clip)], &emb).unwrap();
     let out = bundle.join("reference.json");
@@ -45,6 +58,8 @@ fn reference(bundle: &Path, clip: &Tensor, stop: i64, max_tokens: i64) -> Vec<Re
         &stop.to_string(),
         "--max-tokens",
         &max_tokens.to_string(),
+        "--prompt-ids",
+        &ids,
     ]);
     serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap()
 }
@@ -174,4 +189,71 @@ fn gpt2_small_shapes_match_clipcap() {
     tch::manual_seed(10);
     let clip = Tensor::randn([2, 512], (Kind::Float, Device::Cpu));
     check_parity(dir.path(), &clip, 20);
+}
+
+/// A prompt is the caption's given beginning: the decoder continues it exactly as ClipCap's
+/// own decoders continue when fed the prefix followed by the prompt's embeddings, and the
+/// caption is the prompt and the continuation.
+#[test]
+fn a_prompt_is_continued_as_clipcap_continues_it() {
+    let dir = tempfile::tempdir().unwrap();
+    make_bundle(
+        dir.path(),
+        &["--size", "tiny", "--mapping", "mlp", "--seed", "3"],
+    );
+    let bundle = Arc::new(Bundle::load(dir.path(), Device::Cpu, Kind::Float).unwrap());
+    tch::manual_seed(11);
+    let clip = Tensor::randn([3, 32], (Kind::Float, Device::Cpu));
+    let prompt = "A photo of";
+    let ids = bundle.encode(prompt).unwrap();
+    assert!(ids.len() >= 2, "{ids:?}");
+    let want = reference_prompted(dir.path(), &clip, bundle.stop_ids[0], 20, &ids);
+    let beam = GenOptions {
+        strategy: Strategy::Beam,
+        beam_size: 5,
+        n: 5,
+        max_tokens: 20,
+        prompt: prompt.into(),
+        ..Default::default()
+    };
+    let greedy = GenOptions {
+        strategy: Strategy::Greedy,
+        max_tokens: 20,
+        prompt: prompt.into(),
+        ..Default::default()
+    };
+    let got_beam = caption_embeddings(bundle.clone(), &clip, &beam).unwrap();
+    let got_greedy = caption_embeddings(bundle.clone(), &clip, &greedy).unwrap();
+    for (i, w) in want.iter().enumerate() {
+        assert_eq!(got_greedy[i][0].tokens, w.greedy, "image {i}: greedy");
+        assert_eq!(got_beam[i][0].tokens, w.beam[0], "image {i}: best beam");
+        for c in got_beam[i].iter().chain(&got_greedy[i]) {
+            let whole: Vec<i64> = ids.iter().chain(&c.tokens).copied().collect();
+            assert_eq!(c.text, bundle.decode(&whole).trim(), "image {i}");
+            assert!(c.text.starts_with(prompt), "{:?}", c.text);
+        }
+    }
+    // Prompted and plain images decode side by side as they do alone.
+    let plain = GenOptions {
+        prompt: String::new(),
+        ..greedy.clone()
+    };
+    let mut dec = clipcap::generate::Decoder::new(bundle.clone());
+    let mut got = std::collections::HashMap::new();
+    let mut done = dec.add(&clip.narrow(0, 0, 2), &greedy, vec![0, 1]).unwrap();
+    done.extend(
+        dec.add(&clip.narrow(0, 0, 2), &plain, vec![10, 11])
+            .unwrap(),
+    );
+    while !dec.is_empty() {
+        done.extend(dec.step().unwrap());
+    }
+    for f in done {
+        got.insert(f.id, f.captions[0].tokens.clone());
+    }
+    let alone_plain = caption_embeddings(bundle.clone(), &clip.narrow(0, 0, 2), &plain).unwrap();
+    assert_eq!(got[&0], want[0].greedy);
+    assert_eq!(got[&1], want[1].greedy);
+    assert_eq!(got[&10], alone_plain[0][0].tokens);
+    assert_eq!(got[&11], alone_plain[1][0].tokens);
 }

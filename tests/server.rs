@@ -573,6 +573,8 @@ fn api_key_protects_caption() {
                 "1",
                 "--query",
                 "max_tokens=3",
+                "--api",
+                "caption,openai",
                 "--api-key",
                 key,
                 "--image",
@@ -588,10 +590,13 @@ fn api_key_protects_caption() {
         "{out}{}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    assert!(
-        out.contains("| 1 | 2 | 0 |"),
-        "two requests, no errors: {out}"
-    );
+    // Both doors, two requests each, no errors.
+    for api in ["/caption", "/v1/chat/completions"] {
+        assert!(
+            out.contains(&format!("| {api} | 1 | 2 | 0 |")),
+            "{api}: {out}"
+        );
+    }
     let wrong = bench("nope");
     let err = String::from_utf8_lossy(&wrong.stderr);
     assert!(!wrong.status.success());

@@ -222,6 +222,8 @@ def main():
     ap.add_argument("--beam-size", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=67)
     ap.add_argument("--stop-id", type=int, required=True)
+    ap.add_argument("--prompt-ids", default="",
+                    help="comma-separated token ids fed after the prefix (a caption's given beginning)")
     args = ap.parse_args()
     from safetensors.torch import load_file
 
@@ -234,6 +236,10 @@ def main():
     with torch.no_grad():
         for i in range(clip.shape[0]):
             prefix = model.prefix(clip[i:i + 1])
+            if args.prompt_ids:
+                # The original decoders start from any embeddings: the prompt's follow the prefix.
+                ids = torch.tensor([int(t) for t in args.prompt_ids.split(",")])
+                prefix = torch.cat((prefix, model.gpt.transformer.wte(ids).unsqueeze(0)), dim=1)
             beams, scores = generate_beam(model, args.stop_id, prefix, args.beam_size, args.max_tokens)
             greedy = generate2(model, args.stop_id, prefix, args.max_tokens)
             out.append({"beam": beams, "beam_scores": scores, "greedy": greedy})

@@ -16,6 +16,15 @@ pub struct EngineMetrics {
     pub generated_tokens: IntCounter,
     pub images: IntCounterVec,
     pub model_info: IntGaugeVec,
+    /// For autoscalers: requests waiting to start, requests being decoded.
+    pub requests_waiting: IntGauge,
+    pub requests_running: IntGauge,
+    /// Per request: from queuing to the start of its encoding.
+    pub request_queue_duration: Histogram,
+    /// Streams: from the request's arrival to its first content.
+    pub time_to_first_token: Histogram,
+    /// Requests started, by priority.
+    pub admitted: IntCounterVec,
 }
 
 /// A histogram of seconds, 0.5 ms to ~65 s.
@@ -75,6 +84,32 @@ impl EngineMetrics {
                 &["name", "device", "dtype", "version"],
             )
             .unwrap(),
+            requests_waiting: IntGauge::new(
+                "clipcap_requests_waiting",
+                "Requests queued and not started (scale on this)",
+            )
+            .unwrap(),
+            requests_running: IntGauge::new(
+                "clipcap_requests_running",
+                "Requests being encoded or decoded",
+            )
+            .unwrap(),
+            request_queue_duration: seconds_histogram(
+                "clipcap_request_queue_duration_seconds",
+                "Time a request waits before it starts",
+            ),
+            time_to_first_token: seconds_histogram(
+                "clipcap_time_to_first_token_seconds",
+                "Streams: time from arrival to the first content",
+            ),
+            admitted: IntCounterVec::new(
+                Opts::new(
+                    "clipcap_admitted_requests_total",
+                    "Requests started by the scheduler, by priority",
+                ),
+                &["priority"],
+            )
+            .unwrap(),
         };
         for h in [
             &m.queue_duration,
@@ -83,6 +118,8 @@ impl EngineMetrics {
             &m.encode_batch_size,
             &m.decode_batch_rows,
             &m.decode_batch_images,
+            &m.request_queue_duration,
+            &m.time_to_first_token,
         ] {
             registry.register(Box::new(h.clone())).unwrap();
         }
@@ -92,6 +129,10 @@ impl EngineMetrics {
             .unwrap();
         registry.register(Box::new(m.images.clone())).unwrap();
         registry.register(Box::new(m.model_info.clone())).unwrap();
+        for g in [&m.requests_waiting, &m.requests_running] {
+            registry.register(Box::new(g.clone())).unwrap();
+        }
+        registry.register(Box::new(m.admitted.clone())).unwrap();
         m
     }
 

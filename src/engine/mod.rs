@@ -82,6 +82,90 @@ pub struct CaptionOutput {
     pub preprocess_ms: f64,
 }
 
+/// Text a streamed request's caption gained: image `image`'s caption number `choice` (a
+/// sample; greedy has one) goes on with `text`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Delta {
+    pub image: usize,
+    pub choice: usize,
+    pub text: String,
+}
+
+/// How one request is scheduled: by when it must be done, and how urgent it is.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RequestParams {
+    /// Past this, the request leaves (queued: uncomputed) with [`EngineError::Deadline`].
+    pub deadline: Option<Instant>,
+    /// Lower starts first (as vLLM and Triton order it); 0 is the default.
+    pub priority: i32,
+}
+
+/// What a streamed request yields, in order: deltas, then the whole result.
+#[derive(Debug)]
+pub enum StreamEvent {
+    Delta(Delta),
+    Done(Result<CaptionOutput, EngineError>),
+}
+
+/// A request in progress whose text arrives as it is decoded (greedy and sampling; beam
+/// search yields only its result). Dropping it cancels the request: its rows are freed at
+/// the next step.
+pub struct CaptionStream {
+    deltas: tokio::sync::mpsc::UnboundedReceiver<Delta>,
+    result: tokio::sync::oneshot::Receiver<Result<CaptionOutput, EngineError>>,
+    /// The result, once in, while deltas sent before it are still being handed out.
+    finished: Option<Result<CaptionOutput, EngineError>>,
+    over: bool,
+    aborted: tokio::sync::watch::Receiver<bool>,
+    deadline: Option<Instant>,
+    preprocess_ms: f64,
+    cancel: CancelOnDrop,
+}
+
+impl CaptionStream {
+    /// The next event; `None` after the result.
+    pub async fn next(&mut self) -> Option<StreamEvent> {
+        loop {
+            if let Some(done) = self.finished.take() {
+                // The worker sends a request's last text before its result, on another
+                // channel: hand out what is still in this one first.
+                if done.is_ok() {
+                    if let Ok(d) = self.deltas.try_recv() {
+                        self.finished = Some(done);
+                        return Some(StreamEvent::Delta(d));
+                    }
+                    self.cancel.done = true;
+                }
+                self.over = true;
+                return Some(StreamEvent::Done(done));
+            }
+            if self.over {
+                return None;
+            }
+            let deadline = self.deadline;
+            let until_deadline = async move {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let done = tokio::select! {
+                biased;
+                Some(d) = self.deltas.recv() => return Some(StreamEvent::Delta(d)),
+                r = &mut self.result => r.unwrap_or(Err(EngineError::Stopped)).map(|mut out| {
+                    out.preprocess_ms = self.preprocess_ms;
+                    out
+                }),
+                _ = self.aborted.wait_for(|a| *a) => Err(EngineError::Aborted),
+                _ = until_deadline => Err(EngineError::Deadline(
+                    "no captions before the request's deadline".into(),
+                )),
+            };
+            self.finished = Some(done);
+        }
+    }
+}
+
 /// Whether the engine can take work.
 #[derive(Clone, Debug, Serialize)]
 pub struct Readiness {
@@ -278,18 +362,20 @@ impl Engine {
     }
 
     /// Captions encoded images (JPEG, PNG, …) with `model` and `opts` (already resolved
-    /// against the model's defaults), by `deadline`. Dropping the future cancels the request
-    /// and frees its rows at the next step.
+    /// against the model's defaults), scheduled by `params`. Dropping the future cancels the
+    /// request and frees its rows at the next step.
     pub async fn caption(
         &self,
         model: &ModelInfo,
         images: Vec<Bytes>,
         opts: GenOptions,
-        deadline: Option<Instant>,
+        params: RequestParams,
     ) -> Result<CaptionOutput, EngineError> {
         if images.is_empty() {
             return Err(EngineError::NoImages);
         }
+        check_prompt(model, &opts)?;
+        let deadline = params.deadline;
         let work = async {
             // A place in the queue first: an overloaded server refuses before decoding images.
             let slot = self.reserve_slot()?;
@@ -297,7 +383,7 @@ impl Engine {
             let pixels = self.preprocess(model, images).await?;
             let preprocess_ms = t0.elapsed().as_secs_f64() * 1e3;
             let mut out = self
-                .submit_and_wait(model, JobInput::Pixels(pixels), opts, deadline, Some(slot))
+                .submit_and_wait(model, JobInput::Pixels(pixels), opts, params, Some(slot))
                 .await?;
             out.preprocess_ms = preprocess_ms;
             Ok(out)
@@ -314,6 +400,53 @@ impl Engine {
         }
     }
 
+    /// [`Engine::caption`] whose text arrives as it is decoded (greedy and sampling; beam
+    /// search yields its result only). Every refusal that can come before decoding (queue full,
+    /// a bad image, a bad prompt) comes here, before the stream.
+    pub async fn caption_stream(
+        &self,
+        model: &ModelInfo,
+        images: Vec<Bytes>,
+        opts: GenOptions,
+        params: RequestParams,
+    ) -> Result<CaptionStream, EngineError> {
+        if images.is_empty() {
+            return Err(EngineError::NoImages);
+        }
+        check_prompt(model, &opts)?;
+        let slot = self.reserve_slot()?;
+        let t0 = Instant::now();
+        let pixels = match params.deadline {
+            Some(d) => tokio::time::timeout_at(d.into(), self.preprocess(model, images))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(EngineError::Deadline(
+                        "no captions before the request's deadline".into(),
+                    ))
+                })?,
+            None => self.preprocess(model, images).await?,
+        };
+        let preprocess_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let (tx, deltas) = tokio::sync::mpsc::unbounded_channel();
+        let (mut job, result, cancel) = Self::job(model, JobInput::Pixels(pixels), opts, params);
+        job.stream = Some(tx);
+        let aborted = self.inner.aborted.subscribe();
+        self.submit(job, Some(slot))?;
+        Ok(CaptionStream {
+            deltas,
+            result,
+            finished: None,
+            over: false,
+            aborted,
+            deadline: params.deadline,
+            preprocess_ms,
+            cancel: CancelOnDrop {
+                flag: cancel,
+                done: false,
+            },
+        })
+    }
+
     /// [`Engine::caption`] for callers without an async runtime (the CLI).
     pub fn caption_blocking(
         &self,
@@ -324,6 +457,7 @@ impl Engine {
         if images.is_empty() {
             return Err(EngineError::NoImages);
         }
+        check_prompt(model, &opts)?;
         let t0 = Instant::now();
         let cfg = self.preprocess_config(model);
         let mut pixels = Vec::with_capacity(images.len());
@@ -350,6 +484,7 @@ impl Engine {
         if rows.is_empty() {
             return Err(EngineError::NoImages);
         }
+        check_prompt(model, &opts)?;
         let want = model.embedding_dim as usize;
         if let Some(index) = rows.iter().position(|r| r.len() != want) {
             return Err(EngineError::Embedding {
@@ -396,7 +531,7 @@ impl Engine {
         model: &ModelInfo,
         input: JobInput,
         opts: GenOptions,
-        deadline: Option<Instant>,
+        params: RequestParams,
     ) -> (
         Job,
         tokio::sync::oneshot::Receiver<Result<CaptionOutput, EngineError>>,
@@ -409,10 +544,12 @@ impl Engine {
             version: model.version,
             input,
             opts,
-            deadline,
+            deadline: params.deadline,
             enqueued: Instant::now(),
             cancel: cancel.clone(),
             reply,
+            priority: params.priority,
+            stream: None,
         };
         (job, rx, cancel)
     }
@@ -451,10 +588,10 @@ impl Engine {
         model: &ModelInfo,
         input: JobInput,
         opts: GenOptions,
-        deadline: Option<Instant>,
+        params: RequestParams,
         slot: Option<Slot>,
     ) -> Result<CaptionOutput, EngineError> {
-        let (job, rx, cancel) = Self::job(model, input, opts, deadline);
+        let (job, rx, cancel) = Self::job(model, input, opts, params);
         let mut aborted = self.inner.aborted.subscribe();
         self.submit(job, slot)?;
         let mut guard = CancelOnDrop {
@@ -477,7 +614,7 @@ impl Engine {
         input: JobInput,
         opts: GenOptions,
     ) -> Result<CaptionOutput, EngineError> {
-        let (job, rx, _cancel) = Self::job(model, input, opts, None);
+        let (job, rx, _cancel) = Self::job(model, input, opts, RequestParams::default());
         self.submit(job, None)?;
         rx.blocking_recv().unwrap_or(Err(EngineError::Stopped))
     }
@@ -667,4 +804,27 @@ impl Engine {
             .fault
             .store(fault as u8, Ordering::Release);
     }
+}
+
+/// Refuses a prompt longer than [`crate::options::MAX_PROMPT_TOKENS`] tokens of `model`'s
+/// tokenizer, before it queues.
+fn check_prompt(model: &ModelInfo, opts: &GenOptions) -> Result<(), EngineError> {
+    use crate::options::{OptionError, MAX_PROMPT_TOKENS};
+    if opts.prompt.is_empty() {
+        return Ok(());
+    }
+    let tokens =
+        crate::model::bundle::encode_prompt(&model.tokenizer, &opts.prompt).map_err(|e| {
+            EngineError::InvalidOption(OptionError {
+                field: "prompt",
+                message: format!("{e:#}"),
+            })
+        })?;
+    if tokens.len() > MAX_PROMPT_TOKENS {
+        return Err(EngineError::InvalidOption(OptionError {
+            field: "prompt",
+            message: format!("{} tokens; at most {MAX_PROMPT_TOKENS}", tokens.len()),
+        }));
+    }
+    Ok(())
 }

@@ -6,7 +6,7 @@ use crate::options::GenOptions;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 /// What callers may know about a served model.
 #[derive(Clone, Debug, Serialize)]
@@ -29,6 +29,9 @@ pub struct ModelInfo {
     /// Where the weights came from (the manifest's `provenance`; `notice` is a warning for
     /// people who use it, e.g. that the demo knows synthetic shapes only).
     pub provenance: std::collections::BTreeMap<String, serde_json::Value>,
+    /// The bundle's tokenizer (prompts are checked before they queue).
+    #[serde(skip)]
+    pub tokenizer: Arc<tokenizers::Tokenizer>,
 }
 
 impl ModelInfo {
@@ -47,6 +50,7 @@ impl ModelInfo {
             embedding_dim: m.mapper.prefix_dim,
             generation: m.generation.clone(),
             provenance: m.provenance.clone(),
+            tokenizer: bundle.tokenizer.clone(),
             version,
             loaded_at_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

@@ -1,4 +1,5 @@
-//! The batching policy, apart from any model: which queued requests start now, which leave
+//! The batching policy, apart from any model: which queued requests start now (by priority,
+//! then arrival), which leave
 //! unanswered (deadline passed, client gone), how long the worker may wait to fill an encoder
 //! batch, and how many may queue. Pure logic over [`Schedulable`] jobs, so it is unit-tested
 //! without tch (the worker in `worker.rs` applies it to real tensors).
@@ -39,6 +40,10 @@ pub trait Schedulable {
     fn deadline(&self) -> Option<Instant>;
     /// The caller went away (cancelled, or its reply channel closed).
     fn abandoned(&self) -> bool;
+    /// Lower starts first (as vLLM and Triton order it); equal priorities keep arrival order.
+    fn priority(&self) -> i32 {
+        0
+    }
 }
 
 /// Why a request left without captions.
@@ -127,8 +132,11 @@ impl<J: Schedulable> Scheduler<J> {
         &self.cfg
     }
 
+    /// Queues a request behind every request of its priority or a more urgent one.
     pub fn push(&mut self, job: J) {
-        self.pending.push_back(job);
+        let p = job.priority();
+        let at = self.pending.partition_point(|q| q.priority() <= p);
+        self.pending.insert(at, job);
     }
 
     pub fn pending_jobs(&self) -> usize {
@@ -174,7 +182,8 @@ impl<J: Schedulable> Scheduler<J> {
         gone
     }
 
-    /// The requests to start now, first come first served and whole: as many as keep the
+    /// The requests to start now, most urgent first, then first come first served, and whole:
+    /// as many as keep the
     /// running images within `max_running_images` and this encoder batch within
     /// `max_batch_images`. A request larger than either limit starts alone on an idle worker
     /// (it would never fit otherwise). The first request that does not fit stops the batch, so
@@ -198,7 +207,7 @@ impl<J: Schedulable> Scheduler<J> {
         batch
     }
 
-    /// Iterates over the queued requests, oldest first.
+    /// Iterates over the queued requests in the order they will start.
     pub fn iter(&self) -> impl Iterator<Item = &J> {
         self.pending.iter()
     }
@@ -214,6 +223,7 @@ mod tests {
         images: usize,
         deadline: Option<Instant>,
         abandoned: bool,
+        priority: i32,
     }
 
     impl Schedulable for Job {
@@ -226,6 +236,9 @@ mod tests {
         fn abandoned(&self) -> bool {
             self.abandoned
         }
+        fn priority(&self) -> i32 {
+            self.priority
+        }
     }
 
     fn job(id: u32, images: usize) -> Job {
@@ -234,7 +247,60 @@ mod tests {
             images,
             deadline: None,
             abandoned: false,
+            priority: 0,
         }
+    }
+
+    fn urgent(id: u32, images: usize, priority: i32) -> Job {
+        Job {
+            priority,
+            ..job(id, images)
+        }
+    }
+
+    #[test]
+    fn lower_priority_values_start_first_and_ties_keep_arrival_order() {
+        let mut s = sched(2, 100);
+        s.push(job(1, 1));
+        s.push(urgent(2, 1, 5));
+        s.push(urgent(3, 1, -1));
+        s.push(job(4, 1));
+        s.push(urgent(5, 1, -1));
+        s.push(urgent(6, 1, 5));
+        let order: Vec<u32> = s.iter().map(|j| j.id).collect();
+        assert_eq!(order, vec![3, 5, 1, 4, 2, 6]);
+        // Batches of two images, most urgent first.
+        assert_eq!(ids(&s.next_batch(0)), vec![3, 5]);
+        // A late urgent request overtakes everything still waiting.
+        s.push(urgent(7, 1, -9));
+        assert_eq!(ids(&s.next_batch(0)), vec![7, 1]);
+        assert_eq!(ids(&s.next_batch(0)), vec![4, 2]);
+        assert_eq!(ids(&s.next_batch(0)), vec![6]);
+    }
+
+    #[test]
+    fn an_urgent_request_that_does_not_fit_is_not_overtaken_by_a_later_small_one() {
+        let mut s = sched(32, 4);
+        s.push(urgent(1, 3, -1));
+        s.push(job(2, 1));
+        // 2 images running: the urgent 3 does not fit, and the 1 behind it waits too.
+        assert!(s.next_batch(2).is_empty());
+        assert_eq!(ids(&s.next_batch(1)), vec![1]);
+    }
+
+    #[test]
+    fn a_request_whose_deadline_passes_in_the_queue_leaves_uncomputed() {
+        let t0 = Instant::now();
+        let mut s = sched(32, 64);
+        s.push(Job {
+            deadline: Some(t0 + Duration::from_millis(5)),
+            ..urgent(1, 1, -5)
+        });
+        s.push(job(2, 1));
+        let gone = s.reap(t0 + Duration::from_millis(5));
+        assert_eq!(gone.len(), 1);
+        assert_eq!((gone[0].0.id, gone[0].1), (1, Reaped::Deadline));
+        assert_eq!(ids(&s.next_batch(0)), vec![2]);
     }
 
     fn sched(max_batch: usize, max_running: usize) -> Scheduler<Job> {

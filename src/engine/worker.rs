@@ -15,10 +15,10 @@ use crate::engine::error::EngineError;
 use crate::engine::metrics::EngineMetrics;
 use crate::engine::registry::{ModelInfo, Registry};
 use crate::engine::scheduler::{reap_reason, Admission, Reaped, Schedulable, Scheduler};
-use crate::engine::{CaptionOutput, ImageOutput};
-use crate::generate::{Decoder, Finished};
+use crate::engine::{CaptionOutput, Delta, ImageOutput};
+use crate::generate::{Decoder, Finished, Streamed};
 use crate::model::bundle::Bundle;
-use crate::options::GenOptions;
+use crate::options::{GenOptions, Strategy};
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -58,6 +58,10 @@ pub struct Job {
     /// Set by the engine when its caller goes away.
     pub cancel: Arc<AtomicBool>,
     pub reply: oneshot::Sender<Result<CaptionOutput, EngineError>>,
+    /// Lower starts first.
+    pub priority: i32,
+    /// Where a streamed request's text goes as it is decoded (greedy and sampling).
+    pub stream: Option<tokio::sync::mpsc::UnboundedSender<Delta>>,
 }
 
 impl Schedulable for Job {
@@ -69,6 +73,9 @@ impl Schedulable for Job {
     }
     fn abandoned(&self) -> bool {
         self.cancel.load(Ordering::Relaxed) || self.reply.is_closed()
+    }
+    fn priority(&self) -> i32 {
+        self.priority
     }
 }
 
@@ -310,6 +317,57 @@ struct ImageSlot {
     encode_ms: f64,
     started: Instant,
     batch_rows: i64,
+    stream: Option<ImageStream>,
+}
+
+/// Images that start together with equal options: one cohort of the decoder.
+#[derive(Default)]
+struct CohortGroup {
+    opts: GenOptions,
+    /// Their rows in the encoder's output, their image ids, and whether each is streamed.
+    rows: Vec<i64>,
+    ids: Vec<u64>,
+    streamed: Vec<bool>,
+}
+
+/// A streamed image: each row's tokens so far and the text already sent.
+struct ImageStream {
+    to: tokio::sync::mpsc::UnboundedSender<Delta>,
+    prompt: Vec<i64>,
+    rows: Vec<RowText>,
+}
+
+#[derive(Default)]
+struct RowText {
+    tokens: Vec<i64>,
+    sent: String,
+    stopped: bool,
+}
+
+impl ImageStream {
+    /// Adds one step's tokens and sends what became final text. A row's text is sent only
+    /// as far as it cannot change: without trailing spaces or a character still incomplete
+    /// (the caption is trimmed, and bytes may split a character across tokens).
+    fn push(&mut self, bundle: &Bundle, image: usize, tokens: &[i64]) {
+        for (choice, (row, &t)) in self.rows.iter_mut().zip(tokens).enumerate() {
+            if row.stopped {
+                continue;
+            }
+            row.tokens.push(t);
+            row.stopped = bundle.stop_ids.contains(&t);
+            let text = bundle.caption_text(&self.prompt, &row.tokens);
+            let settled = text.trim_end_matches('\u{FFFD}').trim_end();
+            if settled.len() > row.sent.len() && settled.starts_with(row.sent.as_str()) {
+                let delta = settled[row.sent.len()..].to_string();
+                row.sent = settled.to_string();
+                let _ = self.to.send(Delta {
+                    image,
+                    choice,
+                    text: delta,
+                });
+            }
+        }
+    }
 }
 
 struct Served {
@@ -422,9 +480,12 @@ impl Worker {
             let decoding = self.decoders.iter().any(|d| !d.is_empty());
             self.intake(decoding);
             self.reap();
+            let waiting = self.shared.admission.queued() as i64;
+            self.metrics().queue_depth.set(waiting);
+            self.metrics().requests_waiting.set(waiting);
             self.metrics()
-                .queue_depth
-                .set((self.shared.admission.queued()) as i64);
+                .requests_running
+                .set(self.running.len() as i64);
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| -> anyhow::Result<()> {
                 self.start_next()?;
                 self.step_all()
@@ -696,12 +757,24 @@ impl Worker {
         };
         // Cohorts: images with equal options decode together.
         let mut row = 0i64;
-        let mut groups: Vec<(GenOptions, Vec<i64>, Vec<u64>)> = vec![];
+        let mut groups: Vec<CohortGroup> = vec![];
         for job in jobs {
             let job_id = self.next_id;
             self.next_id += 1;
             let queue_ms = picked.duration_since(job.enqueued).as_secs_f64() * 1e3;
             let n = job.input.len();
+            let m = &self.shared.metrics;
+            m.request_queue_duration.observe(queue_ms / 1e3);
+            m.admitted
+                .with_label_values(&[&job.priority.to_string()])
+                .inc();
+            // Beam search has no text to show before its beams finish.
+            let streams = job.stream.is_some() && job.opts.strategy != Strategy::Beam;
+            let prompt = if streams {
+                model.encode(&job.opts.prompt)?
+            } else {
+                vec![]
+            };
             let mut ids = vec![];
             for index in 0..n {
                 let id = self.next_id;
@@ -716,16 +789,33 @@ impl Worker {
                         encode_ms,
                         started: Instant::now(),
                         batch_rows: 0,
+                        stream: job
+                            .stream
+                            .as_ref()
+                            .filter(|_| streams)
+                            .map(|to| ImageStream {
+                                to: to.clone(),
+                                prompt: prompt.clone(),
+                                rows: (0..job.opts.rows_per_image())
+                                    .map(|_| RowText::default())
+                                    .collect(),
+                            }),
                     },
                 );
                 ids.push(id);
-                match groups.iter_mut().find(|g| g.0 == job.opts) {
-                    Some(g) => {
-                        g.1.push(row);
-                        g.2.push(id);
+                let g = match groups.iter().position(|g| g.opts == job.opts) {
+                    Some(i) => &mut groups[i],
+                    None => {
+                        groups.push(CohortGroup {
+                            opts: job.opts.clone(),
+                            ..Default::default()
+                        });
+                        groups.last_mut().unwrap()
                     }
-                    None => groups.push((job.opts.clone(), vec![row], vec![id])),
-                }
+                };
+                g.rows.push(row);
+                g.ids.push(id);
+                g.streamed.push(streams);
                 row += 1;
             }
             self.running.insert(
@@ -743,10 +833,18 @@ impl Worker {
                 },
             );
         }
-        for (opts, rows, ids) in groups {
+        for CohortGroup {
+            opts,
+            rows,
+            ids,
+            streamed,
+        } in groups
+        {
             let idx = tch::Tensor::from_slice(&rows).to_device(emb.device());
             let sub = emb.index_select(0, &idx);
-            let done = self.decoders[di].add(&sub, &opts, ids.clone())?;
+            let done = self.decoders[di].add_streamed(&sub, &opts, ids.clone(), streamed)?;
+            let tokens = self.decoders[di].take_streamed();
+            self.stream_out(&model, tokens);
             let rows_now = self.decoders[di].rows();
             for id in &ids {
                 if let Some(s) = self.images.get_mut(id) {
@@ -773,9 +871,24 @@ impl Worker {
                 .observe(self.decoders[i].images() as f64);
             m.generated_tokens.inc_by(rows as u64);
             let done = self.decoders[i].step()?;
+            let tokens = self.decoders[i].take_streamed();
+            let model = self.decoders[i].model().clone();
+            self.stream_out(&model, tokens);
             self.deliver(done);
         }
         Ok(())
+    }
+
+    /// Sends streamed images' new text to their callers.
+    fn stream_out(&mut self, model: &Bundle, tokens: Vec<Streamed>) {
+        for s in tokens {
+            if let Some(slot) = self.images.get_mut(&s.id) {
+                let index = slot.index;
+                if let Some(stream) = slot.stream.as_mut() {
+                    stream.push(model, index, &s.tokens);
+                }
+            }
+        }
     }
 
     fn deliver(&mut self, done: Vec<Finished>) {

@@ -2,7 +2,7 @@
 //! finishes, drops and reorders rows (see the module docs of `generate`).
 use super::beam::{beam_step, first_beam_step};
 use super::pick::pick_step;
-use super::{Caption, Finished};
+use super::{Caption, FinishReason, Finished};
 use crate::model::bundle::Bundle;
 use crate::model::kv_cache::KvCache;
 use crate::options::{GenOptions, Strategy};
@@ -30,6 +30,10 @@ pub(super) struct Cohort {
     /// Sampling: one generator per image, so a seed gives the same result in any batch.
     pub(super) rngs: Vec<StdRng>,
     pub(super) cancelled: Vec<bool>,
+    /// Images whose tokens are reported as they are chosen ([`Decoder::take_streamed`]).
+    pub(super) streamed: Vec<bool>,
+    /// The prompt's tokens (the caption's given beginning), shared by the cohort.
+    pub(super) prompt: Vec<i64>,
 }
 
 impl Cohort {
@@ -47,6 +51,16 @@ pub struct Decoder {
     cache: Option<KvCache>,
     cohorts: Vec<Cohort>,
     stop: Tensor,
+    /// Tokens chosen for streamed images since the last [`Decoder::take_streamed`].
+    streamed: Vec<Streamed>,
+}
+
+/// The tokens one streamed image's rows got at one step (greedy and sampling; a stopped row
+/// gets filler the reader ignores once it has seen a stop token).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Streamed {
+    pub id: u64,
+    pub tokens: Vec<i64>,
 }
 
 impl Decoder {
@@ -57,7 +71,13 @@ impl Decoder {
             cache: None,
             cohorts: vec![],
             stop,
+            streamed: vec![],
         }
+    }
+
+    /// The tokens streamed images got since the last call, step by step, in order.
+    pub fn take_streamed(&mut self) -> Vec<Streamed> {
+        std::mem::take(&mut self.streamed)
     }
 
     pub fn model(&self) -> &Arc<Bundle> {
@@ -88,14 +108,32 @@ impl Decoder {
     }
 
     /// Adds images given their CLIP embeddings `[n, D]`: maps them to prefixes, runs the prefix
-    /// through GPT-2 and takes the first token. Returns images already finished.
+    /// (and the prompt, if any) through GPT-2 and takes the first token. Returns images
+    /// already finished.
     pub fn add(
         &mut self,
         clip: &Tensor,
         opts: &GenOptions,
         ids: Vec<u64>,
     ) -> Result<Vec<Finished>> {
+        let streamed = vec![false; ids.len()];
+        self.add_streamed(clip, opts, ids, streamed)
+    }
+
+    /// [`Decoder::add`], with the images whose tokens are to be reported as they are chosen
+    /// (`streamed[i]`; beam search reports nothing before its beams finish).
+    pub fn add_streamed(
+        &mut self,
+        clip: &Tensor,
+        opts: &GenOptions,
+        ids: Vec<u64>,
+        streamed: Vec<bool>,
+    ) -> Result<Vec<Finished>> {
         opts.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        if streamed.len() != ids.len() {
+            bail!("{} stream flags for {} ids", streamed.len(), ids.len());
+        }
+        let prompt = self.model.encode(&opts.prompt)?;
         let n = ids.len() as i64;
         if clip.size()[0] != n {
             bail!("{} embeddings for {n} ids", clip.size()[0]);
@@ -105,7 +143,14 @@ impl Decoder {
         }
         let _g = tch::no_grad_guard();
         let net = &self.model.net;
-        let prefix = net.prefix(clip);
+        let mut prefix = net.prefix(clip);
+        if !prompt.is_empty() {
+            // The prompt follows the image prefix, as if GPT-2 had written it.
+            let ids = Tensor::from_slice(&prompt).to_device(prefix.device());
+            let words = net.gpt.embed(&ids).to_kind(prefix.kind()).unsqueeze(0);
+            let words = words.expand([n, -1, -1], false);
+            prefix = Tensor::cat(&[&prefix, &words], 1);
+        }
         let plen = prefix.size()[1];
         let mut cache = net.gpt.new_cache(n, plen + opts.max_tokens + 1);
         let h = net.gpt.forward(&prefix, None, &mut cache);
@@ -133,6 +178,8 @@ impl Decoder {
             stopped: Tensor::zeros([n, k], (Kind::Bool, device)),
             rngs,
             cancelled: vec![false; n as usize],
+            streamed,
+            prompt,
         };
         match opts.strategy {
             Strategy::Beam => first_beam_step(&mut cohort, &logits, &self.stop),
@@ -211,11 +258,43 @@ impl Decoder {
         // copies only the rows whose history changed).
         let flags = Tensor::cat(&flags, 0).to_kind(Kind::Int64);
         let n_flags = flags.size()[0] as usize;
-        let host: Vec<i64> = match &reorder {
-            Some(r) => Vec::try_from(Tensor::cat(&[&flags, r], 0).to_device(Device::Cpu))?,
-            None => Vec::try_from(flags.to_device(Device::Cpu))?,
-        };
-        let (flags, reorder) = host.split_at(n_flags);
+        // Streamed cohorts' new tokens ride along in the same read.
+        let streaming: Vec<usize> = (0..self.cohorts.len())
+            .filter(|&i| {
+                let c = &self.cohorts[i];
+                c.opts.strategy != Strategy::Beam && c.streamed.iter().any(|&s| s)
+            })
+            .collect();
+        let mut parts = vec![flags];
+        parts.extend(
+            streaming
+                .iter()
+                .map(|&i| self.cohorts[i].last.shallow_clone()),
+        );
+        let n_streamed: usize = streaming
+            .iter()
+            .map(|&i| self.cohorts[i].rows() as usize)
+            .sum();
+        if let Some(r) = &reorder {
+            parts.push(r.shallow_clone());
+        }
+        let host: Vec<i64> = Vec::try_from(Tensor::cat(&parts, 0).to_device(Device::Cpu))?;
+        let (flags, rest) = host.split_at(n_flags);
+        let (mut lasts, reorder) = rest.split_at(n_streamed);
+        for &i in &streaming {
+            let c = &self.cohorts[i];
+            let (mine, others) = lasts.split_at(c.rows() as usize);
+            lasts = others;
+            for (j, &id) in c.ids.iter().enumerate() {
+                if c.streamed[j] && !c.cancelled[j] {
+                    let k = c.k as usize;
+                    self.streamed.push(Streamed {
+                        id,
+                        tokens: mine[j * k..(j + 1) * k].to_vec(),
+                    });
+                }
+            }
+        }
         let flags: Vec<bool> = flags.iter().map(|&f| f != 0).collect();
         let reorder = (!reorder.is_empty()).then_some(reorder);
         let mut finished = vec![];
@@ -279,6 +358,7 @@ fn retain_images(c: &mut Cohort, kept: &[i64]) {
     c.stopped = c.stopped.index_select(0, &idx);
     c.cancelled = kept.iter().map(|&i| c.cancelled[i as usize]).collect();
     c.ids = kept.iter().map(|&i| c.ids[i as usize]).collect();
+    c.streamed = kept.iter().map(|&i| c.streamed[i as usize]).collect();
     c.rngs = kept.iter().map(|&i| c.rngs[i as usize].clone()).collect();
 }
 
@@ -301,10 +381,15 @@ fn finish(model: &Bundle, c: &Cohort, gone: &[i64]) -> Result<Vec<Finished>> {
                 let len = lens[r as usize] as i64;
                 let ids: Vec<i64> =
                     Vec::try_from(toks.get(r).narrow(0, 0, len)).unwrap_or_default();
+                let finish = match ids.last() {
+                    Some(t) if model.stop_ids.contains(t) => FinishReason::Stop,
+                    _ => FinishReason::Length,
+                };
                 Caption {
-                    text: model.decode(&ids).trim().to_string(),
+                    text: model.caption_text(&c.prompt, &ids),
                     score: scores[r as usize] as f64,
                     tokens: ids,
+                    finish,
                 }
             })
             .collect();

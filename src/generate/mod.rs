@@ -27,14 +27,25 @@ mod decoder;
 mod logits;
 mod pick;
 
-pub use decoder::Decoder;
+pub use decoder::{Decoder, Streamed};
 
 /// One caption and its score (mean log-probability per generated token).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Caption {
+    /// The prompt (if any) and what the decoder wrote after it.
     pub text: String,
     pub score: f64,
+    /// The generated tokens (the prompt's are not among them).
     pub tokens: Vec<i64>,
+    pub finish: FinishReason,
+}
+
+/// Why a caption ended: a stop token, or `max_tokens`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    Stop,
+    Length,
 }
 
 /// An image whose captions are final.

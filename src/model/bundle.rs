@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tch::{nn, Device, Kind, Tensor};
 use tokenizers::Tokenizer;
 
@@ -212,7 +213,7 @@ pub struct Bundle {
     pub manifest: Manifest,
     pub encoder: ImageEncoder,
     pub net: CaptionNet,
-    pub tokenizer: Tokenizer,
+    pub tokenizer: Arc<Tokenizer>,
     /// Token ids that end a caption.
     pub stop_ids: Vec<i64>,
     pub device: Device,
@@ -277,7 +278,7 @@ impl Bundle {
             manifest,
             encoder,
             net,
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
             stop_ids,
             device,
             kind,
@@ -293,6 +294,32 @@ impl Bundle {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
         self.tokenizer.decode(&ids, true).unwrap_or_default()
     }
+
+    /// A caption's text: the prompt's tokens and the generated ones decoded together (so a
+    /// character split between them comes out whole), trimmed.
+    pub fn caption_text(&self, prompt: &[i64], generated: &[i64]) -> String {
+        if prompt.is_empty() {
+            return self.decode(generated).trim().to_string();
+        }
+        let all: Vec<i64> = prompt.iter().chain(generated).copied().collect();
+        self.decode(&all).trim().to_string()
+    }
+
+    /// Encodes a prompt (no special tokens); empty text is no tokens.
+    pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
+        encode_prompt(&self.tokenizer, text)
+    }
+}
+
+/// A prompt's token ids (no special tokens added).
+pub fn encode_prompt(tok: &Tokenizer, text: &str) -> Result<Vec<i64>> {
+    if text.is_empty() {
+        return Ok(vec![]);
+    }
+    let enc = tok
+        .encode(text, false)
+        .map_err(|e| anyhow::anyhow!("encoding the prompt: {e}"))?;
+    Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
 }
 
 /// Resolves stop tokens: a special/added token by its id, anything else by the first token of

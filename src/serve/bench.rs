@@ -1,7 +1,9 @@
 //! `clipcap bench-http`: a bounded load generator against a running server (loopback only in
 //! our tests). For each concurrency level it sends a fixed number of single-image requests and
-//! reports images/s and p50/p99 latency; optionally it first times N sequential CLI runs
-//! (`clipcap caption`, one process per image) as the baseline, and prints ratios.
+//! reports images/s and p50/p99 latency, through `/caption`, the OpenAI-compatible
+//! `/v1/chat/completions`, or both interleaved level by level (`--api caption,openai`);
+//! optionally it first times N sequential CLI runs (`clipcap caption`, one process per image)
+//! as the baseline, and prints ratios.
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -22,9 +24,16 @@ pub struct BenchArgs {
     /// Requests per level.
     #[arg(long, default_value_t = 64)]
     pub requests: usize,
-    /// Extra query string for /caption (e.g. "strategy=greedy").
+    /// Extra query string for /caption (e.g. "strategy=greedy"); for the OpenAI API the same
+    /// options go in the JSON body.
     #[arg(long, default_value = "")]
     pub query: String,
+    /// Which door to load: caption, openai, or both (each level runs once per API, in turn).
+    #[arg(long, default_value = "caption", value_delimiter = ',')]
+    pub api: Vec<Api>,
+    /// Model name for the OpenAI API's `model` field (default: the server's default).
+    #[arg(long)]
+    pub model: Option<String>,
     /// Also time this many sequential `clipcap caption` runs (one image each) as the baseline.
     #[arg(long = "cli-baseline", default_value_t = 0)]
     pub cli_baseline: usize,
@@ -48,8 +57,19 @@ pub struct BenchArgs {
     pub warmup: usize,
 }
 
+/// The door a benchmark loads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Api {
+    /// `POST /caption` with the raw image.
+    Caption,
+    /// `POST /v1/chat/completions` with the image as a data: URI.
+    Openai,
+}
+
 #[derive(Debug, serde::Serialize)]
 pub struct LevelResult {
+    pub api: Api,
     pub concurrency: usize,
     pub requests: usize,
     pub errors: usize,
@@ -112,11 +132,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .build()?;
     let results = rt.block_on(run_levels(&a, Arc::new(images)))?;
     println!(
-        "| concurrency | requests | errors | images/s | p50 ms | p99 ms |{}",
+        "| API | concurrency | requests | errors | images/s | p50 ms | p99 ms |{}",
         if baseline.is_some() { " vs CLI |" } else { "" }
     );
     println!(
-        "|---|---|---|---|---|---|{}",
+        "|---|---|---|---|---|---|---|{}",
         if baseline.is_some() { "---|" } else { "" }
     );
     for r in results.iter() {
@@ -131,8 +151,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let ratio = baseline
             .map(|b| format!(" {:.1}x |", r.images_per_s / b))
             .unwrap_or_default();
+        let api = match r.api {
+            Api::Caption => "/caption",
+            Api::Openai => "/v1/chat/completions",
+        };
         println!(
-            "| {} | {} | {} | {:.2} | {:.1} | {:.1} |{ratio}",
+            "| {api} | {} | {} | {} | {:.2} | {:.1} | {:.1} |{ratio}",
             r.concurrency, r.requests, r.errors, r.images_per_s, r.p50_ms, r.p99_ms
         );
     }
@@ -166,94 +190,179 @@ fn default_headers(a: &BenchArgs) -> Result<reqwest::header::HeaderMap> {
     Ok(h)
 }
 
+/// What one request of a level sends.
+#[derive(Clone)]
+enum Target {
+    Caption {
+        url: String,
+        images: Arc<Vec<Vec<u8>>>,
+    },
+    Openai {
+        url: String,
+        bodies: Arc<Vec<Vec<u8>>>,
+    },
+}
+
+impl Target {
+    fn new(a: &BenchArgs, api: Api, images: &Arc<Vec<Vec<u8>>>) -> Result<Self> {
+        let base = a.url.trim_end_matches('/');
+        Ok(match api {
+            Api::Caption => Target::Caption {
+                url: if a.query.is_empty() {
+                    format!("{base}/caption")
+                } else {
+                    format!("{base}/caption?{}", a.query)
+                },
+                images: images.clone(),
+            },
+            Api::Openai => {
+                use base64::Engine as _;
+                let pairs: Vec<(String, String)> = serde_urlencoded::from_str(&a.query)
+                    .with_context(|| format!("--query {:?}", a.query))?;
+                let bodies = images
+                    .iter()
+                    .map(|img| {
+                        let uri = format!(
+                            "data:image/png;base64,{}",
+                            base64::engine::general_purpose::STANDARD.encode(img)
+                        );
+                        let mut body = serde_json::json!({"messages": [{"role": "user", "content": [
+                            {"type": "image_url", "image_url": {"url": uri}}]}]});
+                        if let Some(m) = &a.model {
+                            body["model"] = serde_json::json!(m);
+                        }
+                        for (k, v) in &pairs {
+                            // Numbers and booleans as JSON, anything else as text.
+                            body[k] = serde_json::from_str(v)
+                                .unwrap_or_else(|_| serde_json::Value::String(v.clone()));
+                        }
+                        body.to_string().into_bytes()
+                    })
+                    .collect();
+                Target::Openai {
+                    url: format!("{base}/v1/chat/completions"),
+                    bodies: Arc::new(bodies),
+                }
+            }
+        })
+    }
+
+    async fn send(&self, client: &reqwest::Client, i: usize) -> Result<()> {
+        let r = match self {
+            Target::Caption { url, images } => {
+                client
+                    .post(url)
+                    .header("content-type", "image/png")
+                    .body(images[i % images.len()].clone())
+                    .send()
+                    .await?
+            }
+            Target::Openai { url, bodies } => {
+                client
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .body(bodies[i % bodies.len()].clone())
+                    .send()
+                    .await?
+            }
+        };
+        if !r.status().is_success() {
+            let status = r.status();
+            let body = r.text().await.unwrap_or_default();
+            bail!(
+                "status {status}: {}",
+                body.chars().take(500).collect::<String>()
+            );
+        }
+        r.bytes().await?;
+        Ok(())
+    }
+}
+
 async fn run_levels(a: &BenchArgs, images: Arc<Vec<Vec<u8>>>) -> Result<Vec<LevelResult>> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(a.timeout_s))
         .pool_max_idle_per_host(256)
         .default_headers(default_headers(a)?)
         .build()?;
-    let url = if a.query.is_empty() {
-        format!("{}/caption", a.url.trim_end_matches('/'))
-    } else {
-        format!("{}/caption?{}", a.url.trim_end_matches('/'), a.query)
-    };
+    let mut apis = a.api.clone();
+    apis.dedup();
+    let targets: Vec<(Api, Target)> = apis
+        .iter()
+        .map(|&api| Target::new(a, api, &images).map(|t| (api, t)))
+        .collect::<Result<_>>()?;
     // A first request must succeed: a wrong key or URL fails here, with the server's answer.
-    send(&client, &url, images[0].clone())
-        .await
-        .context("the first request failed")?;
+    for (_, t) in &targets {
+        t.send(&client, 0)
+            .await
+            .context("the first request failed")?;
+    }
     let mut out = vec![];
     for &c in &a.concurrency {
-        for i in 0..a.warmup {
-            send(&client, &url, images[i % images.len()].clone()).await?;
+        // Each API in turn at the same level, so that they meet the same host state.
+        for (api, target) in &targets {
+            for i in 0..a.warmup {
+                target.send(&client, i).await?;
+            }
+            out.push(run_level(&client, target, *api, c, a.requests).await?);
         }
-        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let t0 = Instant::now();
-        let mut tasks = vec![];
-        for _ in 0..c.max(1) {
-            let (client, url, images, next) =
-                (client.clone(), url.clone(), images.clone(), next.clone());
-            let total = a.requests;
-            tasks.push(tokio::spawn(async move {
-                let mut lat = vec![];
-                let mut errors = 0;
-                let mut first_error = None;
-                loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if i >= total {
-                        break;
-                    }
-                    let t = Instant::now();
-                    match send(&client, &url, images[i % images.len()].clone()).await {
-                        Ok(()) => lat.push(t.elapsed().as_secs_f64() * 1e3),
-                        Err(e) => {
-                            errors += 1;
-                            first_error.get_or_insert_with(|| format!("{e:#}"));
-                        }
-                    }
-                }
-                (lat, errors, first_error)
-            }));
-        }
-        let mut lat = vec![];
-        let mut errors = 0;
-        let mut first_error = None;
-        for t in tasks {
-            let (l, e, f) = t.await?;
-            lat.extend(l);
-            errors += e;
-            first_error = first_error.or(f);
-        }
-        let secs = t0.elapsed().as_secs_f64();
-        lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
-        out.push(LevelResult {
-            concurrency: c,
-            requests: a.requests,
-            errors,
-            seconds: secs,
-            images_per_s: lat.len() as f64 / secs,
-            p50_ms: percentile(&lat, 50.0),
-            p99_ms: percentile(&lat, 99.0),
-            first_error,
-        });
     }
     Ok(out)
 }
 
-async fn send(client: &reqwest::Client, url: &str, image: Vec<u8>) -> Result<()> {
-    let r = client
-        .post(url)
-        .header("content-type", "image/png")
-        .body(image)
-        .send()
-        .await?;
-    if !r.status().is_success() {
-        let status = r.status();
-        let body = r.text().await.unwrap_or_default();
-        bail!(
-            "status {status}: {}",
-            body.chars().take(500).collect::<String>()
-        );
+async fn run_level(
+    client: &reqwest::Client,
+    target: &Target,
+    api: Api,
+    c: usize,
+    total: usize,
+) -> Result<LevelResult> {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let mut tasks = vec![];
+    for _ in 0..c.max(1) {
+        let (client, target, next) = (client.clone(), target.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = vec![];
+            let mut errors = 0;
+            let mut first_error = None;
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                let t = Instant::now();
+                match target.send(&client, i).await {
+                    Ok(()) => lat.push(t.elapsed().as_secs_f64() * 1e3),
+                    Err(e) => {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| format!("{e:#}"));
+                    }
+                }
+            }
+            (lat, errors, first_error)
+        }));
     }
-    r.bytes().await?;
-    Ok(())
+    let mut lat = vec![];
+    let mut errors = 0;
+    let mut first_error = None;
+    for t in tasks {
+        let (l, e, f) = t.await?;
+        lat.extend(l);
+        errors += e;
+        first_error = first_error.or(f);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    Ok(LevelResult {
+        api,
+        concurrency: c,
+        requests: total,
+        errors,
+        seconds: secs,
+        images_per_s: lat.len() as f64 / secs,
+        p50_ms: percentile(&lat, 50.0),
+        p99_ms: percentile(&lat, 99.0),
+        first_error,
+    })
 }

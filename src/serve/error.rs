@@ -9,12 +9,19 @@ pub enum ApiError {
     /// 400: the request cannot be parsed (bad JSON, multipart, base64, no image).
     #[error("{0}")]
     Malformed(String),
+    /// 400 with the field at fault: an unknown or unsupported parameter, or a request whose
+    /// structure is wrong (the OpenAI-compatible door, where OpenAI answers 400).
+    #[error("{field}: {message}")]
+    InvalidRequest { field: String, message: String },
     /// 401: missing or wrong credentials.
     #[error("{0}")]
     Unauthorized(String),
     /// 404: no such route or resource.
     #[error("{0}")]
     NotFound(String),
+    /// 404: the OpenAI-compatible routes' unknown model (`/caption` answers 422 for it).
+    #[error("{0}")]
+    ModelNotFound(String),
     /// 405.
     #[error("method not allowed")]
     MethodNotAllowed,
@@ -64,10 +71,10 @@ pub enum ApiError {
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::Malformed(_) => StatusCode::BAD_REQUEST,
+            ApiError::Malformed(_) | ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::NotFound(_) | ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -90,9 +97,11 @@ impl ApiError {
     pub fn kind(&self) -> &'static str {
         match self {
             ApiError::Malformed(_) => "malformed_request",
+            ApiError::InvalidRequest { .. } => "invalid_request",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
+            ApiError::ModelNotFound(_) => "model_not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Conflict(_) => "conflict",
             ApiError::TooLarge(_) => "too_large",
@@ -107,6 +116,17 @@ impl ApiError {
             ApiError::HeadersTooLarge(_) => "headers_too_large",
             ApiError::InsufficientStorage(_) => "insufficient_storage",
             ApiError::Internal(_) => "internal",
+        }
+    }
+
+    /// The request field at fault, if one is.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            ApiError::InvalidOption { field, .. } | ApiError::InvalidRequest { field, .. } => {
+                Some(field)
+            }
+            ApiError::ModelNotFound(_) => Some("model"),
+            _ => None,
         }
     }
 
@@ -172,10 +192,16 @@ impl IntoResponse for ApiError {
             self.to_string()
         };
         let mut body = json!({"error": shown, "type": self.kind()});
-        if let ApiError::InvalidOption { field, .. } = &self {
+        if let Some(field) = self.field() {
             body["field"] = json!(field);
         }
+        let info = ErrorInfo {
+            message: shown,
+            kind: self.kind(),
+            field: self.field().map(str::to_string),
+        };
         let mut resp = (status, axum::Json(body)).into_response();
+        resp.extensions_mut().insert(info);
         if matches!(
             self,
             ApiError::TooManyRequests(_) | ApiError::Unavailable(_)
@@ -188,5 +214,34 @@ impl IntoResponse for ApiError {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
+    }
+}
+
+/// An error response's parts, kept on the response so that a door with another error shape
+/// (OpenAI's, on `/v1/*`) can render the same error its way.
+#[derive(Clone, Debug)]
+pub struct ErrorInfo {
+    pub message: String,
+    pub kind: &'static str,
+    pub field: Option<String>,
+}
+
+impl ErrorInfo {
+    /// OpenAI's error object: `{"error": {"message", "type", "param", "code"}}`, its `type`
+    /// from the status as OpenAI names it, `code` clipcap's own error type.
+    pub fn openai_body(&self, status: StatusCode) -> serde_json::Value {
+        let kind = match status.as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            429 => "rate_limit_error",
+            s if s >= 500 => "server_error",
+            _ => "invalid_request_error",
+        };
+        json!({"error": {
+            "message": self.message,
+            "type": kind,
+            "param": self.field,
+            "code": self.kind,
+        }})
     }
 }

@@ -7,7 +7,9 @@ pub mod admin;
 pub mod bench;
 pub mod conn;
 pub mod error;
+pub mod image_url;
 pub mod metrics;
+pub mod openai;
 pub mod openapi;
 pub mod routes;
 pub mod served;
@@ -302,10 +304,13 @@ pub async fn serve(
 /// The router with its layers (request ids, tracing, panics as opaque 500s, and the request
 /// guard: header and URI caps, the body read within its deadline).
 pub fn app(state: AppState) -> axum::Router {
-    let guarded = routes::router(state.clone()).layer(axum::middleware::from_fn_with_state(
-        state,
-        conn::guard_request,
-    ));
+    let guarded = routes::router(state.clone())
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            conn::guard_request,
+        ))
+        // Errors under /v1/ in OpenAI's shape, the request guard's included.
+        .layer(axum::middleware::from_fn(openai::openai_errors));
     with_layers(guarded)
 }
 

@@ -22,6 +22,19 @@ pub struct ErrorBody {
     pub field: Option<String>,
 }
 
+/// How a request is scheduled (`/caption` and `/v1/chat/completions` alike); the names are
+/// `validation::SCHEDULING_FIELDS`.
+#[derive(Serialize, ToSchema, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct SchedulingOptions {
+    /// Lower starts first when requests wait (-100 to 100, default 0), as in vLLM and Triton.
+    priority: Option<i64>,
+    /// Seconds this request may take (also bounded by the server's request_timeout_ms); one
+    /// that passes while queued leaves with 504, never computed.
+    timeout: Option<f64>,
+}
+
 /// `POST /caption` as multipart/form-data: `image` (repeatable) and any option as a field.
 #[derive(Serialize, ToSchema)]
 #[allow(dead_code)]
@@ -34,6 +47,9 @@ pub struct CaptionForm {
     #[schema(inline)]
     #[serde(flatten)]
     options: DecodeOptions,
+    #[schema(inline)]
+    #[serde(flatten)]
+    scheduling: SchedulingOptions,
 }
 
 /// `POST /caption` as JSON: one base64 image or several (data: URLs accepted) and options.
@@ -51,6 +67,9 @@ pub struct CaptionJson {
     #[schema(inline)]
     #[serde(flatten)]
     options: DecodeOptions,
+    #[schema(inline)]
+    #[serde(flatten)]
+    scheduling: SchedulingOptions,
 }
 
 /// A raw image body (`Content-Type: image/*` or `application/octet-stream`).
@@ -66,6 +85,10 @@ impl Modify for Security {
         let c = doc.components.get_or_insert_with(Default::default);
         c.add_security_scheme(
             "admin_token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        c.add_security_scheme(
+            "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
         c.add_security_scheme(
@@ -96,18 +119,25 @@ impl Modify for Security {
         crate::serve::admin::cancel,
         crate::serve::admin::resume,
         crate::serve::admin::svg,
+        crate::serve::openai::chat_completions,
+        crate::serve::openai::list_models,
+        crate::serve::openai::get_model,
     ),
     components(schemas(
         DecodeOptions, GenOptions, Strategy, CaptionResponse, ImageResult, ImageTimings,
         RequestTimings, ScoredCaption, ErrorBody, LoadModel, CaptionForm, CaptionJson, RawImage,
         crate::serve::admin::TrainRequest, crate::serve::admin::TrainTarget, crate::train::spec::AmpMode,
         crate::model::mapper::MappingType,
+        crate::serve::openai::ChatRequest, crate::serve::openai::ChatCompletion,
+        crate::serve::openai::ChatChoice, crate::serve::openai::Usage,
+        crate::serve::openai::ModelCard, crate::serve::openai::ModelList,
     )),
     modifiers(&Security),
     tags(
         (name = "caption", description = "Captioning"),
         (name = "operations", description = "Health, readiness, metrics"),
         (name = "admin", description = "Model loading and training jobs (admin token)"),
+        (name = "openai", description = "OpenAI-compatible chat completions and models (the API key as a Bearer token)"),
     )
 )]
 struct ApiDoc;
@@ -136,4 +166,21 @@ pub fn field_names<T: utoipa::PartialSchema>() -> Vec<String> {
         &mut out,
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_scheduling_fields_are_the_ones_requests_take() {
+        let mut documented = field_names::<SchedulingOptions>();
+        documented.sort();
+        let mut taken: Vec<String> = crate::serve::validation::SCHEDULING_FIELDS
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        taken.sort();
+        assert_eq!(documented, taken);
+    }
 }

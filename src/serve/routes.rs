@@ -38,6 +38,7 @@ pub fn router(state: AppState) -> Router {
         .route("/info", get(info))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))
+        .merge(crate::serve::openai::routes(state.clone()))
         .merge(admin)
         .merge(crate::serve::admin::signed_routes())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
@@ -58,7 +59,7 @@ async fn track(State(st): State<AppState>, req: Request<Body>, next: Next) -> Re
         .unwrap_or_else(|| "unmatched".into());
     let m = &st.http;
     let t0 = Instant::now();
-    let limited = route == "/caption";
+    let limited = route == "/caption" || route == "/v1/chat/completions";
     let resp = if limited && m.inflight.get() as usize >= st.cfg.server.max_inflight_requests {
         ApiError::TooManyRequests(format!(
             "{} requests in flight; retry shortly",
@@ -126,7 +127,7 @@ async fn require_admin(State(st): State<AppState>, req: Request<Body>, next: Nex
     }
 }
 
-fn check_api_key(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn check_api_key(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let key = &st.cfg.auth.api_key;
     if key.is_empty() {
         return Ok(());
@@ -148,6 +149,7 @@ fn check_api_key(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     params(
         ("model" = Option<String>, Query, description = "Model name (default: the server's default model)"),
         DecodeOptions,
+        crate::serve::openapi::SchedulingOptions,
     ),
     request_body(
         description = "The image(s): multipart/form-data (field `image`, repeatable; other fields are options), a raw image body, or JSON with base64 images. Options may also come as query parameters; body fields win.",
@@ -196,10 +198,11 @@ pub(crate) async fn caption(
         validation::parse_body(ct, body, st.cfg.server.max_images_per_request, &mut raw).await?;
     let model = st.engine.resolve(raw.model.as_deref())?;
     let opts = raw.resolve(&model.generation)?;
+    let sched = raw.scheduling()?;
     let n_images = images.len();
     let out = st
         .engine
-        .caption(&model, images, opts.clone(), deadline)
+        .caption(&model, images, opts.clone(), sched.params(t0, deadline))
         .await?;
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
     Ok(caption_response(out, n_images, total_ms, &opts))

@@ -28,6 +28,42 @@ pub fn echo(name: &str) -> String {
 pub struct RawOptions {
     pub model: Option<String>,
     fields: Map<String, Value>,
+    /// `priority` and `timeout`: how the request is scheduled, not how it is decoded.
+    scheduling: Map<String, Value>,
+}
+
+/// The scheduling fields a request may add to its decoding options.
+pub const SCHEDULING_FIELDS: [&str; 2] = ["priority", "timeout"];
+/// Priorities allowed (lower starts first); bounded so that metrics stay few.
+pub const MAX_PRIORITY: i64 = 100;
+/// Longest per-request `timeout`, in seconds.
+pub const MAX_TIMEOUT_S: f64 = 3600.0;
+
+/// How one request is scheduled, validated.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Scheduling {
+    pub priority: i32,
+    pub timeout: Option<std::time::Duration>,
+}
+
+impl Scheduling {
+    /// The engine's parameters for a request that arrived at `t0`: the earlier of its own
+    /// timeout and the server's deadline.
+    pub fn params(
+        &self,
+        t0: std::time::Instant,
+        server_deadline: Option<std::time::Instant>,
+    ) -> crate::engine::RequestParams {
+        let own = self.timeout.map(|t| t0 + t);
+        let deadline = match (own, server_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        crate::engine::RequestParams {
+            deadline,
+            priority: self.priority,
+        }
+    }
 }
 
 impl RawOptions {
@@ -40,11 +76,19 @@ impl RawOptions {
             });
             return Ok(());
         }
+        if SCHEDULING_FIELDS.contains(&name) {
+            self.scheduling.insert(name.to_string(), value);
+            return Ok(());
+        }
         let names = DecodeOptions::field_names();
         if !names.contains(&name) {
             return Err(ApiError::option(
                 echo(name),
-                format!("unknown option; allowed: model, {}", names.join(", ")),
+                format!(
+                    "unknown option; allowed: model, {}, {}",
+                    names.join(", "),
+                    SCHEDULING_FIELDS.join(", ")
+                ),
             ));
         }
         self.fields.insert(name.to_string(), value);
@@ -62,6 +106,47 @@ impl RawOptions {
             let field = e.path().to_string();
             ApiError::option(field, e.into_inner().to_string())
         })
+    }
+
+    /// Whether the client set decoding option `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.fields.get(name).is_some_and(|v| !v.is_null())
+    }
+
+    /// `priority` (an integer, -100 to 100, lower first) and `timeout` (seconds, > 0).
+    pub fn scheduling(&self) -> Result<Scheduling, ApiError> {
+        let number = |name: &str| -> Result<Option<f64>, ApiError> {
+            match self.scheduling.get(name) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::Number(n)) => Ok(n.as_f64()),
+                Some(Value::String(s)) => s
+                    .trim()
+                    .parse::<f64>()
+                    .map(Some)
+                    .map_err(|_| ApiError::option(name, "must be a number")),
+                Some(_) => Err(ApiError::option(name, "must be a number")),
+            }
+        };
+        let mut out = Scheduling::default();
+        if let Some(p) = number("priority")? {
+            if p.fract() != 0.0 || p.abs() > MAX_PRIORITY as f64 {
+                return Err(ApiError::option(
+                    "priority",
+                    format!("must be an integer between -{MAX_PRIORITY} and {MAX_PRIORITY} (lower starts first)"),
+                ));
+            }
+            out.priority = p as i32;
+        }
+        if let Some(t) = number("timeout")? {
+            if !(t > 0.0 && t <= MAX_TIMEOUT_S) {
+                return Err(ApiError::option(
+                    "timeout",
+                    format!("must be seconds, > 0 and at most {MAX_TIMEOUT_S}"),
+                ));
+            }
+            out.timeout = Some(std::time::Duration::from_secs_f64(t));
+        }
+        Ok(out)
     }
 
     /// The model's defaults with these options applied and validated.

@@ -21,6 +21,7 @@ try {
   const provenance = await page.textContent("#provenance");
   const noticeShown = await page.isVisible("#notice");
   const notice = await page.textContent("#notice");
+  const api = await page.textContent("#api");
   // /caption answers only once the test has seen the progress bar.
   let release;
   const held = new Promise((r) => { release = r; });
@@ -33,6 +34,7 @@ try {
   const samplingDisabledForBeam = await page.$eval("#temperature", (e) => e.disabled);
   await page.fill("#beam_size", "3");
   await page.fill("#n", "2");
+  await page.fill("#prompt", "A photo of");
   await page.click("#go");
   await page.waitForSelector("#busy", { state: "visible", timeout: 10000 });
   const busyShown = true;
@@ -91,7 +93,7 @@ try {
     }
   }
   await page.screenshot({ path: shot, fullPage: true });
-  console.log(JSON.stringify({ provenance, noticeShown, notice, busyShown, samplingEnabled, samplingDisabledForBeam,
+  console.log(JSON.stringify({ api, provenance, noticeShown, notice, busyShown, samplingEnabled, samplingDisabledForBeam,
     results, timings, error, adminShown, jobsError, jobs, curves, flow }));
 } finally {
   await browser.close();
