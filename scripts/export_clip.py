@@ -10,7 +10,11 @@ For users with the internet (weights are downloaded by the `clip` or `open_clip`
 OpenAI's own JIT archives were traced on CUDA in fp16 with the device baked into constants
 (`clip.load(jit=True)` patches them at load time), so they are not loaded as they are: the
 model is rebuilt from their weights (`clip.load(jit=False)`), cast to fp32 on the CPU, and its
-`visual` tower traced again. The server casts it to f16/bf16 on a GPU when asked (--dtype).
+`visual` tower compiled with `torch.jit.script`, which keeps `x.dtype` and `x.device` as they
+are at run time: the archive runs on any device in any dtype (the server casts it, --dtype).
+A tower that cannot be scripted is traced instead, and a trace bakes every `.to(x.dtype)` and
+`device=x.device` into constants: the script then refuses to write it when it found a baked
+device (it would fail on CUDA), unless --allow-trace is given.
 The script prints the embedding width and input size to put in the bundle (prefix_dim,
 image.size); convert_clipcap.py reads them from the file itself.
 """
@@ -42,6 +46,9 @@ def main():
     src.add_argument("--open-clip", help="open_clip model name")
     ap.add_argument("--pretrained", help="open_clip pretrained tag")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--trace", action="store_true", help="trace even if the tower can be scripted (tests)")
+    ap.add_argument("--allow-trace", action="store_true",
+                    help="write a traced archive even if it baked a device (CPU-only, f32-only)")
     args = ap.parse_args()
 
     if args.openai:
@@ -58,16 +65,41 @@ def main():
         size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
     visual = visual.float().eval().cpu()
     example = torch.zeros(1, 3, size, size)
+    probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        traced_visual = torch.jit.trace(visual, example)
-        module = torch.jit.script(EncodeImage(traced_visual))
+        want = visual(probe)
+        method = "script"
+        try:
+            if args.trace:
+                raise RuntimeError("--trace asked for")
+            module = torch.jit.script(EncodeImage(visual))
+            got = module.encode_image(probe)
+            if not torch.allclose(got, want, atol=1e-5, rtol=1e-4):
+                raise RuntimeError("the scripted tower computes something else")
+        except Exception as e:  # noqa: BLE001 - any scripting failure means: trace instead
+            print(f"export_clip: cannot script the tower ({str(e).splitlines()[0]}); tracing it", flush=True)
+            method = "trace"
+            module = torch.jit.script(EncodeImage(torch.jit.trace(visual, example, check_trace=False)))
         dim = module.encode_image(example).shape[-1]
+    baked = baked_devices(module)
+    if baked and not args.allow_trace:
+        raise SystemExit(
+            f"export_clip: the traced tower has {baked} baked device constant(s): it would fail on "
+            "CUDA (and in f16/bf16). Make the tower scriptable, or pass --allow-trace for a CPU/f32-only archive.")
     module.save(args.out)
     # Loading back on the CPU proves no CUDA constant was baked in.
     check = torch.jit.load(args.out, map_location="cpu")
     with torch.no_grad():
         assert check.encode_image(example).shape[-1] == dim
-    print(json.dumps({"out": args.out, "embedding_dim": int(dim), "image_size": int(size)}))
+    print(json.dumps({"out": args.out, "embedding_dim": int(dim), "image_size": int(size), "method": method,
+                      "baked_devices": baked}))
+
+
+def baked_devices(module):
+    """Device constants in the compiled graph (a trace's `device=x.device` becomes one)."""
+    graph = str(module.encode_image.inlined_graph) if hasattr(module.encode_image, "inlined_graph") \
+        else str(module.encode_image.graph)
+    return sum(1 for line in graph.splitlines() if "Device = prim::Constant" in line)
 
 
 if __name__ == "__main__":

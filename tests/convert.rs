@@ -10,7 +10,7 @@ use clipcap::options::{GenOptions, Strategy};
 use serde::Deserialize;
 use std::path::Path;
 use std::sync::Arc;
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 #[derive(Deserialize)]
 struct Expected {
@@ -162,5 +162,62 @@ fn export_clip_retraces_image_towers_to_fp32_torchscript() {
             d < 1e-5,
             "{flag}: exported archive differs from the tower by {d}"
         );
+        // Scripted, not traced: it runs in f16 and bf16 too (a trace bakes its f32 casts and
+        // `device=x.device`), close to f32.
+        assert_eq!(report["method"], "script", "{report}");
+        assert_eq!(report["baked_devices"], 0, "{report}");
+        for kind in [Kind::BFloat16, Kind::Half] {
+            let half = ImageEncoder::load(&out, 32, Device::Cpu, kind).unwrap();
+            assert_eq!(half.kind, kind, "{flag}: runs in {kind:?}");
+            let h = half.encode(&t["x"]).unwrap();
+            let cos = Tensor::cosine_similarity(&h, &t["y"], 1, 1e-8)
+                .min()
+                .double_value(&[]);
+            assert!(cos > 0.99, "{flag} {kind:?}: cosine to the tower {cos}");
+        }
     }
+    // A trace bakes the class token's zeros onto the CPU: refused unless asked for, and such
+    // an archive then runs in f32 when half precision is asked of it.
+    let traced = dir.path().join("traced.pt");
+    let out = std::process::Command::new(common::python())
+        .args([
+            "scripts/export_clip.py",
+            "--openai",
+            "ViT-Tiny",
+            "--trace",
+            "--out",
+        ])
+        .arg(&traced)
+        .env("PYTHONPATH", &fake)
+        .current_dir(common::repo())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("baked device"), "{err}");
+    assert!(!traced.exists());
+    python(&[
+        "scripts/export_clip.py",
+        "--openai",
+        "ViT-Tiny",
+        "--trace",
+        "--allow-trace",
+        "--out",
+        traced.to_str().unwrap(),
+    ]);
+    let f32 = ImageEncoder::load(&traced, 32, Device::Cpu, Kind::Float).unwrap();
+    let fallback = ImageEncoder::load(&traced, 32, Device::Cpu, Kind::BFloat16).unwrap();
+    assert_eq!(
+        fallback.kind,
+        Kind::Float,
+        "the traced archive falls back to f32"
+    );
+    let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let d = f64::try_from(
+        (fallback.encode(&x).unwrap() - f32.encode(&x).unwrap())
+            .abs()
+            .max(),
+    )
+    .unwrap();
+    assert!(d < 1e-6, "{d}");
 }

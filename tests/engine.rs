@@ -899,3 +899,72 @@ fn a_stream_whose_client_leaves_frees_its_rows() {
         r.engine.metrics().requests_running.get() == 0
     });
 }
+
+#[test]
+fn seeded_images_share_one_cohort_and_keep_the_captions_their_seeds_give() {
+    use clipcap::generate::NewImage;
+    let b = Arc::new(Bundle::load(bundle_dir(), Device::Cpu, Kind::Float).unwrap());
+    let clip = embeddings(3, 8);
+    let sample = opts(Strategy::Sample, |o| {
+        o.n = 2;
+        o.max_tokens = 12;
+    });
+    // Alone, each with its own seed.
+    let alone: Vec<Vec<Vec<i64>>> = (0..3)
+        .map(|i| {
+            let o = GenOptions {
+                seed: Some(100 + i as u64),
+                ..sample.clone()
+            };
+            tokens(&caption_embeddings(b.clone(), &clip.narrow(0, i, 1), &o).unwrap()[0])
+        })
+        .collect();
+    // Together: one cohort, the same captions.
+    let mut dec = Decoder::new(b.clone());
+    let images = (0..3)
+        .map(|i| NewImage {
+            id: i,
+            seed: Some(100 + i),
+            streamed: false,
+        })
+        .collect();
+    let mut out = std::collections::BTreeMap::new();
+    for f in dec.join(&clip, &sample, images).unwrap() {
+        out.insert(f.id, tokens(&f.captions));
+    }
+    assert_eq!(dec.cohorts(), 1);
+    drain(&mut dec, &mut out);
+    for i in 0..3u64 {
+        assert_eq!(out[&i], alone[i as usize], "image {i}");
+    }
+
+    // Through the server: three requests with three seeds decode as one cohort.
+    let r = rig(&[]);
+    let hold = r.engine.hold();
+    let later: Vec<_> = (0..3)
+        .map(|i| {
+            r.caption_later(
+                &format!("strategy=sample&seed={}&max_tokens=4", 7 + i),
+                i as u8,
+            )
+        })
+        .collect();
+    r.until("three requests in the queue", || {
+        r.engine.captions_in_channel() == 3
+    });
+    drop(hold);
+    let statuses: Vec<u16> = later.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(statuses, vec![200; 3]);
+    let cohorts = &r.engine.metrics().decode_cohorts;
+    assert!(cohorts.get_sample_count() > 0);
+    assert_eq!(
+        cohorts.get_sample_sum(),
+        cohorts.get_sample_count() as f64,
+        "every step ran one cohort"
+    );
+    assert_eq!(
+        r.engine.metrics().encode_batch_size.get_sample_count(),
+        1,
+        "one encoder pass for the three"
+    );
+}

@@ -12,6 +12,8 @@ pub struct EngineMetrics {
     pub encode_batch_size: Histogram,
     pub decode_batch_rows: Histogram,
     pub decode_batch_images: Histogram,
+    /// Option groups per decode step (each costs its own kernels).
+    pub decode_cohorts: Histogram,
     pub queue_depth: IntGauge,
     pub generated_tokens: IntCounter,
     pub images: IntCounterVec,
@@ -64,6 +66,10 @@ impl EngineMetrics {
                 "GPT-2 rows (images x beams) per decode step",
             ),
             decode_batch_images: sizes("clipcap_decode_batch_images", "Images per decode step"),
+            decode_cohorts: sizes(
+                "clipcap_decode_cohorts",
+                "Cohorts (groups of equal options, seeds aside) per decode step",
+            ),
             queue_depth: IntGauge::new("clipcap_queue_depth", "Requests waiting for the worker")
                 .unwrap(),
             generated_tokens: IntCounter::new(
@@ -118,6 +124,7 @@ impl EngineMetrics {
             &m.encode_batch_size,
             &m.decode_batch_rows,
             &m.decode_batch_images,
+            &m.decode_cohorts,
             &m.request_queue_duration,
             &m.time_to_first_token,
         ] {

@@ -16,7 +16,7 @@ use crate::engine::metrics::EngineMetrics;
 use crate::engine::registry::{ModelInfo, Registry};
 use crate::engine::scheduler::{reap_reason, Admission, Reaped, Schedulable, Scheduler};
 use crate::engine::{CaptionOutput, Delta, ImageOutput};
-use crate::generate::{Decoder, Finished, Streamed};
+use crate::generate::{Decoder, Finished, NewImage, Streamed};
 use crate::model::bundle::Bundle;
 use crate::options::{GenOptions, Strategy};
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
@@ -320,14 +320,16 @@ struct ImageSlot {
     stream: Option<ImageStream>,
 }
 
-/// Images that start together with equal options: one cohort of the decoder.
+/// Images that start together with equal options but for the seed: one cohort of the
+/// decoder (each image draws from its own seed, so N seeded requests cost one set of kernels
+/// per step, not N).
 #[derive(Default)]
 struct CohortGroup {
+    /// The options, `seed` cleared.
     opts: GenOptions,
-    /// Their rows in the encoder's output, their image ids, and whether each is streamed.
+    /// Their rows in the encoder's output.
     rows: Vec<i64>,
-    ids: Vec<u64>,
-    streamed: Vec<bool>,
+    images: Vec<NewImage>,
 }
 
 /// A streamed image: each row's tokens so far and the text already sent.
@@ -803,19 +805,26 @@ impl Worker {
                     },
                 );
                 ids.push(id);
-                let g = match groups.iter().position(|g| g.opts == job.opts) {
+                let key = GenOptions {
+                    seed: None,
+                    ..job.opts.clone()
+                };
+                let g = match groups.iter().position(|g| g.opts == key) {
                     Some(i) => &mut groups[i],
                     None => {
                         groups.push(CohortGroup {
-                            opts: job.opts.clone(),
+                            opts: key,
                             ..Default::default()
                         });
                         groups.last_mut().unwrap()
                     }
                 };
                 g.rows.push(row);
-                g.ids.push(id);
-                g.streamed.push(streams);
+                g.images.push(NewImage {
+                    id,
+                    seed: job.opts.seed,
+                    streamed: streams,
+                });
                 row += 1;
             }
             self.running.insert(
@@ -833,16 +842,11 @@ impl Worker {
                 },
             );
         }
-        for CohortGroup {
-            opts,
-            rows,
-            ids,
-            streamed,
-        } in groups
-        {
+        for CohortGroup { opts, rows, images } in groups {
             let idx = tch::Tensor::from_slice(&rows).to_device(emb.device());
             let sub = emb.index_select(0, &idx);
-            let done = self.decoders[di].add_streamed(&sub, &opts, ids.clone(), streamed)?;
+            let ids: Vec<u64> = images.iter().map(|i| i.id).collect();
+            let done = self.decoders[di].join(&sub, &opts, images)?;
             let tokens = self.decoders[di].take_streamed();
             self.stream_out(&model, tokens);
             let rows_now = self.decoders[di].rows();
@@ -869,6 +873,7 @@ impl Worker {
             m.decode_batch_rows.observe(rows as f64);
             m.decode_batch_images
                 .observe(self.decoders[i].images() as f64);
+            m.decode_cohorts.observe(self.decoders[i].cohorts() as f64);
             m.generated_tokens.inc_by(rows as u64);
             let done = self.decoders[i].step()?;
             let tokens = self.decoders[i].take_streamed();

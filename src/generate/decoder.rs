@@ -7,7 +7,7 @@ use crate::model::bundle::Bundle;
 use crate::model::kv_cache::KvCache;
 use crate::options::{GenOptions, Strategy};
 use anyhow::{bail, Result};
-use rand::{rngs::StdRng, SeedableRng};
+use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
@@ -27,8 +27,10 @@ pub(super) struct Cohort {
     /// Tokens counted per row `[n, k]` (f32, as the original).
     pub(super) lengths: Tensor,
     pub(super) stopped: Tensor,
-    /// Sampling: one generator per image, so a seed gives the same result in any batch.
-    pub(super) rngs: Vec<StdRng>,
+    /// Sampling: every uniform a row will use, `[n·k, max_tokens]`, drawn at join from each
+    /// image's own generator (so a seed gives the same result in any batch) and uploaded once;
+    /// step `s` uses column `s`, with no host transfer.
+    pub(super) uniforms: Option<Tensor>,
     pub(super) cancelled: Vec<bool>,
     /// Images whose tokens are reported as they are chosen ([`Decoder::take_streamed`]).
     pub(super) streamed: Vec<bool>,
@@ -53,6 +55,15 @@ pub struct Decoder {
     stop: Tensor,
     /// Tokens chosen for streamed images since the last [`Decoder::take_streamed`].
     streamed: Vec<Streamed>,
+}
+
+/// An image joining the batch: its id, its sampling seed (images with different seeds share
+/// a cohort), and whether its tokens are reported as they are chosen.
+#[derive(Clone, Copy, Debug)]
+pub struct NewImage {
+    pub id: u64,
+    pub seed: Option<u64>,
+    pub streamed: bool,
 }
 
 /// The tokens one streamed image's rows got at one step (greedy and sampling; a stopped row
@@ -89,6 +100,12 @@ impl Decoder {
         self.cohorts.iter().map(|c| c.ids.len()).sum()
     }
 
+    /// Cohorts (groups of images with equal options) in the running batch: each costs its own
+    /// kernels per step.
+    pub fn cohorts(&self) -> usize {
+        self.cohorts.len()
+    }
+
     /// Rows (images × beams) in the running batch.
     pub fn rows(&self) -> i64 {
         self.cohorts.iter().map(|c| c.rows()).sum()
@@ -116,23 +133,28 @@ impl Decoder {
         opts: &GenOptions,
         ids: Vec<u64>,
     ) -> Result<Vec<Finished>> {
-        let streamed = vec![false; ids.len()];
-        self.add_streamed(clip, opts, ids, streamed)
+        let images = ids
+            .into_iter()
+            .map(|id| NewImage {
+                id,
+                seed: opts.seed,
+                streamed: false,
+            })
+            .collect();
+        self.join(clip, opts, images)
     }
 
-    /// [`Decoder::add`], with the images whose tokens are to be reported as they are chosen
-    /// (`streamed[i]`; beam search reports nothing before its beams finish).
-    pub fn add_streamed(
+    /// [`Decoder::add`] for images with their own seeds (`opts.seed` is not read) and stream
+    /// flags (beam search reports nothing before its beams finish): one cohort for all.
+    pub fn join(
         &mut self,
         clip: &Tensor,
         opts: &GenOptions,
-        ids: Vec<u64>,
-        streamed: Vec<bool>,
+        images: Vec<NewImage>,
     ) -> Result<Vec<Finished>> {
         opts.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-        if streamed.len() != ids.len() {
-            bail!("{} stream flags for {} ids", streamed.len(), ids.len());
-        }
+        let ids: Vec<u64> = images.iter().map(|i| i.id).collect();
+        let streamed: Vec<bool> = images.iter().map(|i| i.streamed).collect();
         let prompt = self.model.encode(&opts.prompt)?;
         let n = ids.len() as i64;
         if clip.size()[0] != n {
@@ -160,12 +182,27 @@ impl Decoder {
         let expand =
             Tensor::arange(n, (Kind::Int64, device)).repeat_interleave_self_int(k, 0, None);
         cache.select_rows(&expand);
-        let rngs = (0..n)
-            .map(|_| match opts.seed {
-                Some(s) => StdRng::seed_from_u64(s),
-                None => StdRng::from_os_rng(),
-            })
-            .collect();
+        let uniforms = (opts.strategy == Strategy::Sample).then(|| {
+            // Each image's generator yields its rows' uniforms step by step (row-major per
+            // step), as a generator drawn at every step would.
+            let steps = opts.max_tokens as usize;
+            let rows = k as usize;
+            let mut u = vec![0f32; images.len() * rows * steps];
+            for (i, img) in images.iter().enumerate() {
+                let mut rng = match img.seed {
+                    Some(s) => StdRng::seed_from_u64(s),
+                    None => StdRng::from_os_rng(),
+                };
+                for s in 0..steps {
+                    for r in 0..rows {
+                        u[(i * rows + r) * steps + s] = rng.random::<f32>();
+                    }
+                }
+            }
+            Tensor::from_slice(&u)
+                .view([n * k, opts.max_tokens])
+                .to_device(device)
+        });
         let mut cohort = Cohort {
             opts: opts.clone(),
             ids,
@@ -176,7 +213,7 @@ impl Decoder {
             scores: Tensor::zeros([n, k], (Kind::Float, device)),
             lengths: Tensor::zeros([n, k], (Kind::Float, device)),
             stopped: Tensor::zeros([n, k], (Kind::Bool, device)),
-            rngs,
+            uniforms,
             cancelled: vec![false; n as usize],
             streamed,
             prompt,
@@ -359,7 +396,9 @@ fn retain_images(c: &mut Cohort, kept: &[i64]) {
     c.cancelled = kept.iter().map(|&i| c.cancelled[i as usize]).collect();
     c.ids = kept.iter().map(|&i| c.ids[i as usize]).collect();
     c.streamed = kept.iter().map(|&i| c.streamed[i as usize]).collect();
-    c.rngs = kept.iter().map(|&i| c.rngs[i as usize].clone()).collect();
+    if let Some(u) = &c.uniforms {
+        c.uniforms = Some(u.index_select(0, &rows));
+    }
 }
 
 /// Reads the captions of images `gone` back to the host and ranks them.

@@ -27,7 +27,7 @@ mod decoder;
 mod logits;
 mod pick;
 
-pub use decoder::{Decoder, Streamed};
+pub use decoder::{Decoder, NewImage, Streamed};
 
 /// One caption and its score (mean log-probability per generated token).
 #[derive(Clone, Debug, PartialEq, Serialize)]

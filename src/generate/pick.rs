@@ -2,7 +2,6 @@
 use super::decoder::Cohort;
 use super::logits::adjust_logits;
 use crate::options::Strategy;
-use rand::Rng;
 use tch::{Kind, Tensor};
 
 /// Greedy or sampled next token for every row (rows stay in place).
@@ -30,8 +29,8 @@ pub(super) fn pick_step(c: &mut Cohort, logits: &Tensor, stop: &Tensor) {
     c.steps += 1;
 }
 
-/// Draws one token per row from the top-k / top-p filtered distribution, with uniforms from
-/// each image's own seeded generator (sent to the device; no read back).
+/// Draws one token per row from the top-k / top-p filtered distribution, with the uniforms
+/// drawn at join from each image's own seeded generator (already on the device).
 fn sample(c: &mut Cohort, logits: &Tensor) -> Tensor {
     let device = logits.device();
     let vocab = logits.size()[1];
@@ -54,12 +53,11 @@ fn sample(c: &mut Cohort, logits: &Tensor) -> Tensor {
         l = l.scatter(1, &idx, &masked);
     }
     let probs = l.softmax(-1, Kind::Float);
-    let u: Vec<f32> = c
-        .rngs
-        .iter_mut()
-        .flat_map(|r| (0..c.k).map(|_| r.random::<f32>()).collect::<Vec<_>>())
-        .collect();
-    let u = Tensor::from_slice(&u).to_device(device).unsqueeze(1);
+    let u = c
+        .uniforms
+        .as_ref()
+        .expect("a sampling cohort has its uniforms")
+        .narrow(1, c.steps, 1);
     let cdf = probs.cumsum(-1, Kind::Float);
     let total = cdf.narrow(1, vocab - 1, 1);
     cdf.lt_tensor(&(u * total))

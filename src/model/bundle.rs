@@ -221,8 +221,8 @@ pub struct Bundle {
 }
 
 impl Bundle {
-    /// Loads and validates a bundle directory. `kind` is the compute dtype (f32 on CPU; f16 or
-    /// bf16 allowed on CUDA).
+    /// Loads and validates a bundle directory. `kind` is the compute dtype (f32, f16 or bf16,
+    /// on either device; the lm_head and everything after it stay f32).
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         let manifest = Manifest::read(dir)?;
         let files = &manifest.files;
@@ -270,6 +270,7 @@ impl Bundle {
         net.vs.freeze();
         if kind != Kind::Float {
             net.vs.set_kind(kind);
+            net.gpt.keep_f32_head();
         }
         let packed = net.gpt.pack_for_cpu();
         tracing::debug!(packed, "GPT-2 weights packed for MKL");

@@ -20,8 +20,25 @@ pub struct ImageEncoder {
 }
 
 impl ImageEncoder {
-    /// Loads `path` onto `device`, casts it to `kind` (f32, or f16/bf16 on a GPU) and probes it.
+    /// Loads `path` onto `device`, casts it to `kind` (f32, f16 or bf16) and probes it. An
+    /// encoder that cannot run in a half type (a trace with baked f32 casts) runs in f32, its
+    /// output cast, with a warning: slower, but the bundle serves.
     pub fn load(path: &Path, image_size: i64, device: Device, kind: Kind) -> Result<Self> {
+        match Self::load_as(path, image_size, device, kind) {
+            Err(half) if kind != Kind::Float => {
+                let f32 = Self::load_as(path, image_size, device, Kind::Float).map_err(|_| half)?;
+                tracing::warn!(
+                    encoder = %path.display(),
+                    dtype = crate::device::dtype_name(kind),
+                    "the image encoder cannot run in this dtype (a TorchScript trace with baked casts?); it runs in f32. Re-export it with scripts/export_clip.py, which scripts it"
+                );
+                Ok(f32)
+            }
+            r => r,
+        }
+    }
+
+    fn load_as(path: &Path, image_size: i64, device: Device, kind: Kind) -> Result<Self> {
         let mut module = CModule::load_on_device(path, device)
             .with_context(|| format!("loading TorchScript image encoder {}", path.display()))?;
         module.set_eval();
@@ -32,15 +49,19 @@ impl ImageEncoder {
         let _g = tch::no_grad_guard();
         let (use_encode_image, out) = match module.method_ts("encode_image", &[&probe]) {
             Ok(out) => (true, out),
-            Err(_) => (
-                false,
-                module.forward_ts(&[&probe]).with_context(|| {
-                    format!(
-                        "{}: neither encode_image nor forward accepts a [1, 3, {image_size}, {image_size}] image",
-                        path.display()
-                    )
-                })?,
-            ),
+            Err(first) => match module.forward_ts(&[&probe]) {
+                Ok(out) => (false, out),
+                // Both errors: an encoder whose encode_image fails (e.g. a trace with baked f32
+                // casts run in half precision) must not be reported as forward's complaint.
+                Err(second) => bail!(
+                    "{}: neither encode_image nor forward takes a [1, 3, {image_size}, {image_size}] {} image on {}.\n  encode_image: {}\n  forward: {}",
+                    path.display(),
+                    crate::device::dtype_name(kind),
+                    crate::device::device_name(device),
+                    first_line(&first.to_string()),
+                    first_line(&second.to_string()),
+                ),
+            },
         };
         let size = out.size();
         if size.len() != 2 || size[0] != 1 {
@@ -70,4 +91,15 @@ impl ImageEncoder {
         };
         Ok(out.to_kind(Kind::Float))
     }
+}
+
+/// The line of a TorchScript error that says what went wrong (its last `...Error:` line),
+/// else its first line; the rest is the interpreter's and C++'s backtraces.
+fn first_line(e: &str) -> &str {
+    e.lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with("RuntimeError:") || l.contains("Error: "))
+        .or_else(|| e.lines().find(|l| !l.trim().is_empty()))
+        .map(str::trim)
+        .unwrap_or(e)
 }

@@ -253,6 +253,9 @@ pub struct Gpt2 {
     ln_f: LayerNorm,
     /// `wte` packed as the lm_head's matrix, when packed for CPU inference.
     lm_head: Option<PackedMatrix>,
+    /// An f32 copy of `wte` for the lm_head of a half-precision model (see
+    /// [`Gpt2::keep_f32_head`]).
+    head_f32: Option<Tensor>,
 }
 
 impl Gpt2 {
@@ -278,6 +281,7 @@ impl Gpt2 {
             blocks,
             ln_f,
             lm_head: None,
+            head_f32: None,
         })
     }
 
@@ -320,8 +324,23 @@ impl Gpt2 {
         Tensor::embedding(&self.wte, ids, -1, false, false)
     }
 
-    /// Hidden states `[.., E]` to vocabulary logits `[.., V]` (tied head).
+    /// For inference in f16/bf16: computes the lm_head in f32 from an f32 copy of `wte`
+    /// (vocab × width × 4 bytes more). In bf16, logits of 10-20 would land on steps of
+    /// 0.06-0.125, and beam search would rank ties by top-k's order. Only for weights that no
+    /// longer change (a loaded bundle).
+    pub fn keep_f32_head(&mut self) {
+        if self.kind() != Kind::Float {
+            let _guard = tch::no_grad_guard();
+            self.head_f32 = Some(self.wte.detach().to_kind(Kind::Float));
+        }
+    }
+
+    /// Hidden states `[.., E]` to vocabulary logits `[.., V]` (tied head); f32 for a model
+    /// that kept an f32 head.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        if let Some(w) = &self.head_f32 {
+            return hidden.to_kind(Kind::Float).matmul(&w.tr());
+        }
         match &self.lm_head {
             Some(p) if packed_input(hidden) => {
                 let mut shape = hidden.size();

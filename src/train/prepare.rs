@@ -47,7 +47,7 @@ pub struct PrepareArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: crate::device::DeviceChoice,
-    /// f32, f16, bf16 or auto (half types need CUDA).
+    /// f32, f16, bf16 or auto (f16 on CUDA, f32 on the CPU).
     #[arg(long, default_value = "f32")]
     pub dtype: crate::device::DtypeChoice,
     /// Images per encoder forward.

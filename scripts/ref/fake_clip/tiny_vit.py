@@ -26,7 +26,9 @@ class TinyVisionTransformer(nn.Module):
 
     def forward(self, x):
         x = self.conv1(x.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        # As OpenAI's VisionTransformer writes it: a trace bakes this zeros' dtype and device.
+        cls = self.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype,
+                                                             device=x.device)
         x = torch.cat([cls, x], 1) + self.positional_embedding.to(x.dtype)
         x = self.transformer(self.ln_pre(x))
         return self.ln_post(x[:, 0]) @ self.proj
