@@ -39,7 +39,8 @@ COPY --from=builder /usr/local/bin/clipcap /usr/local/bin/clipcap
 ENV LD_LIBRARY_PATH=/opt/torch/lib/python3.12/site-packages/torch/lib \
     CLIPCAP_BIND=0.0.0.0:8080 \
     CLIPCAP_DEVICE=auto \
-    CLIPCAP_MODELS=demo=/app/models/demo
+    CLIPCAP_MODELS=demo=/app/models/demo \
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 WORKDIR /app
 COPY --chown=clipcap:clipcap config config
 USER 10001

@@ -8,6 +8,7 @@
 #
 # What it checks, on a GPT-2-small-shaped random bundle made there:
 #   - captions on CPU f32 vs CUDA f32 (must be identical), f16 and bf16 (agreement reported);
+#   - an OpenAI-shaped CLIP tower exported by export_clip.py, captioned in f32 and f16 there;
 #   - batch 1 vs 12 (the same captions), --greedy and --sample --seed (the same twice);
 #   - a 30 s `serve` + `bench-http` burst in f16 with mixed options (no errors);
 #   - images/s at beam 1 and 5 by batch size 1/16/64/256 in f16 and bf16;
@@ -107,6 +108,32 @@ ok &= bool(sa) and sa == sb
 print(f"| {dev} greedy | {len(caps(f'greedy-{dev}'))} captions |")
 sys.exit(0 if ok else 1)
 PY
+
+# An OpenAI-shaped CLIP tower (scripts/ref/fake_clip: the class token's zeros on x.device, fp16
+# weights as OpenAI stores them) exported with export_clip.py and captioned in f32 and the half
+# type on the device: the export must run there in both.
+OC="$WORK/openai-clip"
+mkdir -p "$OC"
+step openai-clip-export 60 env PYTHONPATH=scripts/ref/fake_clip "$PY" scripts/export_clip.py --openai ViT-Tiny \
+  --out "$OC/clip_image.pt"
+step openai-clip-bundle 60 "$PY" - "$OC" <<'PY'
+import json, os, shutil, subprocess, sys
+oc = sys.argv[1]
+b = os.path.join(oc, "bundle")
+subprocess.run([sys.executable, "scripts/make_test_bundle.py", "--out", b, "--size", "tiny", "--clip-dim", "48",
+                "--seed", "2"], check=True)
+shutil.copyfile(os.path.join(oc, "clip_image.pt"), os.path.join(b, "clip_image.pt"))
+m = json.load(open(os.path.join(b, "clipcap.json")))
+m["image"]["size"] = 32
+json.dump(m, open(os.path.join(b, "clipcap.json"), "w"))
+PY
+for dt in f32 $HALF; do
+  step "openai-clip-$DEV-$dt" 60 "$BIN" caption --model "$OC/bundle" --device "$DEV" --dtype "$dt" --json \
+    --max-tokens 8 "${IMAGES[@]:0:4}"
+done
+if grep -q "it runs in f32" "$WORK/openai-clip-$DEV-$HALF.log" 2>/dev/null; then
+  say "| openai-clip encoder in $HALF | FAILED: fell back to f32 |"; status=1
+fi
 
 # A burst through the server in the half type, with mixed options on both doors.
 PORT=18977

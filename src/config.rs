@@ -75,6 +75,7 @@ pub struct InferenceConfig {
     pub continuous_batching: bool,
     pub max_running_images: usize,
     pub queue_capacity: usize,
+    pub kv_cache_bytes: u64,
     pub max_pixels: u64,
     pub preprocess_threads: usize,
     pub torch_threads: usize,

@@ -234,7 +234,15 @@ mod tests {
         assert_eq!("half".parse::<DtypeChoice>().unwrap(), DtypeChoice::F16);
         assert!("f8".parse::<DtypeChoice>().is_err());
         assert_eq!(DtypeChoice::Auto.resolve(Device::Cpu).unwrap(), Kind::Float);
-        assert!(DtypeChoice::Bf16.resolve(Device::Cpu).is_err());
+        // Half types run on the CPU too (the plumbing CUDA uses, testable without a GPU).
+        assert_eq!(
+            DtypeChoice::Bf16.resolve(Device::Cpu).unwrap(),
+            Kind::BFloat16
+        );
+        assert_eq!(
+            DtypeChoice::Auto.resolve(Device::Cuda(0)).unwrap(),
+            Kind::Half
+        );
     }
 }
 

@@ -25,6 +25,8 @@ fn dockerfile_lints_clean_and_matches_the_project() {
         "USER 10001",
         "LIBTORCH_USE_PYTORCH=1",
         "clipcap\", \"serve",
+        // Growing KV caches fragment CUDA's caching allocator less with expandable segments.
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
     ] {
         assert!(text.contains(must), "Dockerfile lacks {must:?}");
     }

@@ -968,3 +968,89 @@ fn seeded_images_share_one_cohort_and_keep_the_captions_their_seeds_give() {
         "one encoder pass for the three"
     );
 }
+
+#[test]
+fn the_kv_budget_refuses_what_cannot_fit_and_admits_by_bytes() {
+    // The tiny model: 2 layers x 64 wide, f32. Beam 3 over 10 + 14 + 1 positions needs
+    // 3 x 25 x 2 x 2 x 64 x 4 x 2 (the reorder's spare) = 153 600 bytes per image.
+    let r = rig(&[("CLIPCAP_KV_CACHE_BYTES", "250000")]);
+    let too_big = r.caption("beam_size=16&max_tokens=200", 1);
+    assert_eq!(too_big.status(), 413);
+    let body: Value = too_big.json().unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("KV cache"),
+        "{body}"
+    );
+    assert_eq!(r.images("ok"), 0, "refused before any work");
+    // Two requests that fit one at a time: the second waits for the first's bytes.
+    let hold = r.engine.hold();
+    let a = r.caption_later("beam_size=3&max_tokens=14", 2);
+    let b = r.caption_later("beam_size=3&max_tokens=14", 3);
+    r.until("both in the queue", || r.engine.captions_in_channel() == 2);
+    let hold = r.one_turn(hold);
+    assert_eq!(
+        admitted(&r, "0"),
+        1,
+        "the second waits for room in the budget"
+    );
+    drop(hold);
+    assert_eq!((a.join().unwrap(), b.join().unwrap()), (200, 200));
+    assert_eq!(admitted(&r, "0"), 2);
+}
+
+#[test]
+fn a_join_that_runs_out_of_memory_fails_alone_and_a_sticky_device_error_goes_unready() {
+    let r = rig(&[]);
+    // A long request runs; the next one to join runs out of memory.
+    let hold = r.engine.hold();
+    let long = r.caption_later("max_tokens=40", 1);
+    r.until("the long request in the queue", || {
+        r.engine.captions_in_channel() == 1
+    });
+    let hold = r.one_turn(hold);
+    assert_eq!(admitted(&r, "0"), 1, "the long request runs");
+    r.engine.inject_fault(Fault::OomInJoin);
+    let url = format!("{}/caption?max_tokens=4", r.url);
+    let joining = std::thread::spawn(move || {
+        let resp = client()
+            .post(url)
+            .header("content-type", "image/png")
+            .body(png(40, 32, 2))
+            .send()
+            .unwrap();
+        let status = resp.status().as_u16();
+        let retry = resp.headers().contains_key("retry-after");
+        (status, retry, resp.json::<Value>().unwrap())
+    });
+    r.until("the joining request in the queue", || {
+        r.engine.captions_in_channel() == 1
+    });
+    drop(hold);
+    let (status, retry, body) = joining.join().unwrap();
+    assert_eq!((status, retry), (503, true), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("out of memory"),
+        "{body}"
+    );
+    assert_eq!(long.join().unwrap(), 200, "the running request went on");
+    assert_eq!(
+        ready(&r).0,
+        200,
+        "running out of memory once is no reason to go unready"
+    );
+    assert_eq!(r.caption("max_tokens=4", 3).status(), 200);
+    // An error that poisons the device: the running request fails, and the engine says it
+    // is not ready (a load balancer stops sending), instead of failing every later request
+    // while /ready stays green.
+    r.engine.inject_fault(Fault::DeviceErrorInStep);
+    assert_eq!(r.caption("max_tokens=4", 4).status(), 500);
+    let (status, body) = ready(&r);
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["device_error"]
+            .as_str()
+            .unwrap()
+            .contains("illegal memory access"),
+        "{body}"
+    );
+}

@@ -38,6 +38,7 @@ fn the_device_check_runs_end_to_end_on_the_cpu() {
         "| cpu f32 | 12/12 |",
         "| cpu f32, batch 1 vs 12 | 12/12 |",
         "| cpu sampling, seed 3 twice | same |",
+        "| openai-clip-cpu-bf16 | ok |",
         "| burst (concurrency 16) |",
         "| batch | bf16 beam 1 | bf16 beam 5 |",
         "- amp fp16: epoch losses",

@@ -46,6 +46,12 @@ pub enum EngineError {
     },
     #[error("{0}")]
     InvalidOption(OptionError),
+    /// The device ran out of memory for this request (the others went on); retry.
+    #[error("the device ran out of memory for this request; retry, or ask for fewer images, beams or tokens ({0})")]
+    OutOfMemory(String),
+    /// A request whose KV cache alone exceeds the budget (`kv_cache_bytes`).
+    #[error("this request needs {need} bytes of KV cache (images x rows per image x (prefix + prompt + max_tokens) positions); the server allows {budget}: ask for fewer images, beams or tokens")]
+    KvBudget { need: u64, budget: u64 },
     #[error("cannot load bundle {}: {reason}", dir.display())]
     Load { dir: PathBuf, reason: String },
     #[error("no model named {0:?}")]

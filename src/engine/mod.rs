@@ -174,11 +174,14 @@ pub struct Readiness {
     pub loading: bool,
     pub worker_alive: bool,
     pub worker_answering: bool,
+    /// A device error that does not go away (e.g. an illegal memory access poisons the CUDA
+    /// context): unready until restarted.
+    pub device_error: Option<String>,
 }
 
 impl Readiness {
     pub fn ready(&self) -> bool {
-        self.models > 0 && !self.loading && self.worker_answering
+        self.models > 0 && !self.loading && self.worker_answering && self.device_error.is_none()
     }
 }
 
@@ -190,6 +193,7 @@ pub struct Engine {
 
 struct Inner {
     tx: Sender<Command>,
+    kv_budget_bytes: u64,
     registry: Arc<Registry>,
     metrics: Arc<EngineMetrics>,
     health: Arc<Health>,
@@ -286,6 +290,7 @@ impl Engine {
         Engine {
             inner: Arc::new(Inner {
                 tx,
+                kv_budget_bytes: cfg.scheduler.kv_budget_bytes,
                 registry,
                 metrics,
                 health,
@@ -344,6 +349,7 @@ impl Engine {
             loading: self.inner.health.loading(),
             worker_alive: self.inner.health.alive(),
             worker_answering: self.inner.health.answering(Duration::from_secs(5)),
+            device_error: self.inner.health.device_failed.lock().unwrap().clone(),
         }
     }
 
@@ -375,6 +381,8 @@ impl Engine {
             return Err(EngineError::NoImages);
         }
         check_prompt(model, &opts)?;
+        // Refused before its images are decoded.
+        self.check_kv(model, &opts, images.len())?;
         let deadline = params.deadline;
         let work = async {
             // A place in the queue first: an overloaded server refuses before decoding images.
@@ -388,16 +396,7 @@ impl Engine {
             out.preprocess_ms = preprocess_ms;
             Ok(out)
         };
-        match deadline {
-            Some(d) => tokio::time::timeout_at(d.into(), work)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(EngineError::Deadline(
-                        "no captions before the request's deadline".into(),
-                    ))
-                }),
-            None => work.await,
-        }
+        by_deadline(deadline, work).await
     }
 
     /// [`Engine::caption`] whose text arrives as it is decoded (greedy and sampling; beam
@@ -414,22 +413,15 @@ impl Engine {
             return Err(EngineError::NoImages);
         }
         check_prompt(model, &opts)?;
+        self.check_kv(model, &opts, images.len())?;
         let slot = self.reserve_slot()?;
         let t0 = Instant::now();
-        let pixels = match params.deadline {
-            Some(d) => tokio::time::timeout_at(d.into(), self.preprocess(model, images))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(EngineError::Deadline(
-                        "no captions before the request's deadline".into(),
-                    ))
-                })?,
-            None => self.preprocess(model, images).await?,
-        };
+        let pixels = by_deadline(params.deadline, self.preprocess(model, images)).await?;
         let preprocess_ms = t0.elapsed().as_secs_f64() * 1e3;
         let (tx, deltas) = tokio::sync::mpsc::unbounded_channel();
         let (mut job, result, cancel) = Self::job(model, JobInput::Pixels(pixels), opts, params);
         job.stream = Some(tx);
+        job.kv_bytes = self.check_kv(model, &job.opts, job.input.len())?;
         let aborted = self.inner.aborted.subscribe();
         self.submit(job, Some(slot))?;
         Ok(CaptionStream {
@@ -550,8 +542,28 @@ impl Engine {
             reply,
             priority: params.priority,
             stream: None,
+            kv_bytes: 0,
         };
         (job, rx, cancel)
+    }
+
+    /// The KV cache bytes a request of `images` needs, refused when it alone exceeds the
+    /// budget.
+    fn check_kv(
+        &self,
+        model: &ModelInfo,
+        opts: &GenOptions,
+        images: usize,
+    ) -> Result<u64, EngineError> {
+        let prompt = crate::model::bundle::encode_prompt(&model.tokenizer, &opts.prompt)
+            .map(|t| t.len())
+            .unwrap_or(0) as i64;
+        let need = kv_bytes(model, opts, prompt).saturating_mul(images as u64);
+        let budget = self.inner.kv_budget_bytes;
+        if budget > 0 && need > budget {
+            return Err(EngineError::KvBudget { need, budget });
+        }
+        Ok(need)
     }
 
     /// Takes a place in the queue, or refuses at once (queue full, worker gone, aborted).
@@ -575,7 +587,7 @@ impl Engine {
             None => self.reserve_slot()?,
         };
         self.inner.health.in_channel.fetch_add(1, Ordering::AcqRel);
-        if self.inner.tx.send(Command::Caption(job)).is_err() {
+        if self.inner.tx.send(Command::Caption(Box::new(job))).is_err() {
             self.inner.health.in_channel.fetch_sub(1, Ordering::AcqRel);
             return Err(EngineError::Stopped);
         }
@@ -591,7 +603,8 @@ impl Engine {
         params: RequestParams,
         slot: Option<Slot>,
     ) -> Result<CaptionOutput, EngineError> {
-        let (job, rx, cancel) = Self::job(model, input, opts, params);
+        let (mut job, rx, cancel) = Self::job(model, input, opts, params);
+        job.kv_bytes = self.check_kv(model, &job.opts, job.input.len())?;
         let mut aborted = self.inner.aborted.subscribe();
         self.submit(job, slot)?;
         let mut guard = CancelOnDrop {
@@ -614,7 +627,8 @@ impl Engine {
         input: JobInput,
         opts: GenOptions,
     ) -> Result<CaptionOutput, EngineError> {
-        let (job, rx, _cancel) = Self::job(model, input, opts, RequestParams::default());
+        let (mut job, rx, _cancel) = Self::job(model, input, opts, RequestParams::default());
+        job.kv_bytes = self.check_kv(model, &job.opts, job.input.len())?;
         self.submit(job, None)?;
         rx.blocking_recv().unwrap_or(Err(EngineError::Stopped))
     }
@@ -827,4 +841,40 @@ fn check_prompt(model: &ModelInfo, opts: &GenOptions) -> Result<(), EngineError>
         }));
     }
     Ok(())
+}
+
+/// The KV cache one image of `model` needs with `opts`: keys and values for every row
+/// (beams or samples) at every position (prefix, prompt, generated), every layer; twice that
+/// for beam search, whose reorder gathers into a spare buffer of the same size.
+pub fn kv_bytes(model: &ModelInfo, opts: &GenOptions, prompt_tokens: i64) -> u64 {
+    let elem = match model.dtype.as_str() {
+        "f32" => 4,
+        "f64" => 8,
+        _ => 2,
+    };
+    let positions = model.prefix_length + prompt_tokens + opts.max_tokens + 1;
+    let copies = if opts.strategy == crate::options::Strategy::Beam {
+        2
+    } else {
+        1
+    };
+    (opts.rows_per_image() * positions * 2 * model.gpt2_layers * model.gpt2_width * elem * copies)
+        as u64
+}
+
+/// `work`'s result, or [`EngineError::Deadline`] once `deadline` passes.
+async fn by_deadline<T>(
+    deadline: Option<Instant>,
+    work: impl std::future::Future<Output = Result<T, EngineError>>,
+) -> Result<T, EngineError> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d.into(), work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(EngineError::Deadline(
+                    "no captions before the request's deadline".into(),
+                ))
+            }),
+        None => work.await,
+    }
 }

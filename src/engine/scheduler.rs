@@ -20,6 +20,9 @@ pub struct SchedulerConfig {
     pub max_running_images: usize,
     /// Most requests waiting (queued, not started) before new ones are refused.
     pub queue_capacity: usize,
+    /// Most bytes the running requests' KV caches may take (0 = no limit): admission counts
+    /// rows × capacity, not images.
+    pub kv_budget_bytes: u64,
 }
 
 impl Default for SchedulerConfig {
@@ -30,6 +33,7 @@ impl Default for SchedulerConfig {
             continuous: true,
             max_running_images: 64,
             queue_capacity: 1024,
+            kv_budget_bytes: 0,
         }
     }
 }
@@ -42,6 +46,10 @@ pub trait Schedulable {
     fn abandoned(&self) -> bool;
     /// Lower starts first (as vLLM and Triton order it); equal priorities keep arrival order.
     fn priority(&self) -> i32 {
+        0
+    }
+    /// Bytes of KV cache the request needs while it decodes.
+    fn kv_bytes(&self) -> u64 {
         0
     }
 }
@@ -188,8 +196,11 @@ impl<J: Schedulable> Scheduler<J> {
     /// `max_batch_images`. A request larger than either limit starts alone on an idle worker
     /// (it would never fit otherwise). The first request that does not fit stops the batch, so
     /// a large request is never overtaken forever by small ones.
-    pub fn next_batch(&mut self, running_images: usize) -> Vec<J> {
+    /// `running_kv_bytes`: what the running requests' caches hold, against `kv_budget_bytes`.
+    pub fn next_batch(&mut self, running_images: usize, running_kv_bytes: u64) -> Vec<J> {
         let mut room = self.cfg.max_running_images.saturating_sub(running_images);
+        let budget = self.cfg.kv_budget_bytes;
+        let mut kv = running_kv_bytes;
         let mut batch: Vec<J> = vec![];
         let mut batch_images = 0;
         while let Some(job) = self.pending.front() {
@@ -197,11 +208,13 @@ impl<J: Schedulable> Scheduler<J> {
             let alone_on_idle = batch.is_empty() && running_images == 0;
             let fits_running = n <= room || alone_on_idle;
             let fits_batch = batch.is_empty() || batch_images + n <= self.cfg.max_batch_images;
-            if !fits_running || !fits_batch {
+            let fits_kv = budget == 0 || kv + job.kv_bytes() <= budget || alone_on_idle;
+            if !fits_running || !fits_batch || !fits_kv {
                 break;
             }
             room = room.saturating_sub(n);
             batch_images += n;
+            kv += job.kv_bytes();
             batch.push(self.pending.pop_front().unwrap());
         }
         batch
@@ -224,6 +237,7 @@ mod tests {
         deadline: Option<Instant>,
         abandoned: bool,
         priority: i32,
+        kv: u64,
     }
 
     impl Schedulable for Job {
@@ -239,6 +253,9 @@ mod tests {
         fn priority(&self) -> i32 {
             self.priority
         }
+        fn kv_bytes(&self) -> u64 {
+            self.kv
+        }
     }
 
     fn job(id: u32, images: usize) -> Job {
@@ -248,7 +265,31 @@ mod tests {
             deadline: None,
             abandoned: false,
             priority: 0,
+            kv: 0,
         }
+    }
+
+    #[test]
+    fn the_kv_budget_bounds_what_joins_by_bytes_not_images() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            kv_budget_bytes: 100,
+            ..Default::default()
+        });
+        for (id, kv) in [(1, 60), (2, 30), (3, 20), (4, 5)] {
+            s.push(Job { kv, ..job(id, 1) });
+        }
+        // 60 + 30 fit in 100; 20 more would not, and the 5 behind it waits its turn.
+        assert_eq!(ids(&s.next_batch(0, 0)), vec![1, 2]);
+        assert!(s.next_batch(2, 90).is_empty());
+        assert_eq!(ids(&s.next_batch(1, 30)), vec![3, 4]);
+        // A request over the whole budget starts alone on an idle worker (the doors refuse
+        // those before they queue).
+        s.push(Job {
+            kv: 500,
+            ..job(5, 1)
+        });
+        assert!(s.next_batch(1, 10).is_empty());
+        assert_eq!(ids(&s.next_batch(0, 0)), vec![5]);
     }
 
     fn urgent(id: u32, images: usize, priority: i32) -> Job {
@@ -270,12 +311,12 @@ mod tests {
         let order: Vec<u32> = s.iter().map(|j| j.id).collect();
         assert_eq!(order, vec![3, 5, 1, 4, 2, 6]);
         // Batches of two images, most urgent first.
-        assert_eq!(ids(&s.next_batch(0)), vec![3, 5]);
+        assert_eq!(ids(&s.next_batch(0, 0)), vec![3, 5]);
         // A late urgent request overtakes everything still waiting.
         s.push(urgent(7, 1, -9));
-        assert_eq!(ids(&s.next_batch(0)), vec![7, 1]);
-        assert_eq!(ids(&s.next_batch(0)), vec![4, 2]);
-        assert_eq!(ids(&s.next_batch(0)), vec![6]);
+        assert_eq!(ids(&s.next_batch(0, 0)), vec![7, 1]);
+        assert_eq!(ids(&s.next_batch(0, 0)), vec![4, 2]);
+        assert_eq!(ids(&s.next_batch(0, 0)), vec![6]);
     }
 
     #[test]
@@ -284,8 +325,8 @@ mod tests {
         s.push(urgent(1, 3, -1));
         s.push(job(2, 1));
         // 2 images running: the urgent 3 does not fit, and the 1 behind it waits too.
-        assert!(s.next_batch(2).is_empty());
-        assert_eq!(ids(&s.next_batch(1)), vec![1]);
+        assert!(s.next_batch(2, 0).is_empty());
+        assert_eq!(ids(&s.next_batch(1, 0)), vec![1]);
     }
 
     #[test]
@@ -300,7 +341,7 @@ mod tests {
         let gone = s.reap(t0 + Duration::from_millis(5));
         assert_eq!(gone.len(), 1);
         assert_eq!((gone[0].0.id, gone[0].1), (1, Reaped::Deadline));
-        assert_eq!(ids(&s.next_batch(0)), vec![2]);
+        assert_eq!(ids(&s.next_batch(0, 0)), vec![2]);
     }
 
     fn sched(max_batch: usize, max_running: usize) -> Scheduler<Job> {
@@ -322,9 +363,9 @@ mod tests {
             s.push(job(id, n));
         }
         // 3 + 4 fit in 8; adding 2 would make 9.
-        assert_eq!(ids(&s.next_batch(0)), vec![1, 2]);
-        assert_eq!(ids(&s.next_batch(7)), vec![3, 4]);
-        assert!(s.next_batch(10).is_empty());
+        assert_eq!(ids(&s.next_batch(0, 0)), vec![1, 2]);
+        assert_eq!(ids(&s.next_batch(7, 0)), vec![3, 4]);
+        assert!(s.next_batch(10, 0).is_empty());
     }
 
     #[test]
@@ -333,11 +374,11 @@ mod tests {
         s.push(job(1, 4));
         s.push(job(2, 1));
         // 7 running: 4 does not fit in the 3 left, and the 1 behind it waits its turn.
-        assert!(s.next_batch(7).is_empty());
+        assert!(s.next_batch(7, 0).is_empty());
         assert_eq!(s.pending_jobs(), 2);
-        assert_eq!(ids(&s.next_batch(6)), vec![1]);
-        assert_eq!(ids(&s.next_batch(10)), Vec::<u32>::new());
-        assert_eq!(ids(&s.next_batch(9)), vec![2]);
+        assert_eq!(ids(&s.next_batch(6, 0)), vec![1]);
+        assert_eq!(ids(&s.next_batch(10, 0)), Vec::<u32>::new());
+        assert_eq!(ids(&s.next_batch(9, 0)), vec![2]);
     }
 
     #[test]
@@ -345,9 +386,9 @@ mod tests {
         let mut s = sched(4, 6);
         s.push(job(1, 9));
         s.push(job(2, 1));
-        assert!(s.next_batch(1).is_empty(), "never while others run");
-        assert_eq!(ids(&s.next_batch(0)), vec![1]);
-        assert_eq!(ids(&s.next_batch(0)), vec![2]);
+        assert!(s.next_batch(1, 0).is_empty(), "never while others run");
+        assert_eq!(ids(&s.next_batch(0, 0)), vec![1]);
+        assert_eq!(ids(&s.next_batch(0, 0)), vec![2]);
     }
 
     #[test]
@@ -376,7 +417,7 @@ mod tests {
         let gone = s.reap(t0 + Duration::from_millis(10));
         let got: Vec<_> = gone.iter().map(|(j, r)| (j.id, *r)).collect();
         assert_eq!(got, vec![(1, Reaped::Deadline)]);
-        assert_eq!(ids(&s.next_batch(0)), vec![2, 5]);
+        assert_eq!(ids(&s.next_batch(0, 0)), vec![2, 5]);
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub enum JobInput {
 }
 
 impl JobInput {
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             JobInput::Pixels(v) | JobInput::Embeddings(v) => v.len(),
         }
@@ -62,6 +62,8 @@ pub struct Job {
     pub priority: i32,
     /// Where a streamed request's text goes as it is decoded (greedy and sampling).
     pub stream: Option<tokio::sync::mpsc::UnboundedSender<Delta>>,
+    /// The KV cache it needs while decoding (admission counts these against the budget).
+    pub kv_bytes: u64,
 }
 
 impl Schedulable for Job {
@@ -77,11 +79,14 @@ impl Schedulable for Job {
     fn priority(&self) -> i32 {
         self.priority
     }
+    fn kv_bytes(&self) -> u64 {
+        self.kv_bytes
+    }
 }
 
 /// What the worker can be asked to do.
 pub enum Command {
-    Caption(Job),
+    Caption(Box<Job>),
     /// Serve `bundle` as `name` from now on (requests already running finish on the old one).
     Install {
         name: String,
@@ -109,6 +114,11 @@ pub enum Fault {
     PanicInStep = 1,
     /// Panic outside the recovery boundary (the worker thread dies).
     KillWorker = 2,
+    /// The next request joining a decode runs out of device memory (only it fails).
+    OomInJoin = 3,
+    /// The next decode step hits a device error that does not go away (the engine goes
+    /// unready).
+    DeviceErrorInStep = 4,
 }
 
 /// Liveness, shared with every engine handle.
@@ -122,6 +132,9 @@ pub struct Health {
     pub(crate) fault: AtomicU8,
     /// Caption requests sent to the worker and not yet taken by it (tests wait on this).
     pub(crate) in_channel: std::sync::atomic::AtomicUsize,
+    /// A device error that does not go away (not an out-of-memory) was seen: every later
+    /// request would fail too, so the engine reports itself unready.
+    pub(crate) device_failed: std::sync::Mutex<Option<String>>,
     /// A test's hold on the worker.
     gate: std::sync::Mutex<Gate>,
     gate_changed: std::sync::Condvar,
@@ -150,6 +163,7 @@ impl Health {
             loading: AtomicBool::new(true),
             fault: AtomicU8::new(Fault::None as u8),
             in_channel: std::sync::atomic::AtomicUsize::new(0),
+            device_failed: std::sync::Mutex::new(None),
             gate: std::sync::Mutex::new(Gate::default()),
             gate_changed: std::sync::Condvar::new(),
         }
@@ -296,6 +310,7 @@ struct Running {
     image_ids: Vec<u64>,
     /// The bundle whose decoder holds its rows (positions in `decoders` shift).
     bundle: Arc<Bundle>,
+    kv_bytes: u64,
 }
 
 impl Schedulable for Running {
@@ -504,6 +519,10 @@ impl Worker {
             };
             if let Some(msg) = failure {
                 tracing::error!(error = %msg, "inference failed; failing running requests");
+                if is_sticky_device_error(&msg) {
+                    *self.shared.health.device_failed.lock().unwrap() =
+                        Some(msg.lines().next().unwrap_or("").to_string());
+                }
                 self.fail_running(&msg);
             }
             let models = &self.models;
@@ -577,7 +596,7 @@ impl Worker {
         match cmd {
             Command::Caption(job) => {
                 self.shared.health.in_channel.fetch_sub(1, Ordering::AcqRel);
-                self.scheduler.push(job)
+                self.scheduler.push(*job)
             }
             Command::Install {
                 name,
@@ -637,7 +656,8 @@ impl Worker {
     /// Encodes what the scheduler picks (one encoder forward per model) and adds it to the
     /// decoders.
     fn start_next(&mut self) -> anyhow::Result<()> {
-        let batch = self.scheduler.next_batch(self.running_images());
+        let running_kv = self.running.values().map(|r| r.kv_bytes).sum();
+        let batch = self.scheduler.next_batch(self.running_images(), running_kv);
         self.shared.admission.release(batch.len());
         let mut by_model: Vec<(Arc<Bundle>, u64, Vec<Job>)> = vec![];
         for job in batch {
@@ -839,6 +859,7 @@ impl Worker {
                     deadline: job.deadline,
                     image_ids: ids,
                     bundle: model.clone(),
+                    kv_bytes: job.kv_bytes,
                 },
             );
         }
@@ -846,7 +867,31 @@ impl Worker {
             let idx = tch::Tensor::from_slice(&rows).to_device(emb.device());
             let sub = emb.index_select(0, &idx);
             let ids: Vec<u64> = images.iter().map(|i| i.id).collect();
-            let done = self.decoders[di].join(&sub, &opts, images)?;
+            // A join that runs out of memory fails its own requests only: the decoder's state
+            // changes after the prefill has its memory, and the running rows go on.
+            let health = self.shared.health.clone();
+            let decoder = &mut self.decoders[di];
+            let joined = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                if health.take_fault(Fault::OomInJoin) {
+                    panic!("CUDA out of memory. Tried to allocate 2.00 GiB (injected fault)");
+                }
+                decoder.join(&sub, &opts, images)
+            }));
+            let joined = match joined {
+                Ok(r) => r.map_err(|e| format!("{e:#}")),
+                Err(p) => Err(panic_text(p)),
+            };
+            let done = match joined {
+                Ok(done) => done,
+                Err(msg) if is_out_of_memory(&msg) => {
+                    for id in &ids {
+                        self.decoders[di].cancel(*id);
+                    }
+                    self.fail_images(&ids, &msg);
+                    continue;
+                }
+                Err(msg) => return Err(anyhow::anyhow!(msg)),
+            };
             let tokens = self.decoders[di].take_streamed();
             self.stream_out(&model, tokens);
             let rows_now = self.decoders[di].rows();
@@ -875,6 +920,9 @@ impl Worker {
                 .observe(self.decoders[i].images() as f64);
             m.decode_cohorts.observe(self.decoders[i].cohorts() as f64);
             m.generated_tokens.inc_by(rows as u64);
+            if self.shared.health.take_fault(Fault::DeviceErrorInStep) {
+                panic!("CUDA error: an illegal memory access was encountered (injected fault)");
+            }
             let done = self.decoders[i].step()?;
             let tokens = self.decoders[i].take_streamed();
             let model = self.decoders[i].model().clone();
@@ -932,6 +980,31 @@ impl Worker {
         }
     }
 
+    /// Fails the requests that own `images` (a join that ran out of memory), with a 503 to
+    /// retry: the rest of the batch goes on.
+    fn fail_images(&mut self, images: &[u64], msg: &str) {
+        tracing::warn!(error = %msg, "a joining request ran out of device memory; it alone fails");
+        let jobs: Vec<u64> = images
+            .iter()
+            .filter_map(|id| self.images.remove(id).map(|s| s.job))
+            .collect();
+        for job in jobs {
+            if let Some(mut r) = self.running.remove(&job) {
+                for id in &r.image_ids {
+                    self.images.remove(id);
+                }
+                self.shared
+                    .metrics
+                    .count_images(&r.model, "error", r.image_ids.len());
+                if let Some(reply) = r.reply.take() {
+                    let _ = reply.send(Err(EngineError::OutOfMemory(
+                        msg.lines().next().unwrap_or("").to_string(),
+                    )));
+                }
+            }
+        }
+    }
+
     /// Fails every running request (their decoder state may be broken) and starts over with
     /// empty decoders; queued requests are untouched.
     fn fail_running(&mut self, msg: &str) {
@@ -947,6 +1020,25 @@ impl Worker {
         let models: Vec<_> = self.decoders.iter().map(|d| d.model().clone()).collect();
         self.decoders = models.into_iter().map(Decoder::new).collect();
     }
+}
+
+/// A panic's message.
+fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
+}
+
+/// libtorch's out-of-memory errors (CUDA's caching allocator, and the CPU's).
+fn is_out_of_memory(msg: &str) -> bool {
+    msg.contains("out of memory") || msg.contains("DefaultCPUAllocator: can't allocate")
+}
+
+/// A CUDA error that poisons the context: every later kernel fails too (unlike running out of
+/// memory, which the next, smaller request survives).
+fn is_sticky_device_error(msg: &str) -> bool {
+    (msg.contains("CUDA error") || msg.contains("cudaError")) && !is_out_of_memory(msg)
 }
 
 fn reaped_error(why: Reaped, queued: bool) -> EngineError {

@@ -149,7 +149,8 @@ impl From<EngineError> for ApiError {
             | EngineError::Aborted
             | EngineError::NoModel
             | EngineError::ModelChanged(_)
-            | EngineError::Cancelled => ApiError::Unavailable(text),
+            | EngineError::Cancelled
+            | EngineError::OutOfMemory(_) => ApiError::Unavailable(text),
             EngineError::UnknownModel { .. } => ApiError::option("model", text),
             EngineError::Deadline(_) => ApiError::DeadlineExceeded(text),
             EngineError::NoImages => ApiError::Malformed(text),
@@ -160,6 +161,7 @@ impl From<EngineError> for ApiError {
                 _ => ApiError::InvalidImage(text),
             },
             EngineError::Embedding { .. } => ApiError::option("embedding", text),
+            EngineError::KvBudget { .. } => ApiError::TooLarge(text),
             EngineError::InvalidOption(o) => ApiError::option(o.field, o.message),
             EngineError::Load { .. } => ApiError::option("path", text),
             EngineError::NotLoaded(_) => ApiError::NotFound(text),

@@ -172,6 +172,7 @@ pub fn engine_for(cfg: &Config, registry: &prometheus::Registry) -> Result<Engin
             continuous: i.continuous_batching,
             max_running_images: i.max_running_images,
             queue_capacity: i.queue_capacity,
+            kv_budget_bytes: i.kv_cache_bytes,
         },
         max_pixels: i.max_pixels,
         preprocess_threads: i.preprocess_threads,

@@ -33,8 +33,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use utoipa::ToSchema;
 
 pub fn routes(state: AppState) -> Router<AppState> {
@@ -451,12 +450,7 @@ pub(crate) async fn chat_completions(
     State(st): State<AppState>,
     req: Request<Body>,
 ) -> Result<Response, ApiError> {
-    let t0 = Instant::now();
-    let server_deadline = (st.cfg.server.request_timeout_ms > 0)
-        .then(|| t0 + Duration::from_millis(st.cfg.server.request_timeout_ms));
-    if st.draining.load(Ordering::Relaxed) {
-        return Err(ApiError::Unavailable("the server is shutting down".into()));
-    }
+    let (t0, server_deadline) = crate::serve::routes::begin(&st)?;
     let (parts, body) = req.into_parts();
     let mime = parts
         .headers

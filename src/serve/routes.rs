@@ -176,12 +176,7 @@ pub(crate) async fn caption(
     State(st): State<AppState>,
     req: Request<Body>,
 ) -> Result<Response, ApiError> {
-    let t0 = Instant::now();
-    let deadline = (st.cfg.server.request_timeout_ms > 0)
-        .then(|| t0 + Duration::from_millis(st.cfg.server.request_timeout_ms));
-    if st.draining.load(Ordering::Relaxed) {
-        return Err(ApiError::Unavailable("the server is shutting down".into()));
-    }
+    let (t0, deadline) = begin(&st)?;
     let (parts, body) = req.into_parts();
     check_api_key(&st, &parts.headers)?;
     let mut raw = RawOptions::default();
@@ -206,6 +201,18 @@ pub(crate) async fn caption(
         .await?;
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
     Ok(caption_response(out, n_images, total_ms, &opts))
+}
+
+/// A caption request's start, on either door: its arrival, the server's deadline for it
+/// (`request_timeout_ms`), or 503 while the server drains.
+pub(crate) fn begin(st: &AppState) -> Result<(Instant, Option<Instant>), ApiError> {
+    let t0 = Instant::now();
+    if st.draining.load(Ordering::Relaxed) {
+        return Err(ApiError::Unavailable("the server is shutting down".into()));
+    }
+    let deadline = (st.cfg.server.request_timeout_ms > 0)
+        .then(|| t0 + Duration::from_millis(st.cfg.server.request_timeout_ms));
+    Ok((t0, deadline))
 }
 
 /// One caption and its score (mean log-probability per generated token).
@@ -340,7 +347,7 @@ pub(crate) async fn ready(State(st): State<AppState>) -> Response {
     let draining = st.draining.load(Ordering::Relaxed);
     let ok = r.ready() && !draining;
     let body = json!({"ready": ok, "models": r.models, "loading": r.loading, "worker_alive": r.worker_alive,
-        "worker_answering": r.worker_answering, "draining": draining});
+        "worker_answering": r.worker_answering, "draining": draining, "device_error": r.device_error});
     let status = if ok {
         StatusCode::OK
     } else {
@@ -392,6 +399,7 @@ pub(crate) async fn info(
             "max_batch_delay_ms": c.inference.max_batch_delay_ms,
             "continuous_batching": c.inference.continuous_batching,
             "max_running_images": c.inference.max_running_images,
+            "kv_cache_bytes": c.inference.kv_cache_bytes,
         },
         "admin_enabled": !c.auth.admin_token.is_empty(),
         "api_key_required": !c.auth.api_key.is_empty(),
