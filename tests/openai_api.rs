@@ -301,26 +301,13 @@ fn image_urls_are_fetched_only_from_allowed_hosts_and_never_from_private_ones_un
         inline["choices"][0]["message"]["content"]
     );
     assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
-    let (status, v) = post(
-        &private,
-        "/v1/chat/completions",
-        &chat(&format!("http://{host}/moved")),
-        None,
-    );
-    assert_eq!(status, 400, "{v}");
-    assert!(
-        v["error"]["message"].as_str().unwrap().contains("redirect"),
-        "{v}"
-    );
-    let (status, v) = post(
-        &private,
-        "/v1/chat/completions",
-        &chat(&format!("http://{host}/gone.png")),
-        None,
-    );
-    assert_eq!(status, 400, "{v}");
-    assert!(
-        v["error"]["message"].as_str().unwrap().contains("404"),
-        "{v}"
-    );
+    for (path, why) in [("/moved", "redirect"), ("/gone.png", "404")] {
+        let url = format!("http://{host}{path}");
+        let (status, v) = post(&private, "/v1/chat/completions", &chat(&url), None);
+        assert_eq!(status, 400, "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(why),
+            "{path}: {v}"
+        );
+    }
 }

@@ -377,12 +377,7 @@ impl Engine {
         opts: GenOptions,
         params: RequestParams,
     ) -> Result<CaptionOutput, EngineError> {
-        if images.is_empty() {
-            return Err(EngineError::NoImages);
-        }
-        check_prompt(model, &opts)?;
-        // Refused before its images are decoded.
-        self.check_kv(model, &opts, images.len())?;
+        self.check_request(model, &opts, images.len())?;
         let deadline = params.deadline;
         let work = async {
             // A place in the queue first: an overloaded server refuses before decoding images.
@@ -409,11 +404,7 @@ impl Engine {
         opts: GenOptions,
         params: RequestParams,
     ) -> Result<CaptionStream, EngineError> {
-        if images.is_empty() {
-            return Err(EngineError::NoImages);
-        }
-        check_prompt(model, &opts)?;
-        self.check_kv(model, &opts, images.len())?;
+        self.check_request(model, &opts, images.len())?;
         let slot = self.reserve_slot()?;
         let t0 = Instant::now();
         let pixels = by_deadline(params.deadline, self.preprocess(model, images)).await?;
@@ -545,6 +536,21 @@ impl Engine {
             kv_bytes: 0,
         };
         (job, rx, cancel)
+    }
+
+    /// What is refused before a request's images are decoded: no image, a prompt too long,
+    /// more KV cache than the budget.
+    fn check_request(
+        &self,
+        model: &ModelInfo,
+        opts: &GenOptions,
+        images: usize,
+    ) -> Result<(), EngineError> {
+        if images == 0 {
+            return Err(EngineError::NoImages);
+        }
+        check_prompt(model, opts)?;
+        self.check_kv(model, opts, images).map(|_| ())
     }
 
     /// The KV cache bytes a request of `images` needs, refused when it alone exceeds the
