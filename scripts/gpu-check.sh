@@ -136,7 +136,8 @@ if grep -q "it runs in f32" "$WORK/openai-clip-$DEV-$HALF.log" 2>/dev/null; then
 fi
 
 # A burst through the server in the half type, with mixed options on both doors.
-PORT=18977
+# A free loopback port (a fixed one may be taken on a shared machine).
+PORT="${GPU_CHECK_PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 "$BIN" serve --model "b=$B" --bind 127.0.0.1:$PORT --device "$DEV" --dtype "$HALF" > "$WORK/serve.log" 2>&1 &
 SERVER=$!
 for _ in $(seq 1 300); do curl -fs "http://127.0.0.1:$PORT/ready" >/dev/null 2>&1 && break; sleep 0.2; done
