@@ -4,6 +4,8 @@
 #![allow(clippy::arc_with_non_send_sync)] // bundles stay on the test thread
 mod common;
 
+use clipcap::device::{DeviceChoice, DtypeChoice};
+use clipcap::engine::Engine;
 use clipcap::generate::caption_embeddings;
 use clipcap::model::bundle::Bundle;
 use clipcap::options::{GenOptions, Strategy};
@@ -156,12 +158,24 @@ fn the_cli_captions_in_bf16_on_the_cpu() {
         let v: serde_json::Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
         v
     };
-    for dtype in ["bf16", "f16"] {
+    // The command line's caption is the engine's, in the same dtype on the same image.
+    let bytes = std::fs::read(&img).unwrap();
+    for (dtype, choice) in [("bf16", DtypeChoice::Bf16), ("f16", DtypeChoice::F16)] {
         let v = run(dtype);
-        assert!(
-            v["captions"][0]["text"]
-                .as_str()
-                .is_some_and(|t| !t.is_empty()),
+        let (engine, model) =
+            Engine::local(bundle_dir(), DeviceChoice::Cpu, choice, 1, 40_000_000).unwrap();
+        let o = GenOptions {
+            max_tokens: 12,
+            ..model.generation.clone()
+        };
+        let want = engine
+            .caption_blocking(&model, std::slice::from_ref(&bytes), o)
+            .unwrap();
+        engine.shutdown();
+        assert_eq!(model.dtype, dtype);
+        assert_eq!(
+            v["captions"][0]["text"].as_str().unwrap(),
+            want.images[0].captions[0].text,
             "{dtype}: {v}"
         );
     }

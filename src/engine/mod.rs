@@ -377,7 +377,7 @@ impl Engine {
         opts: GenOptions,
         params: RequestParams,
     ) -> Result<CaptionOutput, EngineError> {
-        self.check_request(model, &opts, images.len())?;
+        let kv = self.check_request(model, &opts, images.len())?;
         let deadline = params.deadline;
         let work = async {
             // A place in the queue first: an overloaded server refuses before decoding images.
@@ -386,7 +386,14 @@ impl Engine {
             let pixels = self.preprocess(model, images).await?;
             let preprocess_ms = t0.elapsed().as_secs_f64() * 1e3;
             let mut out = self
-                .submit_and_wait(model, JobInput::Pixels(pixels), opts, params, Some(slot))
+                .submit_and_wait(
+                    model,
+                    JobInput::Pixels(pixels),
+                    opts,
+                    params,
+                    kv,
+                    Some(slot),
+                )
                 .await?;
             out.preprocess_ms = preprocess_ms;
             Ok(out)
@@ -404,15 +411,15 @@ impl Engine {
         opts: GenOptions,
         params: RequestParams,
     ) -> Result<CaptionStream, EngineError> {
-        self.check_request(model, &opts, images.len())?;
+        let kv = self.check_request(model, &opts, images.len())?;
         let slot = self.reserve_slot()?;
         let t0 = Instant::now();
         let pixels = by_deadline(params.deadline, self.preprocess(model, images)).await?;
         let preprocess_ms = t0.elapsed().as_secs_f64() * 1e3;
         let (tx, deltas) = tokio::sync::mpsc::unbounded_channel();
-        let (mut job, result, cancel) = Self::job(model, JobInput::Pixels(pixels), opts, params);
+        let (mut job, result, cancel) =
+            Self::job(model, JobInput::Pixels(pixels), opts, params, kv);
         job.stream = Some(tx);
-        job.kv_bytes = self.check_kv(model, &job.opts, job.input.len())?;
         let aborted = self.inner.aborted.subscribe();
         self.submit(job, Some(slot))?;
         Ok(CaptionStream {
@@ -437,10 +444,7 @@ impl Engine {
         images: &[Vec<u8>],
         opts: GenOptions,
     ) -> Result<CaptionOutput, EngineError> {
-        if images.is_empty() {
-            return Err(EngineError::NoImages);
-        }
-        check_prompt(model, &opts)?;
+        let kv = self.check_request(model, &opts, images.len())?;
         let t0 = Instant::now();
         let cfg = self.preprocess_config(model);
         let mut pixels = Vec::with_capacity(images.len());
@@ -451,7 +455,7 @@ impl Engine {
             pixels.push(r.map_err(|error| EngineError::Image { index, error })?);
         }
         let preprocess_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let mut out = self.submit_blocking(model, JobInput::Pixels(pixels), opts)?;
+        let mut out = self.submit_blocking(model, JobInput::Pixels(pixels), opts, kv)?;
         out.preprocess_ms = preprocess_ms;
         Ok(out)
     }
@@ -464,10 +468,7 @@ impl Engine {
         rows: Vec<Vec<f32>>,
         opts: GenOptions,
     ) -> Result<CaptionOutput, EngineError> {
-        if rows.is_empty() {
-            return Err(EngineError::NoImages);
-        }
-        check_prompt(model, &opts)?;
+        let kv = self.check_request(model, &opts, rows.len())?;
         let want = model.embedding_dim as usize;
         if let Some(index) = rows.iter().position(|r| r.len() != want) {
             return Err(EngineError::Embedding {
@@ -476,7 +477,7 @@ impl Engine {
                 want,
             });
         }
-        self.submit_blocking(model, JobInput::Embeddings(rows), opts)
+        self.submit_blocking(model, JobInput::Embeddings(rows), opts, kv)
     }
 
     /// Decodes and resizes on blocking threads, a bounded number at a time, in order.
@@ -515,6 +516,7 @@ impl Engine {
         input: JobInput,
         opts: GenOptions,
         params: RequestParams,
+        kv_bytes: u64,
     ) -> (
         Job,
         tokio::sync::oneshot::Receiver<Result<CaptionOutput, EngineError>>,
@@ -533,37 +535,23 @@ impl Engine {
             reply,
             priority: params.priority,
             stream: None,
-            kv_bytes: 0,
+            kv_bytes,
         };
         (job, rx, cancel)
     }
 
     /// What is refused before a request's images are decoded: no image, a prompt too long,
-    /// more KV cache than the budget.
+    /// more KV cache than the budget. Returns the KV cache bytes the request needs.
     fn check_request(
         &self,
         model: &ModelInfo,
         opts: &GenOptions,
         images: usize,
-    ) -> Result<(), EngineError> {
+    ) -> Result<u64, EngineError> {
         if images == 0 {
             return Err(EngineError::NoImages);
         }
-        check_prompt(model, opts)?;
-        self.check_kv(model, opts, images).map(|_| ())
-    }
-
-    /// The KV cache bytes a request of `images` needs, refused when it alone exceeds the
-    /// budget.
-    fn check_kv(
-        &self,
-        model: &ModelInfo,
-        opts: &GenOptions,
-        images: usize,
-    ) -> Result<u64, EngineError> {
-        let prompt = crate::model::bundle::encode_prompt(&model.tokenizer, &opts.prompt)
-            .map(|t| t.len())
-            .unwrap_or(0) as i64;
+        let prompt = prompt_tokens(model, opts)? as i64;
         let need = kv_bytes(model, opts, prompt).saturating_mul(images as u64);
         let budget = self.inner.kv_budget_bytes;
         if budget > 0 && need > budget {
@@ -607,10 +595,10 @@ impl Engine {
         input: JobInput,
         opts: GenOptions,
         params: RequestParams,
+        kv_bytes: u64,
         slot: Option<Slot>,
     ) -> Result<CaptionOutput, EngineError> {
-        let (mut job, rx, cancel) = Self::job(model, input, opts, params);
-        job.kv_bytes = self.check_kv(model, &job.opts, job.input.len())?;
+        let (job, rx, cancel) = Self::job(model, input, opts, params, kv_bytes);
         let mut aborted = self.inner.aborted.subscribe();
         self.submit(job, slot)?;
         let mut guard = CancelOnDrop {
@@ -632,9 +620,9 @@ impl Engine {
         model: &ModelInfo,
         input: JobInput,
         opts: GenOptions,
+        kv_bytes: u64,
     ) -> Result<CaptionOutput, EngineError> {
-        let (mut job, rx, _cancel) = Self::job(model, input, opts, RequestParams::default());
-        job.kv_bytes = self.check_kv(model, &job.opts, job.input.len())?;
+        let (job, rx, _cancel) = Self::job(model, input, opts, RequestParams::default(), kv_bytes);
         self.submit(job, None)?;
         rx.blocking_recv().unwrap_or(Err(EngineError::Stopped))
     }
@@ -826,12 +814,12 @@ impl Engine {
     }
 }
 
-/// Refuses a prompt longer than [`crate::options::MAX_PROMPT_TOKENS`] tokens of `model`'s
-/// tokenizer, before it queues.
-fn check_prompt(model: &ModelInfo, opts: &GenOptions) -> Result<(), EngineError> {
+/// The prompt's length in `model`'s tokens; a prompt longer than
+/// [`crate::options::MAX_PROMPT_TOKENS`] is refused.
+pub fn prompt_tokens(model: &ModelInfo, opts: &GenOptions) -> Result<usize, EngineError> {
     use crate::options::{OptionError, MAX_PROMPT_TOKENS};
     if opts.prompt.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let tokens =
         crate::model::bundle::encode_prompt(&model.tokenizer, &opts.prompt).map_err(|e| {
@@ -846,7 +834,7 @@ fn check_prompt(model: &ModelInfo, opts: &GenOptions) -> Result<(), EngineError>
             message: format!("{} tokens; at most {MAX_PROMPT_TOKENS}", tokens.len()),
         }));
     }
-    Ok(())
+    Ok(tokens.len())
 }
 
 /// The KV cache one image of `model` needs with `opts`: keys and values for every row

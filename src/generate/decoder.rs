@@ -315,7 +315,12 @@ impl Decoder {
         if let Some(r) = &reorder {
             parts.push(r.shallow_clone());
         }
-        let host: Vec<i64> = Vec::try_from(Tensor::cat(&parts, 0).to_device(Device::Cpu))?;
+        // One part (the common case) is read as it is, without a concatenation.
+        let all = match parts.len() {
+            1 => parts.pop().unwrap(),
+            _ => Tensor::cat(&parts, 0),
+        };
+        let host: Vec<i64> = Vec::try_from(all.to_device(Device::Cpu))?;
         let (flags, rest) = host.split_at(n_flags);
         let (mut lasts, reorder) = rest.split_at(n_streamed);
         for &i in &streaming {

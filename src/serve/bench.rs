@@ -190,30 +190,27 @@ fn default_headers(a: &BenchArgs) -> Result<reqwest::header::HeaderMap> {
     Ok(h)
 }
 
-/// What one request of a level sends.
+/// What the requests of a level send: request `i` posts `bodies[i % len]` to `url`.
 #[derive(Clone)]
-enum Target {
-    Caption {
-        url: String,
-        images: Arc<Vec<Vec<u8>>>,
-    },
-    Openai {
-        url: String,
-        bodies: Arc<Vec<Vec<u8>>>,
-    },
+struct Target {
+    url: String,
+    content_type: &'static str,
+    bodies: Arc<Vec<Vec<u8>>>,
 }
 
 impl Target {
     fn new(a: &BenchArgs, api: Api, images: &Arc<Vec<Vec<u8>>>) -> Result<Self> {
         let base = a.url.trim_end_matches('/');
         Ok(match api {
-            Api::Caption => Target::Caption {
+            // The raw image bodies; the options in the query string.
+            Api::Caption => Target {
                 url: if a.query.is_empty() {
                     format!("{base}/caption")
                 } else {
                     format!("{base}/caption?{}", a.query)
                 },
-                images: images.clone(),
+                content_type: "image/png",
+                bodies: images.clone(),
             },
             Api::Openai => {
                 use base64::Engine as _;
@@ -239,8 +236,9 @@ impl Target {
                         body.to_string().into_bytes()
                     })
                     .collect();
-                Target::Openai {
+                Target {
                     url: format!("{base}/v1/chat/completions"),
+                    content_type: "application/json",
                     bodies: Arc::new(bodies),
                 }
             }
@@ -248,24 +246,12 @@ impl Target {
     }
 
     async fn send(&self, client: &reqwest::Client, i: usize) -> Result<()> {
-        let r = match self {
-            Target::Caption { url, images } => {
-                client
-                    .post(url)
-                    .header("content-type", "image/png")
-                    .body(images[i % images.len()].clone())
-                    .send()
-                    .await?
-            }
-            Target::Openai { url, bodies } => {
-                client
-                    .post(url)
-                    .header("content-type", "application/json")
-                    .body(bodies[i % bodies.len()].clone())
-                    .send()
-                    .await?
-            }
-        };
+        let r = client
+            .post(&self.url)
+            .header("content-type", self.content_type)
+            .body(self.bodies[i % self.bodies.len()].clone())
+            .send()
+            .await?;
         if !r.status().is_success() {
             let status = r.status();
             let body = r.text().await.unwrap_or_default();

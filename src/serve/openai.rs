@@ -159,14 +159,11 @@ pub struct ModelList {
 /// What a chat request asks for, parsed and checked.
 struct Chat {
     model: Option<String>,
-    image: ImageRef,
+    /// The image's URL (a `data:` URI or an allowed `http://` URL).
+    image_url: String,
     raw: RawOptions,
     stream: bool,
     include_usage: bool,
-}
-
-enum ImageRef {
-    Url(String),
 }
 
 /// OpenAI parameters clipcap does not implement: refused unless at their defaults.
@@ -337,7 +334,7 @@ fn parse_chat(body: &[u8]) -> Result<Chat, ApiError> {
     }
     Ok(Chat {
         model,
-        image: ImageRef::Url(url),
+        image_url: url,
         raw,
         stream,
         include_usage,
@@ -481,12 +478,8 @@ pub(crate) async fn chat_completions(
         })?;
     let opts = chat.raw.resolve(&model.generation)?;
     let params = chat.raw.scheduling()?.params(t0, server_deadline);
-    let ImageRef::Url(url) = &chat.image;
-    let image: Bytes = crate::serve::image_url::load(url, &st.cfg.server).await?;
-    let prompt_tokens = model.prefix_length as usize
-        + crate::model::bundle::encode_prompt(&model.tokenizer, &opts.prompt)
-            .map(|t| t.len())
-            .unwrap_or(0);
+    let image: Bytes = crate::serve::image_url::load(&chat.image_url, &st.cfg.server).await?;
+    let prompt_tokens = model.prefix_length as usize + crate::engine::prompt_tokens(&model, &opts)?;
     let meta = Meta {
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         created: crate::train::jobs::now(),
@@ -789,8 +782,7 @@ mod tests {
     #[test]
     fn the_last_user_message_gives_the_image_and_the_prompt() {
         let c = parse(json!({"model": "m", "messages": image_msg(json!({"type": "text", "text": " A photo of "}))})).unwrap();
-        let ImageRef::Url(u) = &c.image;
-        assert_eq!(u, "data:image/png;base64,aGk=");
+        assert_eq!(c.image_url, "data:image/png;base64,aGk=");
         let o = c.raw.resolve(&Default::default()).unwrap();
         assert_eq!(o.prompt, "A photo of");
         assert_eq!(c.raw.model.as_deref(), Some("m"));
