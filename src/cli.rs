@@ -23,6 +23,9 @@ pub enum Command {
     Caption(CaptionArgs),
     /// Run the HTTP captioning server.
     Serve(Box<crate::serve::ServeArgs>),
+    /// Caption a dataset (a folder, JSON lines or OpenAI batch requests) into OpenAI's batch
+    /// output format: sharded, resumable, through the server's engine.
+    Batch(Box<crate::batch::BatchArgs>),
     /// Extract CLIP features of an image+caption dataset.
     Prepare(crate::train::prepare::PrepareArgs),
     /// Train a mapper (and optionally GPT-2) on prepared features.
@@ -110,6 +113,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Caption(a) => caption(a),
         Command::Serve(a) => crate::serve::run(*a),
+        Command::Batch(a) => crate::batch::command(*a),
         Command::Prepare(a) => crate::train::prepare::run(a),
         Command::Train(a) => crate::train::run(a),
         Command::Eval(a) => crate::eval::cli::eval(a),
@@ -144,33 +148,9 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// File names `clipcap caption` takes from a folder.
-const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"];
-
 /// The image paths the arguments name: files as given, folders searched recursively for
 /// image files (sorted), and `-` for paths read from stdin, one per line.
 fn image_paths(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    fn walk(dir: &std::path::Path, out: &mut Vec<PathBuf>) -> Result<()> {
-        let mut entries: Vec<(PathBuf, bool)> = std::fs::read_dir(dir)
-            .with_context(|| format!("reading folder {}", dir.display()))?
-            .filter_map(|e| e.ok())
-            // Folders are followed only when they are real ones: a symlink loop cannot recurse.
-            .map(|e| (e.path(), e.file_type().is_ok_and(|t| t.is_dir())))
-            .collect();
-        entries.sort();
-        for (p, is_dir) in entries {
-            if is_dir {
-                walk(&p, out)?;
-            } else if p
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-            {
-                out.push(p);
-            }
-        }
-        Ok(())
-    }
     let mut out = vec![];
     for a in args {
         if a.as_os_str() == "-" {
@@ -182,7 +162,7 @@ fn image_paths(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
                 }
             }
         } else if a.is_dir() {
-            walk(a, &mut out)?;
+            out.extend(crate::batch::input::image_files(a)?);
         } else {
             out.push(a.clone());
         }

@@ -37,8 +37,20 @@ pub struct ServerConfig {
     pub image_url_hosts: Vec<String>,
     pub image_url_allow_private: bool,
     pub image_url_timeout_ms: u64,
+    pub role: Role,
     pub log_format: LogFormat,
     pub log_level: String,
+}
+
+/// What a replica does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// Captions only: training routes answer 403.
+    #[serde(rename = "serve")]
+    Serve,
+    /// Captions, and runs training jobs when an admin token is set.
+    #[serde(rename = "serve+train")]
+    ServeAndTrain,
 }
 
 /// How log lines are written.
@@ -62,6 +74,8 @@ pub struct ModelsConfig {
     pub models: Vec<String>,
     pub default_model: String,
     pub served_record: String,
+    pub repository: String,
+    pub poll_interval_ms: u64,
     pub load_timeout_ms: u64,
 }
 
@@ -247,6 +261,7 @@ const OTHER_ENV: &[&str] = &[
     "CLIPCAP_PACKED_GEMM",
     "CLIPCAP_TEST_THREADS",
     "CLIPCAP_LIBTORCH_LIB",
+    "CLIPCAP_NUM_SHARDS",
 ];
 
 /// A warning for each `CLIPCAP_*` variable that names no setting (a typo does nothing

@@ -47,6 +47,39 @@ pub fn replace_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
     result
 }
 
+/// Puts the finished folder `tmp` in place of `out`. An old `out` is moved aside first and put
+/// back if the swap fails; its aside name is not a temporary's, so a crash between the two
+/// renames leaves it for the operator, never swept away. Readers may find `out` missing for
+/// that instant (a repository poller waits for a second look before it unloads).
+pub fn replace_dir(tmp: &Path, out: &Path) -> Result<()> {
+    if !out.exists() {
+        return rename_durable(tmp, out);
+    }
+    let old = out.with_file_name(format!(
+        ".{}.old-{}",
+        out.file_name().unwrap_or_default().to_string_lossy(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::rename(out, &old).with_context(|| format!("moving {} aside", out.display()))?;
+    if let Err(e) = rename_durable(tmp, out) {
+        let _ = std::fs::rename(&old, out);
+        return Err(e);
+    }
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// [`replace_with`] for a folder that may already exist: `write` fills the temporary folder,
+/// which [`replace_dir`] then puts in place.
+pub fn replace_with_dir(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = temp_path(path);
+    let result = write(&tmp).and_then(|()| replace_dir(&tmp, path));
+    if result.is_err() {
+        remove_any(&tmp);
+    }
+    result
+}
+
 fn remove_any(p: &Path) {
     if p.is_dir() {
         let _ = std::fs::remove_dir_all(p);

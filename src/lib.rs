@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! cli                       the `clipcap` command line: parses flags, calls the layers below
+//! batch                     offline captioning of datasets through the OpenAI door's formats
 //! serve  train  eval        the HTTP server · feature extraction, training, jobs · COCO metrics
 //! engine                    the one façade every door calls: models, scheduler, worker thread
 //! generate  model           decoding strategies over a KV cache · CLIP, mapper, GPT-2, bundles
@@ -21,6 +22,7 @@
 // shares it cheaply between that thread's decoders, never across threads.
 #![allow(clippy::arc_with_non_send_sync)]
 
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod device;

@@ -25,6 +25,10 @@ fn main() {
     if let Err(e) = clipcap::cli::run(cli) {
         // One clear line (with its causes), non-zero exit.
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        // `clipcap batch` tells a scheduler whether a rerun can help.
+        let code = e
+            .downcast_ref::<clipcap::batch::BatchError>()
+            .map_or(1, |b| b.exit_code());
+        std::process::exit(code);
     }
 }

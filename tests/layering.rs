@@ -8,6 +8,7 @@ use std::path::Path;
 /// Top to bottom, as drawn in src/lib.rs.
 const LAYERS: &[&[&str]] = &[
     &["cli"],
+    &["batch"],
     &["serve", "train", "eval", "synth"],
     &["engine"],
     &["generate", "model"],

@@ -866,3 +866,115 @@ fn train_warns_about_its_set_up_and_resume_names_what_changed() {
         "the bundle records the extended run: {text}"
     );
 }
+
+/// A fleet on one model repository: the trainer replica publishes what it trained into the
+/// repository, and a serve-only replica loads it at its next scan, byte for byte the same.
+#[test]
+fn a_trainer_publishes_into_the_repository_and_a_serving_replica_loads_it() {
+    let f = fixture();
+    let repo = f.root.join("repo");
+    std::fs::create_dir_all(repo.join("tiny")).unwrap();
+    for file in std::fs::read_dir(&f.base).unwrap() {
+        let file = file.unwrap();
+        std::fs::copy(file.path(), repo.join("tiny").join(file.file_name())).unwrap();
+    }
+    let repo_arg = repo.to_str().unwrap();
+    let trainer = Server::start(
+        &[
+            "--model-repository",
+            repo_arg,
+            "--poll-interval",
+            "1h",
+            "--data-root",
+            f.root.join("data").to_str().unwrap(),
+        ],
+        &[
+            ("CLIPCAP_ADMIN_TOKEN", TOKEN),
+            ("CLIPCAP_JOBS_DIR", f.root.join("jobs").to_str().unwrap()),
+            (
+                "CLIPCAP_BUNDLES_DIR",
+                f.root.join("models").to_str().unwrap(),
+            ),
+        ],
+    );
+    let replica = Server::start(
+        &[
+            "--model-repository",
+            repo_arg,
+            "--poll-interval",
+            "1h",
+            "--role",
+            "serve",
+        ],
+        &[("CLIPCAP_ADMIN_TOKEN", TOKEN)],
+    );
+    let id = start_job(
+        &trainer,
+        json!({"dataset": "ds", "output": "trained", "activate": true, "epochs": 2, "batch_size": 8, "seed": 1}),
+    );
+    let j = trainer.wait_for_job(TOKEN, &id, 600, |j| {
+        j["state"] != "queued" && j["state"] != "running"
+    });
+    assert_eq!(
+        (j["state"].as_str(), j["activated"].as_bool()),
+        (Some("succeeded"), Some(true)),
+        "{j}"
+    );
+    // Published: a complete bundle in the repository, no temporaries beside it.
+    for file in [
+        "clipcap.json",
+        "clip_image.pt",
+        "model.safetensors",
+        "tokenizer.json",
+    ] {
+        assert!(repo.join("trained").join(file).is_file(), "{file}");
+    }
+    let hidden: Vec<_> = std::fs::read_dir(&repo)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.file_name())
+        .collect();
+    assert!(hidden.is_empty(), "{hidden:?}");
+    let (status, report) = replica.admin("POST", "/admin/repository/scan", TOKEN);
+    assert_eq!(status, 200);
+    assert_eq!(report["loaded"], json!(["trained"]), "{report}");
+    let fingerprint = |s: &Server| -> Value {
+        let list: Value = reqwest::blocking::get(format!("{}/v1/models", s.url))
+            .unwrap()
+            .json()
+            .unwrap();
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == "trained")
+            .unwrap_or_else(|| panic!("trained is not served: {list}"))["repository"]["fingerprint"]
+            .clone()
+    };
+    assert!(fingerprint(&trainer).is_string());
+    assert_eq!(fingerprint(&trainer), fingerprint(&replica));
+    let caption = |s: &Server| -> String {
+        let v: Value = client()
+            .post(format!(
+                "{}/caption?model=trained&strategy=greedy&max_tokens=20",
+                s.url
+            ))
+            .header("content-type", "image/png")
+            .body(std::fs::read(&f.pairs[0].0).unwrap())
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        v["results"][0]["caption"].as_str().unwrap().to_string()
+    };
+    assert_eq!(caption(&trainer), caption(&replica));
+    // The replica does not train.
+    let r = client()
+        .post(format!("{}/train", replica.url))
+        .bearer_auth(TOKEN)
+        .json(&json!({"dataset": "ds", "output": "again"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 403);
+}

@@ -51,6 +51,25 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
+    /// The engine `[inference]` asks for (device and dtype resolved).
+    pub fn from_config(i: &crate::config::InferenceConfig) -> anyhow::Result<Self> {
+        let device = i.device.resolve()?;
+        Ok(EngineConfig {
+            device,
+            kind: i.dtype.resolve(device)?,
+            scheduler: SchedulerConfig {
+                max_batch_images: i.max_batch_images,
+                max_batch_delay: Duration::from_millis(i.max_batch_delay_ms),
+                continuous: i.continuous_batching,
+                max_running_images: i.max_running_images,
+                queue_capacity: i.queue_capacity,
+                kv_budget_bytes: i.kv_cache_bytes,
+            },
+            max_pixels: i.max_pixels,
+            preprocess_threads: i.preprocess_threads,
+        })
+    }
+
     pub fn new(device: Device, kind: Kind) -> Self {
         EngineConfig {
             device,
@@ -762,6 +781,29 @@ impl Engine {
             Ok(false) => Err(EngineError::NotLoaded(name.to_string())),
             Err(_) => Err(EngineError::Stopped),
         }
+    }
+
+    /// [`Engine::unload`] for callers without an async runtime.
+    pub fn unload_blocking(&self, name: &str) -> Result<(), EngineError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.inner
+            .tx
+            .send(Command::Unload {
+                name: name.to_string(),
+                reply,
+            })
+            .map_err(|_| EngineError::Stopped)?;
+        match rx.blocking_recv() {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(EngineError::NotLoaded(name.to_string())),
+            Err(_) => Err(EngineError::Stopped),
+        }
+    }
+
+    /// Makes the served model `name` the one requests without a model get; false if no model
+    /// of that name is served.
+    pub fn set_default(&self, name: &str) -> bool {
+        self.inner.registry.set_default(name)
     }
 
     /// Gives up on every waiting request (they get [`EngineError::Aborted`]) and refuses new

@@ -110,6 +110,16 @@ impl Registry {
         self.default_model.read().unwrap().clone()
     }
 
+    /// Makes `name` the default, if it is served.
+    pub(crate) fn set_default(&self, name: &str) -> bool {
+        let models = self.models.read().unwrap();
+        if !models.contains_key(name) {
+            return false;
+        }
+        *self.default_model.write().unwrap() = name.to_string();
+        true
+    }
+
     /// Records `info` (replacing its name's previous version); returns the replaced one.
     pub(crate) fn insert(&self, info: ModelInfo, make_default: bool) -> Option<ModelInfo> {
         let name = info.name.clone();

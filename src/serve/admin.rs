@@ -103,9 +103,13 @@ fn parse_part<T: serde::de::DeserializeOwned>(
 
 /// The job manager (present whenever admin routes are enabled).
 fn jobs(st: &AppState) -> Result<&std::sync::Arc<crate::train::jobs::JobManager>, ApiError> {
-    st.jobs
-        .as_ref()
-        .ok_or_else(|| ApiError::Forbidden("training is disabled on this server".into()))
+    st.jobs.as_ref().ok_or_else(|| {
+        ApiError::Forbidden(if st.cfg.server.role == crate::config::Role::Serve {
+            "training is disabled on this replica (role = \"serve\"); send it to the trainer".into()
+        } else {
+            "training is disabled on this server".into()
+        })
+    })
 }
 
 /// A name of letters, digits, '-', '_' and '.', not starting with '.'.
@@ -186,6 +190,8 @@ pub(crate) async fn start(
     State(st): State<AppState>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    // A replica that does not train says so before it reads the job.
+    let manager = jobs(&st)?;
     let value: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::Malformed(format!("invalid JSON: {e}")))?;
     let Some(fields) = value.as_object() else {
@@ -228,7 +234,7 @@ pub(crate) async fn start(
     spec.name = Some(req.output.clone());
     spec.validate().map_err(|(f, m)| ApiError::option(f, m))?;
     // A finished bundle is replaced only when asked; one being written never twice at once.
-    let job = jobs(&st)?.submit(
+    let job = manager.submit(
         req.dataset,
         req.output,
         base_model.name,

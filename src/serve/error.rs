@@ -130,6 +130,27 @@ impl ApiError {
         }
     }
 
+    /// What the client is told. A 500's detail (paths, panic text) is for the log, which
+    /// carries the request id; the client gets an opaque message and the x-request-id to quote.
+    pub fn info(&self) -> ErrorInfo {
+        let message = if let ApiError::Internal(_) = self {
+            "internal error; the server log has the details under this request's x-request-id"
+                .to_string()
+        } else {
+            self.to_string()
+        };
+        ErrorInfo {
+            message,
+            kind: self.kind(),
+            field: self.field().map(str::to_string),
+        }
+    }
+
+    /// This error as OpenAI's error object.
+    pub fn openai_body(&self) -> serde_json::Value {
+        self.info().openai_body(self.status())
+    }
+
     pub fn option(field: impl Into<String>, message: impl Into<String>) -> Self {
         ApiError::InvalidOption {
             field: field.into(),
@@ -184,24 +205,14 @@ impl From<crate::train::jobs::JobError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        // A 500's detail (paths, panic text) is for the log, which carries the request id;
-        // the client gets an opaque message and the x-request-id header to quote.
-        let shown = if let ApiError::Internal(detail) = &self {
+        if let ApiError::Internal(detail) = &self {
             tracing::error!(error = %detail, "request failed");
-            "internal error; the server log has the details under this request's x-request-id"
-                .to_string()
-        } else {
-            self.to_string()
-        };
-        let mut body = json!({"error": shown, "type": self.kind()});
+        }
+        let info = self.info();
+        let mut body = json!({"error": info.message, "type": self.kind()});
         if let Some(field) = self.field() {
             body["field"] = json!(field);
         }
-        let info = ErrorInfo {
-            message: shown,
-            kind: self.kind(),
-            field: self.field().map(str::to_string),
-        };
         let mut resp = (status, axum::Json(body)).into_response();
         resp.extensions_mut().insert(info);
         if matches!(

@@ -11,12 +11,13 @@ pub mod image_url;
 pub mod metrics;
 pub mod openai;
 pub mod openapi;
+pub mod repository;
 pub mod routes;
 pub mod served;
 pub mod validation;
 
-use crate::config::{parse_model_entry, Config};
-use crate::engine::{Engine, EngineConfig, SchedulerConfig};
+use crate::config::{parse_model_entry, Config, Role};
+use crate::engine::{Engine, EngineConfig};
 use crate::train::jobs::{JobManager, LocalTrainer};
 use anyhow::{Context, Result};
 use clap::Args;
@@ -53,6 +54,36 @@ pub struct ServeArgs {
     /// Log as JSON lines.
     #[arg(long = "log-json")]
     pub log_json: bool,
+    /// Serve every bundle in the subfolders of DIR (a model repository a fleet shares),
+    /// rescanned every --poll-interval.
+    #[arg(long = "model-repository")]
+    pub model_repository: Option<String>,
+    /// How often the model repository is scanned: 10s, 500ms, 2m, or seconds.
+    #[arg(long = "poll-interval", value_parser = parse_duration_ms)]
+    pub poll_interval_ms: Option<u64>,
+    /// serve+train (the default) or serve (captions only; no training jobs).
+    #[arg(long)]
+    pub role: Option<String>,
+}
+
+/// `10s`, `500ms`, `2m`, `1h` or a number of seconds, in milliseconds.
+pub fn parse_duration_ms(text: &str) -> std::result::Result<u64, String> {
+    let t = text.trim();
+    let (number, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1e3)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60e3)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3600e3)
+    } else {
+        (t, 1e3)
+    };
+    match number.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok((v * scale).round().max(1.0) as u64),
+        _ => Err(format!("{text:?} is not a duration (e.g. 10s, 500ms, 2m)")),
+    }
 }
 
 impl ServeArgs {
@@ -83,6 +114,15 @@ impl ServeArgs {
         if self.log_json {
             f.push(("log_format", Value::String("json".into())));
         }
+        if let Some(d) = &self.model_repository {
+            f.push(("repository", Value::String(d.clone())));
+        }
+        if let Some(ms) = self.poll_interval_ms {
+            f.push(("poll_interval_ms", Value::Integer(ms as i64)));
+        }
+        if let Some(r) = &self.role {
+            f.push(("role", Value::String(r.clone())));
+        }
         f
     }
 }
@@ -98,27 +138,54 @@ pub struct AppState {
     pub jobs: Option<Arc<JobManager>>,
     /// Models loaded or activated at run time, served again after a restart.
     pub served: Arc<served::ServedRecord>,
+    /// The model repository this replica serves, when it has one.
+    pub repository: Option<Arc<repository::Repository>>,
 }
 
 impl AppState {
     /// The state for `engine`, with a training job manager when admin routes are enabled.
     pub fn new(cfg: Arc<Config>, engine: Engine, http: Arc<HttpMetrics>) -> Result<Self> {
-        let served = Arc::new(served::ServedRecord::new(&cfg.models.served_record));
-        let jobs = if cfg.auth.admin_token.is_empty() {
-            None
+        let with_repository = !cfg.models.repository.is_empty();
+        // A repository is the record of what is served; without one, a file is.
+        let served = Arc::new(served::ServedRecord::new(if with_repository {
+            ""
         } else {
+            &cfg.models.served_record
+        }));
+        let repository = if with_repository {
+            Some(repository::Repository::new(
+                PathBuf::from(&cfg.models.repository),
+                engine.clone(),
+                cfg.models.default_model.clone(),
+                &http.registry,
+            )?)
+        } else {
+            None
+        };
+        let trains = !cfg.auth.admin_token.is_empty() && cfg.server.role == Role::ServeAndTrain;
+        let jobs = if trains {
             let device = cfg.inference.device.resolve()?;
-            // Trained-bundle folders half-written by a process that died.
+            // Trained-bundle folders half-written by a process that died (the one trainer
+            // also sweeps the repository it publishes into).
             crate::fsutil::sweep_temps(std::path::Path::new(&cfg.training.bundles_dir), 0);
+            let installer: Arc<dyn crate::train::jobs::ModelInstaller> = match &repository {
+                Some(r) => {
+                    crate::fsutil::sweep_temps(r.dir(), 0);
+                    Arc::new(repository::RepositoryInstaller(r.clone()))
+                }
+                None => Arc::new(served::RecordingInstaller {
+                    engine: engine.clone(),
+                    record: served.clone(),
+                }),
+            };
             Some(JobManager::open(
                 PathBuf::from(&cfg.training.jobs_dir),
                 Arc::new(LocalTrainer { device }),
-                Some(Arc::new(served::RecordingInstaller {
-                    engine: engine.clone(),
-                    record: served.clone(),
-                })),
+                Some(installer),
                 &http.registry,
             )?)
+        } else {
+            None
         };
         Ok(AppState {
             cfg,
@@ -127,14 +194,18 @@ impl AppState {
             draining: Arc::new(AtomicBool::new(false)),
             jobs,
             served,
+            repository,
         })
     }
 }
 
 /// The engine a configuration asks for (its models start loading at once, on the worker).
 pub fn engine_for(cfg: &Config, registry: &prometheus::Registry) -> Result<Engine> {
-    let device = cfg.inference.device.resolve()?;
-    let kind = cfg.inference.dtype.resolve(device)?;
+    let engine_cfg = EngineConfig::from_config(&cfg.inference)?;
+    if !cfg.models.repository.is_empty() {
+        // The repository's scans load the models (AppState::new, serve).
+        return Ok(Engine::start(engine_cfg, registry, vec![], String::new()));
+    }
     let configured: Vec<(String, PathBuf)> = cfg
         .models
         .models
@@ -162,21 +233,6 @@ pub fn engine_for(cfg: &Config, registry: &prometheus::Registry) -> Result<Engin
         tracing::info!(record = %cfg.models.served_record, "serving the recorded models too");
     }
     let default_model = recorded_default.unwrap_or_else(|| cfg.models.default_model.clone());
-    let i = &cfg.inference;
-    let engine_cfg = EngineConfig {
-        device,
-        kind,
-        scheduler: SchedulerConfig {
-            max_batch_images: i.max_batch_images,
-            max_batch_delay: Duration::from_millis(i.max_batch_delay_ms),
-            continuous: i.continuous_batching,
-            max_running_images: i.max_running_images,
-            queue_capacity: i.queue_capacity,
-            kv_budget_bytes: i.kv_cache_bytes,
-        },
-        max_pixels: i.max_pixels,
-        preprocess_threads: i.preprocess_threads,
-    };
     Ok(Engine::start(engine_cfg, registry, models, default_model))
 }
 
@@ -243,6 +299,11 @@ pub async fn serve(
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let app = app(state.clone());
+    if let Some(repo) = &state.repository {
+        let every = Duration::from_millis(state.cfg.models.poll_interval_ms);
+        tracing::info!(repository = %repo.dir().display(), poll_ms = every.as_millis() as u64, "serving a model repository");
+        repo.spawn_poller(every);
+    }
     tracing::info!(addr = %listener.local_addr()?, "listening");
     // Machine-readable line for scripts and tests that bind port 0.
     println!("clipcap listening on http://{}", listener.local_addr()?);

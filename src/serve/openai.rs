@@ -15,11 +15,12 @@
 //!   (the SDK's `extra_body`);
 //! - `stop`, penalties, `logprobs`, `logit_bias`, tools and response formats are refused
 //!   unless left at their defaults; `user`, `metadata`, `store` and the like are ignored.
-use crate::engine::{CaptionOutput, EngineError, StreamEvent};
+use crate::engine::{CaptionOutput, Engine, EngineError, ModelInfo, StreamEvent};
 use crate::generate::FinishReason;
+use crate::options::GenOptions;
 use crate::serve::error::{ApiError, ErrorInfo};
 use crate::serve::routes::check_api_key;
-use crate::serve::validation::{echo, RawOptions};
+use crate::serve::validation::{echo, RawOptions, Scheduling};
 use crate::serve::AppState;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -147,6 +148,10 @@ pub struct ModelCard {
     pub default: bool,
     /// clipcap's own: increments on every swap.
     pub version: u64,
+    /// clipcap's own, for models from a model repository: the state of its newest files
+    /// (`failed` with the error while an older version keeps serving).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repository: Option<crate::serve::repository::ModelStatus>,
 }
 
 /// `GET /v1/models`.
@@ -154,15 +159,20 @@ pub struct ModelCard {
 pub struct ModelList {
     pub object: String,
     pub data: Vec<ModelCard>,
+    /// clipcap's own: repository models that are not served (their bundle failed to load or
+    /// is incomplete, and no earlier version loaded).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unavailable: Vec<crate::serve::repository::ModelStatus>,
 }
 
 /// What a chat request asks for, parsed and checked.
-struct Chat {
-    model: Option<String>,
-    /// The image's URL (a `data:` URI or an allowed `http://` URL).
-    image_url: String,
-    raw: RawOptions,
-    stream: bool,
+pub(crate) struct Chat {
+    pub(crate) model: Option<String>,
+    /// The image's URL (a `data:` URI or an allowed `http://` URL; `clipcap batch` also takes
+    /// local paths).
+    pub(crate) image_url: String,
+    pub(crate) raw: RawOptions,
+    pub(crate) stream: bool,
     include_usage: bool,
 }
 
@@ -229,6 +239,11 @@ fn bad(field: impl Into<String>, message: impl Into<String>) -> ApiError {
 fn parse_chat(body: &[u8]) -> Result<Chat, ApiError> {
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::Malformed(format!("invalid JSON: {e}")))?;
+    parse_chat_value(v)
+}
+
+/// [`parse_chat`] of a body already parsed (a batch file's line).
+pub(crate) fn parse_chat_value(v: Value) -> Result<Chat, ApiError> {
     let Value::Object(map) = v else {
         return Err(ApiError::Malformed("the body must be a JSON object".into()));
     };
@@ -469,22 +484,14 @@ pub(crate) async fn chat_completions(
         .await
         .map_err(|e| ApiError::Malformed(format!("cannot read the body: {e}")))?;
     let chat = parse_chat(&body)?;
-    let model = st
-        .engine
-        .resolve(chat.model.as_deref())
-        .map_err(|e| match e {
-            EngineError::UnknownModel { .. } => ApiError::ModelNotFound(e.to_string()),
-            other => other.into(),
-        })?;
-    let opts = chat.raw.resolve(&model.generation)?;
-    let params = chat.raw.scheduling()?.params(t0, server_deadline);
+    let Prepared {
+        model,
+        opts,
+        scheduling,
+        meta,
+    } = prepare(&st.engine, &chat, None)?;
+    let params = scheduling.params(t0, server_deadline);
     let image: Bytes = crate::serve::image_url::load(&chat.image_url, &st.cfg.server).await?;
-    let prompt_tokens = model.prefix_length as usize + crate::engine::prompt_tokens(&model, &opts)?;
-    let meta = Meta {
-        id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
-        created: crate::train::jobs::now(),
-        prompt_tokens,
-    };
     if chat.stream {
         let stream = st
             .engine
@@ -510,11 +517,55 @@ pub(crate) async fn chat_completions(
     Ok(resp)
 }
 
+/// A chat request resolved against its model: what `/v1/chat/completions` and
+/// `clipcap batch` caption with.
+pub(crate) struct Prepared {
+    pub(crate) model: ModelInfo,
+    pub(crate) opts: GenOptions,
+    pub(crate) scheduling: Scheduling,
+    pub(crate) meta: Meta,
+}
+
+/// Resolves `chat`'s model and options (over `base`, else the model's defaults) and counts
+/// its prompt tokens; every refusal comes before any work.
+pub(crate) fn prepare(
+    engine: &Engine,
+    chat: &Chat,
+    base: Option<&GenOptions>,
+) -> Result<Prepared, ApiError> {
+    let model = engine.resolve(chat.model.as_deref()).map_err(|e| match e {
+        EngineError::UnknownModel { .. } => ApiError::ModelNotFound(e.to_string()),
+        other => other.into(),
+    })?;
+    let opts = chat.raw.resolve(base.unwrap_or(&model.generation))?;
+    let scheduling = chat.raw.scheduling()?;
+    let meta = Meta::new(&model, &opts)?;
+    Ok(Prepared {
+        model,
+        opts,
+        scheduling,
+        meta,
+    })
+}
+
 /// What every answer to one request shares.
-struct Meta {
+pub(crate) struct Meta {
     id: String,
     created: u64,
     prompt_tokens: usize,
+}
+
+impl Meta {
+    /// A new completion's id and time, and its prompt's length in tokens (the image prefix's
+    /// positions and the caption's beginning).
+    pub(crate) fn new(model: &ModelInfo, opts: &GenOptions) -> Result<Meta, ApiError> {
+        Ok(Meta {
+            id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+            created: crate::train::jobs::now(),
+            prompt_tokens: model.prefix_length as usize
+                + crate::engine::prompt_tokens(model, opts)?,
+        })
+    }
 }
 
 fn finish_name(f: FinishReason) -> &'static str {
@@ -547,7 +598,7 @@ fn usage(out: &CaptionOutput, meta: &Meta) -> Usage {
     }
 }
 
-fn completion(out: CaptionOutput, meta: &Meta) -> ChatCompletion {
+pub(crate) fn completion(out: CaptionOutput, meta: &Meta) -> ChatCompletion {
     let usage = usage(&out, meta);
     let choices = out
         .images
@@ -716,7 +767,7 @@ fn sse(
     resp
 }
 
-fn card(m: &crate::engine::ModelInfo, default: &str) -> ModelCard {
+fn card(st: &AppState, m: &crate::engine::ModelInfo, default: &str) -> ModelCard {
     ModelCard {
         id: m.name.clone(),
         object: "model".into(),
@@ -724,6 +775,10 @@ fn card(m: &crate::engine::ModelInfo, default: &str) -> ModelCard {
         owned_by: "clipcap".into(),
         default: m.name == default,
         version: m.version,
+        repository: st
+            .repository
+            .as_ref()
+            .and_then(|r| r.status().into_iter().find(|s| s.name == m.name)),
     }
 }
 
@@ -736,9 +791,20 @@ pub(crate) async fn list_models(State(st): State<AppState>) -> Json<ModelList> {
     let default = st.engine.default_model();
     let mut models = st.engine.models();
     models.sort_by(|a, b| a.name.cmp(&b.name));
+    let unavailable = st
+        .repository
+        .as_ref()
+        .map(|r| {
+            r.status()
+                .into_iter()
+                .filter(|s| !models.iter().any(|m| m.name == s.name))
+                .collect()
+        })
+        .unwrap_or_default();
     Json(ModelList {
         object: "list".into(),
-        data: models.iter().map(|m| card(m, &default)).collect(),
+        data: models.iter().map(|m| card(&st, m, &default)).collect(),
+        unavailable,
     })
 }
 
@@ -757,8 +823,17 @@ pub(crate) async fn get_model(
         .models()
         .iter()
         .find(|m| m.name == id)
-        .map(|m| Json(card(m, &default)))
-        .ok_or_else(|| ApiError::ModelNotFound(format!("no model named {:?}", echo(&id))))
+        .map(|m| Json(card(&st, m, &default)))
+        .ok_or_else(|| {
+            let why = st
+                .repository
+                .as_ref()
+                .and_then(|r| r.status().into_iter().find(|s| s.name == id))
+                .and_then(|s| s.error)
+                .map(|e| format!(" (its repository bundle is not served: {e})"))
+                .unwrap_or_default();
+            ApiError::ModelNotFound(format!("no model named {:?}{why}", echo(&id)))
+        })
 }
 
 #[cfg(test)]

@@ -113,6 +113,8 @@ impl Modify for Security {
         crate::serve::routes::openapi_json,
         crate::serve::routes::load_model,
         crate::serve::routes::unload_model,
+        crate::serve::routes::repository_status,
+        crate::serve::routes::repository_scan,
         crate::serve::admin::start,
         crate::serve::admin::list,
         crate::serve::admin::show,
@@ -131,6 +133,7 @@ impl Modify for Security {
         crate::serve::openai::ChatRequest, crate::serve::openai::ChatCompletion,
         crate::serve::openai::ChatChoice, crate::serve::openai::Usage,
         crate::serve::openai::ModelCard, crate::serve::openai::ModelList,
+        crate::serve::repository::ModelStatus, crate::serve::repository::ScanReport,
     )),
     modifiers(&Security),
     tags(

@@ -25,6 +25,8 @@ pub fn router(state: AppState) -> Router {
     let admin = Router::new()
         .route("/admin/models", post(load_model))
         .route("/admin/models/{name}", delete(unload_model))
+        .route("/admin/repository", get(repository_status))
+        .route("/admin/repository/scan", post(repository_scan))
         .merge(crate::serve::admin::train_routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -496,6 +498,39 @@ pub(crate) async fn unload_model(
             "unloaded, but the served-models record still names it");
     }
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+fn repository(
+    st: &AppState,
+) -> Result<std::sync::Arc<crate::serve::repository::Repository>, ApiError> {
+    st.repository.clone().ok_or_else(|| {
+        ApiError::NotFound("this server serves no model repository (--model-repository)".into())
+    })
+}
+
+/// The model repository's models and their states.
+#[utoipa::path(get, path = "/admin/repository", tag = "admin",
+    responses((status = 200, description = "The repository and each model's state", body = [crate::serve::repository::ModelStatus]),
+        (status = 404, description = "No repository", body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub(crate) async fn repository_status(State(st): State<AppState>) -> Result<Response, ApiError> {
+    let repo = repository(&st)?;
+    Ok(Json(json!({"repository": repo.dir(), "default_model": st.engine.default_model(), "models": repo.status()})).into_response())
+}
+
+/// Scans the model repository now (as the poller does every poll interval): for a pipeline
+/// that has just published a bundle.
+#[utoipa::path(post, path = "/admin/repository/scan", tag = "admin",
+    responses((status = 200, description = "What the scan loaded, unloaded, found failed or incomplete", body = crate::serve::repository::ScanReport),
+        (status = 404, description = "No repository", body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub(crate) async fn repository_scan(State(st): State<AppState>) -> Result<Response, ApiError> {
+    let repo = repository(&st)?;
+    let report = tokio::task::spawn_blocking(move || repo.scan())
+        .await
+        .map_err(|e| ApiError::Internal(format!("repository scan: {e}")))?
+        .map_err(|e| ApiError::Internal(format!("{e:#}")))?;
+    Ok(Json(report).into_response())
 }
 
 /// This document.

@@ -101,25 +101,7 @@ pub(super) fn write_bundle(
         net.save_weights(&tmp.join(&files.weights))?;
         manifest.write(&tmp)
     })();
-    let swapped = built.and_then(|()| {
-        if !out.exists() {
-            return Ok(std::fs::rename(&tmp, out)?);
-        }
-        // Not a temporary's name: a crash between the two renames leaves the old bundle
-        // here for the operator, never swept away.
-        let old = out.with_file_name(format!(
-            ".{}.old-{}",
-            out.file_name().unwrap_or_default().to_string_lossy(),
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::rename(out, &old)?;
-        if let Err(e) = std::fs::rename(&tmp, out) {
-            let _ = std::fs::rename(&old, out);
-            return Err(e.into());
-        }
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
-    });
+    let swapped = built.and_then(|()| crate::fsutil::replace_dir(&tmp, out));
     if swapped.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
