@@ -6,7 +6,7 @@
 set -euo pipefail
 TORCH_PIN="2.11.0"
 VENV="${CLIPCAP_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/clipcap/venv-torch-${TORCH_PIN}}"
-STAMP="$VENV/.clipcap-ready-v4"
+STAMP="$VENV/.clipcap-ready-v5"
 REQS=(
   "torch==${TORCH_PIN}"
   "numpy<3"
@@ -19,6 +19,9 @@ REQS=(
   "openapi-spec-validator==0.7.2"
   # The official OpenAI client, for the OpenAI-compatible API's tests.
   "openai==3.57.0"
+  # Ray Data (scripts/ray_caption.py) and Kubernetes' schemas (deploy/kubernetes), for #15's tests.
+  "ray[data]==2.60.0"
+  "kubernetes-validate==1.37.0"
 )
 if [ -f "$STAMP" ]; then echo "$VENV"; exit 0; fi
 PY="${PYTHON:-python3}"
