@@ -77,6 +77,9 @@ pub struct Repository {
     engine: Engine,
     /// `models.default_model`, used when the repository has no `default` file.
     configured_default: String,
+    /// One scan or publish at a time (loads run under it).
+    scanning: Mutex<()>,
+    /// What callers read; held only to read or replace it, never during a load.
     state: Mutex<BTreeMap<String, Tracked>>,
     metrics: Metrics,
 }
@@ -159,6 +162,7 @@ impl Repository {
             dir,
             engine,
             configured_default,
+            scanning: Mutex::new(()),
             state: Mutex::new(BTreeMap::new()),
             metrics: Metrics {
                 scans,
@@ -196,7 +200,9 @@ impl Repository {
 
     /// Brings what is served in line with the repository (blocking: loads run here).
     pub fn scan(&self) -> Result<ScanReport> {
-        let mut state = self.state.lock().unwrap();
+        let _one = self.scanning.lock().unwrap();
+        // Worked on as a copy, so that readers never wait for a load.
+        let mut state = self.state.lock().unwrap().clone();
         self.metrics.scans.inc();
         let mut report = ScanReport::default();
         let found = self.folders()?;
@@ -267,6 +273,7 @@ impl Repository {
         }
         report.default_model = self.apply_default();
         self.count(&state);
+        *self.state.lock().unwrap() = state;
         Ok(report)
     }
 
@@ -334,6 +341,7 @@ impl Repository {
         if !servable_name(name) {
             anyhow::bail!("{name:?} is not a model name");
         }
+        let _one = self.scanning.lock().unwrap();
         let target = self.dir.join(name);
         let same = match (std::fs::canonicalize(dir), std::fs::canonicalize(&target)) {
             (Ok(a), Ok(b)) => a == b,
@@ -358,12 +366,12 @@ impl Repository {
                 Ok(())
             })?;
         }
-        let mut state = self.state.lock().unwrap();
         let fp = fingerprint(&target).map_err(|Incomplete(why)| anyhow::anyhow!("{why}"))?;
         let info = self
             .engine
             .install_blocking(name, &target, false)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut state = self.state.lock().unwrap();
         let t = state.entry(name.to_string()).or_default();
         *t = Tracked {
             served: Some(fp),
