@@ -14,12 +14,48 @@ fn main() {
         .map(PathBuf::from);
     let Some(lib) = lib else {
         println!("cargo:warning=torch-sys did not report its libtorch folder; no rpath set");
+        println!("cargo:rustc-check-cfg=cfg(clipcap_int8)");
         return;
     };
     println!("cargo:rustc-env=CLIPCAP_LIBTORCH_LIB={}", lib.display());
+    build_int8_shim(&lib);
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     if lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-L{}", lib.display());
         println!("cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-ltorch_cuda,--pop-state");
     }
+}
+
+/// Builds `src/model/int8.cpp` (int8 linear layers through PyTorch's quantized ops) against
+/// the headers of the libtorch in `lib`, with the C++ ABI libtorch was built with.
+fn build_int8_shim(lib: &std::path::Path) {
+    println!("cargo:rerun-if-changed=src/model/int8.cpp");
+    println!("cargo:rustc-check-cfg=cfg(clipcap_int8)");
+    let include = lib.parent().map(|torch| torch.join("include"));
+    let Some(include) = include.filter(|i| i.join("ATen/ATen.h").exists()) else {
+        println!(
+            "cargo:warning=no libtorch headers beside {}: --dtype int8 is unavailable",
+            lib.display()
+        );
+        return;
+    };
+    // libc10's symbols say which std::string ABI libtorch uses.
+    let abi = std::fs::read(lib.join("libc10.so"))
+        .map(|b| b.windows(7).any(|w| w == b"__cxx11"))
+        .unwrap_or(true);
+    cc::Build::new()
+        .cpp(true)
+        .file("src/model/int8.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", if abi { "1" } else { "0" })
+        .warnings(false)
+        .opt_level(2)
+        .compile("clipcap_int8");
+    // After the shim on the link line, so that its references to libtorch resolve.
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
+    println!("cargo:rustc-cfg=clipcap_int8");
 }

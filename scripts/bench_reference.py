@@ -34,6 +34,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=67)
     ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--dtypes", default="f32,int8", help="clipcap dtypes to time, comma-separated")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tmp = tempfile.mkdtemp(prefix="clipcap-bench-")
@@ -53,10 +54,16 @@ def main():
 
     res = {"threads": args.threads, "images": args.images, "max_tokens": args.max_tokens}
 
-    def ours(embeddings, images, batch):
+    dtypes = args.dtypes.split(",")
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    print(f"host: {cpu}, {args.threads} threads; clipcap dtypes {dtypes}", flush=True)
+    res["cpu"] = cpu
+
+    def ours(embeddings, images, batch, dtype="f32"):
         out = subprocess.run([args.clipcap, "bench-decode", "--model", bundle, "--embeddings", embeddings,
                               "--images", str(images), "--batch", str(batch), "--beam-size", "5",
-                              "--max-tokens", str(args.max_tokens), "--threads", str(args.threads)],
+                              "--max-tokens", str(args.max_tokens), "--threads", str(args.threads),
+                              "--dtype", dtype],
                              check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 
@@ -77,13 +84,31 @@ def main():
             hf = time.perf_counter() - t0
             one = os.path.join(tmp, f"clip{i}.safetensors")
             save_file({"clip": clip[i:i + 1].contiguous()}, one)
-            mine = ours(one, 1, 1)["seconds"]
-            rounds.append({"original_s": original, "hf_generate_s": hf, "clipcap_s": mine})
-            print(f"image {i}: original {original:.2f} s, HF {hf:.2f} s, clipcap {mine:.2f} s "
-                  f"({original / mine:.1f}x, {hf / mine:.1f}x)", flush=True)
+            rnd = {"original_s": original, "hf_generate_s": hf}
+            for d in dtypes:
+                got = ours(one, 1, 1, d)
+                key = "clipcap_s" if d == "f32" else f"clipcap_{d}_s"
+                rnd[key] = got["seconds"]
+                rnd[key.replace("_s", "_weight_gb_per_s")] = got.get("weight_gb_per_s")
+            rounds.append(rnd)
+            line = ", ".join(f"{k} {v:.2f}" for k, v in rnd.items() if k.endswith("_s") and v is not None)
+            print(f"image {i}: {line}", flush=True)
     res["rounds"] = rounds
-    for key in ("original_s", "hf_generate_s", "clipcap_s"):
-        res[key.replace("_s", "_s_per_image")] = statistics.median(r[key] for r in rounds)
+    for key in [k for k in rounds[0] if k.endswith("_s")]:
+        res[key[:-2] + "_s_per_image"] = statistics.median(r[key] for r in rounds)
+    for d in dtypes:
+        if d == "f32":
+            continue
+        key = f"clipcap_{d}_s"
+        ratios = {
+            "vs_original": [r["original_s"] / r[key] for r in rounds],
+            "vs_hf_generate": [r["hf_generate_s"] / r[key] for r in rounds],
+            "vs_f32": [r["clipcap_s"] / r[key] for r in rounds] if "f32" in dtypes else [],
+        }
+        for name, v in ratios.items():
+            if v:
+                res[f"{d}_speedup_{name}"] = statistics.median(v)
+                res[f"{d}_speedup_{name}_range"] = [min(v), max(v)]
     vs_orig = [r["original_s"] / r["clipcap_s"] for r in rounds]
     vs_hf = [r["hf_generate_s"] / r["clipcap_s"] for r in rounds]
     res["speedup_vs_original"] = statistics.median(vs_orig)
@@ -94,6 +119,11 @@ def main():
     res["clipcap_batch1_images_per_s"] = single16["images_per_s"]
     res["clipcap_batch16_images_per_s"] = batch16["images_per_s"]
     res["batch16_vs_batch1"] = batch16["images_per_s"] / single16["images_per_s"]
+    for d in dtypes:
+        if d != "f32":
+            b = ours(emb, args.batch_images, args.batch_images, d)
+            res[f"clipcap_{d}_batch16_images_per_s"] = b["images_per_s"]
+            res[f"{d}_batch16_vs_f32"] = b["images_per_s"] / batch16["images_per_s"]
     print(json.dumps(res, indent=2))
     print(f"\nbeam 5, GPT-2 small shapes, {args.threads} threads, {args.max_tokens} max tokens, "
           f"{args.images} images interleaved (medians):")
@@ -104,6 +134,14 @@ def main():
           f"{res['speedup_vs_hf_generate']:.1f}x HF [{min(vs_hf):.1f}-{max(vs_hf):.1f}])")
     print(f"  clipcap, {args.batch_images} images batched: {res['clipcap_batch16_images_per_s']:.2f} images/s "
           f"vs {res['clipcap_batch1_images_per_s']:.2f} one at a time ({res['batch16_vs_batch1']:.1f}x)")
+    for d in dtypes:
+        if d != "f32" and f"{d}_speedup_vs_original" in res:
+            lo, hi = res[f"{d}_speedup_vs_original_range"]
+            print(f"  clipcap {d}, one image at a time: {res[f'clipcap_{d}_s_per_image']:.3f} s/image "
+                  f"({res[f'{d}_speedup_vs_original']:.1f}x original [{lo:.1f}-{hi:.1f}], "
+                  f"{res[f'{d}_speedup_vs_hf_generate']:.1f}x HF, {res.get(f'{d}_speedup_vs_f32', float('nan')):.1f}x f32); "
+                  f"{args.batch_images} batched: {res[f'clipcap_{d}_batch16_images_per_s']:.2f} images/s "
+                  f"({res[f'{d}_batch16_vs_f32']:.1f}x f32)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)

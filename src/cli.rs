@@ -279,11 +279,14 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     };
     // Warm-up (allocator, kernels).
     caption(&clip[..1])?;
+    let steps_taken = || engine.metrics().decode_batch_rows.get_sample_count();
     for &b in &a.batch {
         let mut best = f64::INFINITY;
         let mut tokens = 0usize;
+        let mut steps = 0u64;
         for _ in 0..a.repeat.max(1) {
             let t0 = Instant::now();
+            let steps0 = steps_taken();
             tokens = 0;
             for chunk in clip[..n].chunks(b.max(1)) {
                 let out = caption(chunk)?;
@@ -293,13 +296,22 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
                     .map(|i| i.captions[0].tokens.len())
                     .sum::<usize>();
             }
-            best = best.min(t0.elapsed().as_secs_f64());
+            let secs = t0.elapsed().as_secs_f64();
+            if secs < best {
+                best = secs;
+                steps = steps_taken() - steps0;
+            }
         }
+        // Every step reads every weight once: the bandwidth the weights stream at.
+        let per_step_s = best / steps.max(1) as f64;
         println!(
             "{}",
             serde_json::json!({"batch": b, "images": n, "seconds": best, "images_per_s": n as f64 / best,
                 "tokens": tokens, "strategy": opts.strategy, "beam_size": opts.beam_size,
                 "device": model.device, "dtype": model.dtype,
+                "steps": steps, "ms_per_step": per_step_s * 1e3,
+                "weight_bytes_per_step": model.weight_bytes_per_step,
+                "weight_gb_per_s": model.weight_bytes_per_step as f64 / per_step_s / 1e9,
                 "cpu": crate::device::cpu_model(), "threads": crate::device::threads()})
         );
     }

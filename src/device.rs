@@ -83,6 +83,8 @@ pub enum DtypeChoice {
     F32,
     F16,
     Bf16,
+    /// int8 weights with f32 activations (GPT-2's linear layers; CPU only).
+    Int8,
 }
 
 impl FromStr for DtypeChoice {
@@ -92,8 +94,9 @@ impl FromStr for DtypeChoice {
             "f32" | "float32" => DtypeChoice::F32,
             "f16" | "float16" | "half" => DtypeChoice::F16,
             "bf16" | "bfloat16" => DtypeChoice::Bf16,
+            "int8" => DtypeChoice::Int8,
             "auto" => DtypeChoice::Auto,
-            _ => bail!("unknown dtype {name:?} (use f32, f16, bf16 or auto)"),
+            _ => bail!("unknown dtype {name:?} (use f32, f16, bf16, int8 or auto)"),
         })
     }
 }
@@ -118,14 +121,20 @@ impl std::fmt::Display for DtypeChoice {
             DtypeChoice::F32 => "f32",
             DtypeChoice::F16 => "f16",
             DtypeChoice::Bf16 => "bf16",
+            DtypeChoice::Int8 => "int8",
         })
     }
 }
 
 impl DtypeChoice {
-    /// The libtorch kind on `device` (`auto`: f16 on CUDA, f32 on the CPU).
+    /// The libtorch kind on `device` (`auto`: f16 on CUDA, f32 on the CPU). `int8` is
+    /// `Kind::QInt8`, which the bundle loader reads as "f32 with int8 linear weights".
     pub fn resolve(self, device: Device) -> Result<Kind> {
         let k = match self {
+            DtypeChoice::Int8 if device.is_cuda() => {
+                bail!("dtype int8 runs on the CPU only (fbgemm's kernels); on CUDA use f16 or bf16")
+            }
+            DtypeChoice::Int8 => Kind::QInt8,
             DtypeChoice::F32 => Kind::Float,
             DtypeChoice::F16 => Kind::Half,
             DtypeChoice::Bf16 => Kind::BFloat16,
@@ -243,6 +252,11 @@ mod tests {
             DtypeChoice::Auto.resolve(Device::Cuda(0)).unwrap(),
             Kind::Half
         );
+        // int8 weights are CPU-only, with a clear refusal on CUDA.
+        assert_eq!("int8".parse::<DtypeChoice>().unwrap().to_string(), "int8");
+        assert_eq!(DtypeChoice::Int8.resolve(Device::Cpu).unwrap(), Kind::QInt8);
+        let e = DtypeChoice::Int8.resolve(Device::Cuda(0)).unwrap_err();
+        assert!(e.to_string().contains("CPU only"), "{e}");
     }
 }
 

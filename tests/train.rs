@@ -411,6 +411,36 @@ fn a_trained_bundle_is_served_and_captions_its_training_images() {
     let list = s.admin("GET", "/train", TOKEN).1;
     assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
     assert!(s.metric("clipcap_train_jobs{state=\"succeeded\"}").unwrap() >= 1.0);
+    // The trained bundle in int8 (`--dtype int8`) captions its training images as f32 does,
+    // on most of them.
+    let captions = |dtype: &str| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "caption",
+            "--greedy",
+            "--max-tokens",
+            "30",
+            "--dtype",
+            dtype,
+            "--model",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push(f.root.join("models/trained").display().to_string());
+        args.extend(f.pairs.iter().map(|(p, _)| p.display().to_string()));
+        run_owned(&args)
+            .lines()
+            .map(|l| l.split('\t').nth(1).unwrap_or("").to_string())
+            .collect()
+    };
+    let (full, int8) = (captions("f32"), captions("int8"));
+    assert_eq!(full.len(), n);
+    let same = full.iter().zip(&int8).filter(|(a, b)| a == b).count();
+    println!("int8: {same}/{n} captions identical to f32");
+    assert!(
+        same * 4 >= n * 3,
+        "only {same}/{n} int8 captions equal f32's:\n{full:?}\n{int8:?}"
+    );
     // The bundle on disk is complete.
     let b = f.root.join("models/trained");
     for file in [

@@ -22,6 +22,8 @@ pub struct ModelInfo {
     pub gpt2_width: i64,
     /// Width of the image embeddings the mapper takes (the encoder's output).
     pub embedding_dim: i64,
+    /// Bytes of GPT-2 weights one decode step reads (int8: a quarter of f32's).
+    pub weight_bytes_per_step: u64,
     pub generation: GenOptions,
     /// Increments each time a model is installed under this name.
     pub version: u64,
@@ -41,13 +43,18 @@ impl ModelInfo {
             name: name.to_string(),
             dir: bundle.dir.clone(),
             device: crate::device::device_name(bundle.device),
-            dtype: crate::device::dtype_name(bundle.kind).into(),
+            dtype: if bundle.int8 {
+                "int8".into()
+            } else {
+                crate::device::dtype_name(bundle.kind).into()
+            },
             image: m.image.clone(),
             prefix_length: m.mapper.prefix_length,
             mapping: format!("{:?}", m.mapper.mapping).to_lowercase(),
             gpt2_layers: m.gpt2.n_layer,
             gpt2_width: m.gpt2.n_embd,
             embedding_dim: m.mapper.prefix_dim,
+            weight_bytes_per_step: bundle.net.gpt.weight_bytes_per_step(),
             generation: m.generation.clone(),
             provenance: m.provenance.clone(),
             tokenizer: bundle.tokenizer.clone(),

@@ -218,12 +218,20 @@ pub struct Bundle {
     pub stop_ids: Vec<i64>,
     pub device: Device,
     pub kind: Kind,
+    /// GPT-2's linear weights are int8 (`--dtype int8`; activations f32, CPU only).
+    pub int8: bool,
 }
 
 impl Bundle {
     /// Loads and validates a bundle directory. `kind` is the compute dtype (f32, f16 or bf16,
     /// on either device; the lm_head and everything after it stay f32).
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        // `Kind::QInt8` asks for int8 weights with f32 activations (`DtypeChoice::Int8`).
+        let int8 = kind == Kind::QInt8;
+        let kind = if int8 { Kind::Float } else { kind };
+        if int8 && device != Device::Cpu {
+            bail!("int8 weights run on the CPU only (fbgemm's kernels); on CUDA use f16 or bf16");
+        }
         let manifest = Manifest::read(dir)?;
         let files = &manifest.files;
         for f in [&files.tokenizer, &files.encoder, &files.weights] {
@@ -272,8 +280,13 @@ impl Bundle {
             net.vs.set_kind(kind);
             net.gpt.keep_f32_head();
         }
-        let packed = net.gpt.pack_for_cpu();
-        tracing::debug!(packed, "GPT-2 weights packed for MKL");
+        if int8 {
+            let bytes = net.gpt.quantize_int8()?;
+            tracing::debug!(bytes, "GPT-2 weights quantized to int8");
+        } else {
+            let packed = net.gpt.pack_for_cpu();
+            tracing::debug!(packed, "GPT-2 weights packed for MKL");
+        }
         Ok(Bundle {
             dir: dir.to_path_buf(),
             manifest,
@@ -283,6 +296,7 @@ impl Bundle {
             stop_ids,
             device,
             kind,
+            int8,
         })
     }
 

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::model::int8::Int8Matrix;
 use crate::model::kv_cache::KvCache;
 use crate::model::packed::{self, PackedMatrix, WeightLayout};
 
@@ -147,6 +148,8 @@ struct Conv1D {
     bias: Tensor,
     /// `weight` packed for MKL, when packed for CPU inference (see `Gpt2::pack_for_cpu`).
     packed: Option<PackedMatrix>,
+    /// `weight` in int8, for int8 inference (see `Gpt2::quantize_int8`).
+    int8: Option<Int8Matrix>,
 }
 
 impl Conv1D {
@@ -164,6 +167,7 @@ impl Conv1D {
             weight,
             bias,
             packed: None,
+            int8: None,
         }
     }
 
@@ -171,8 +175,9 @@ impl Conv1D {
         let mut shape = x.size();
         let n_in = *shape.last().unwrap();
         let x2 = x.reshape([-1, n_in]);
-        let out = match &self.packed {
-            Some(p) if packed_input(x) => p.matmul(&x2, Some(&self.bias)),
+        let out = match (&self.int8, &self.packed) {
+            (Some(q), _) if packed_input(x) => q.linear(&x2, Some(&self.bias)),
+            (_, Some(p)) if packed_input(x) => p.matmul(&x2, Some(&self.bias)),
             _ => self.bias.addmm(&x2, &self.weight),
         };
         *shape.last_mut().unwrap() = self.weight.size()[1];
@@ -253,6 +258,8 @@ pub struct Gpt2 {
     ln_f: LayerNorm,
     /// `wte` packed as the lm_head's matrix, when packed for CPU inference.
     lm_head: Option<PackedMatrix>,
+    /// `wte` in int8 as the lm_head's matrix, for int8 inference.
+    lm_head_int8: Option<Int8Matrix>,
     /// An f32 copy of `wte` for the lm_head of a half-precision model (see
     /// [`Gpt2::keep_f32_head`]).
     head_f32: Option<Tensor>,
@@ -281,6 +288,7 @@ impl Gpt2 {
             blocks,
             ln_f,
             lm_head: None,
+            lm_head_int8: None,
             head_f32: None,
         })
     }
@@ -309,6 +317,54 @@ impl Gpt2 {
         }
         self.lm_head = PackedMatrix::new(&self.wte, WeightLayout::OutIn);
         self.lm_head.is_some()
+    }
+
+    /// Quantizes every linear weight and the lm_head to int8 per output channel, for f32
+    /// activations on the CPU (`model::int8`); LayerNorm, attention, softmax and everything
+    /// after the logits stay f32. Only for weights that no longer change (a loaded bundle).
+    /// Returns the bytes of weights a decode step then reads.
+    pub fn quantize_int8(&mut self) -> Result<u64> {
+        if self.device() != Device::Cpu || self.kind() != Kind::Float {
+            anyhow::bail!("int8 weights need an f32 model on the CPU");
+        }
+        let _guard = tch::no_grad_guard();
+        let mut bytes = 0;
+        for blk in &mut self.blocks {
+            for lin in [
+                &mut blk.c_attn,
+                &mut blk.attn_proj,
+                &mut blk.c_fc,
+                &mut blk.mlp_proj,
+            ] {
+                let q = Int8Matrix::new(&lin.weight.tr())?;
+                bytes += q.weight_bytes();
+                lin.int8 = Some(q);
+                lin.packed = None;
+            }
+        }
+        let head = Int8Matrix::new(&self.wte)?;
+        bytes += head.weight_bytes();
+        self.lm_head_int8 = Some(head);
+        self.lm_head = None;
+        Ok(bytes)
+    }
+
+    /// Bytes of weights one decode step reads: every linear weight and the lm_head, at the
+    /// width they are stored in for inference.
+    pub fn weight_bytes_per_step(&self) -> u64 {
+        let per = |n: i64, q: &Option<Int8Matrix>| -> u64 {
+            match q {
+                Some(m) => m.weight_bytes(),
+                None => n as u64 * self.kind().elt_size_in_bytes() as u64,
+            }
+        };
+        let mut bytes = per(self.wte.numel() as i64, &self.lm_head_int8);
+        for blk in &self.blocks {
+            for lin in [&blk.c_attn, &blk.attn_proj, &blk.c_fc, &blk.mlp_proj] {
+                bytes += per(lin.weight.numel() as i64, &lin.int8);
+            }
+        }
+        bytes
     }
 
     pub fn device(&self) -> Device {
@@ -340,6 +396,11 @@ impl Gpt2 {
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
         if let Some(w) = &self.head_f32 {
             return hidden.to_kind(Kind::Float).matmul(&w.tr());
+        }
+        if let Some(q) = &self.lm_head_int8 {
+            if packed_input(hidden) {
+                return q.linear(hidden, None);
+            }
         }
         match &self.lm_head {
             Some(p) if packed_input(hidden) => {

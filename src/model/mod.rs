@@ -3,6 +3,7 @@
 pub mod bundle;
 pub mod clip;
 pub mod gpt2;
+pub mod int8;
 pub mod kv_cache;
 pub mod mapper;
 pub mod packed;
