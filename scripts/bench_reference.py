@@ -89,7 +89,7 @@ def main():
                 got = ours(one, 1, 1, d)
                 key = "clipcap_s" if d == "f32" else f"clipcap_{d}_s"
                 rnd[key] = got["seconds"]
-                rnd[key.replace("_s", "_weight_gb_per_s")] = got.get("weight_gb_per_s")
+                rnd[key[:-2] + "_weight_gbps"] = got.get("weight_gb_per_s")
             rounds.append(rnd)
             line = ", ".join(f"{k} {v:.2f}" for k, v in rnd.items() if k.endswith("_s") and v is not None)
             print(f"image {i}: {line}", flush=True)
