@@ -54,7 +54,7 @@ pub struct CaptionArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: crate::device::DeviceChoice,
-    /// f32, f16, bf16 or auto (f16 on CUDA, f32 on the CPU).
+    /// f32, f16, bf16, int8 (CPU only: int8 GPT-2 weights) or auto (f16 on CUDA, f32 on the CPU).
     #[arg(long, default_value = "f32")]
     pub dtype: crate::device::DtypeChoice,
     /// Images per encoder/decoder batch.

@@ -60,7 +60,7 @@ pub struct BatchArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long)]
     pub device: Option<String>,
-    /// f32, f16, bf16 or auto.
+    /// f32, f16, bf16, int8 (CPU: int8 GPT-2 weights, f32 activations) or auto.
     #[arg(long)]
     pub dtype: Option<String>,
     /// Requests in flight at once (0 = twice the engine's max_running_images).

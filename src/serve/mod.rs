@@ -42,7 +42,7 @@ pub struct ServeArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long)]
     pub device: Option<String>,
-    /// f32, f16, bf16 or auto.
+    /// f32, f16, bf16, int8 (CPU: int8 GPT-2 weights, f32 activations) or auto.
     #[arg(long)]
     pub dtype: Option<String>,
     /// Prepared datasets for POST /train live under this folder.

@@ -2,7 +2,7 @@
 //! captions equal `POST /caption`'s for each input form; shards are disjoint and cover the
 //! input; a run killed with SIGKILL resumes with every id exactly once; bad lines become
 //! error lines, and the exit code tells fatal failures from retryable ones.
-mod common;
+use crate::common;
 
 use base64::Engine as _;
 use common::Server;

@@ -2,7 +2,7 @@
 //! requests run. The healthy model never answers anything but 200; a broken bundle keeps its
 //! previous version serving and is reported; half-written folders are never loaded; the
 //! poller picks up a change on its own.
-mod common;
+use crate::common;
 
 use base64::Engine as _;
 use common::Server;

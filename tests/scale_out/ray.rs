@@ -1,7 +1,7 @@
 //! scripts/ray_caption.py on a real local Ray runtime (`ray.init(num_cpus=2)`, two actors,
 //! each piping blocks through its own `clipcap batch --input - --output -`): its output lines
 //! equal a single `clipcap batch` run's, id for id, and a rerun has nothing left to do.
-mod common;
+use crate::common;
 
 use serde_json::Value;
 use std::collections::BTreeMap;

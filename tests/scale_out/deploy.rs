@@ -2,7 +2,7 @@
 //! versions, with the `kubernetes-validate` package the venv installs), and the references no
 //! schema checks (selectors, secrets, claims, probes, clipcap's flags, settings, metrics and
 //! exit codes). The checker is shown to fail on manifests broken on purpose.
-mod common;
+use crate::common;
 
 use std::path::Path;
 
