@@ -266,29 +266,7 @@ fn a_rows_result_is_the_same_alone_or_in_any_batch() {
 fn an_int8_bundle_decodes_and_reports_its_smaller_weights() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("m");
-    let out = std::process::Command::new(std::env::var("CLIPCAP_PYTHON").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/clipcap/venv-torch-2.11.0/bin/python",
-            std::env::var("HOME").unwrap()
-        )
-    }))
-    .args([
-        "scripts/make_test_bundle.py",
-        "--size",
-        "tiny",
-        "--seed",
-        "4",
-        "--out",
-    ])
-    .arg(&model)
-    .current_dir(env!("CARGO_MANIFEST_DIR"))
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::make_bundle(&model, &["--size", "tiny", "--seed", "4"]);
     let decode = |dtype: &str| -> serde_json::Value {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_clipcap"))
             .args([

@@ -125,13 +125,16 @@ fn fixture() -> Fixture {
 
 fn server(f: &Fixture) -> Server {
     let model = format!("tiny={}", f.base.display());
+    trainer(f, &["--model", &model])
+}
+
+/// A training server on the fixture's data, jobs and bundle folders, with `args`.
+fn trainer(f: &Fixture, args: &[&str]) -> Server {
+    let data = f.root.join("data");
+    let mut all = vec!["--data-root", data.to_str().unwrap()];
+    all.extend_from_slice(args);
     Server::start(
-        &[
-            "--model",
-            &model,
-            "--data-root",
-            f.root.join("data").to_str().unwrap(),
-        ],
+        &all,
         &[
             ("CLIPCAP_ADMIN_TOKEN", TOKEN),
             ("CLIPCAP_JOBS_DIR", f.root.join("jobs").to_str().unwrap()),
@@ -909,23 +912,9 @@ fn a_trainer_publishes_into_the_repository_and_a_serving_replica_loads_it() {
         std::fs::copy(file.path(), repo.join("tiny").join(file.file_name())).unwrap();
     }
     let repo_arg = repo.to_str().unwrap();
-    let trainer = Server::start(
-        &[
-            "--model-repository",
-            repo_arg,
-            "--poll-interval",
-            "1h",
-            "--data-root",
-            f.root.join("data").to_str().unwrap(),
-        ],
-        &[
-            ("CLIPCAP_ADMIN_TOKEN", TOKEN),
-            ("CLIPCAP_JOBS_DIR", f.root.join("jobs").to_str().unwrap()),
-            (
-                "CLIPCAP_BUNDLES_DIR",
-                f.root.join("models").to_str().unwrap(),
-            ),
-        ],
+    let trainer = trainer(
+        &f,
+        &["--model-repository", repo_arg, "--poll-interval", "1h"],
     );
     let replica = Server::start(
         &[

@@ -768,23 +768,17 @@ impl Engine {
 
     /// Stops serving `name` (requests already running on it finish).
     pub async fn unload(&self, name: &str) -> Result<(), EngineError> {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        self.inner
-            .tx
-            .send(Command::Unload {
-                name: name.to_string(),
-                reply,
-            })
-            .map_err(|_| EngineError::Stopped)?;
-        match rx.await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(EngineError::NotLoaded(name.to_string())),
-            Err(_) => Err(EngineError::Stopped),
-        }
+        let reply = self.send_unload(name)?;
+        unloaded(name, reply.await.ok())
     }
 
     /// [`Engine::unload`] for callers without an async runtime.
     pub fn unload_blocking(&self, name: &str) -> Result<(), EngineError> {
+        let reply = self.send_unload(name)?;
+        unloaded(name, reply.blocking_recv().ok())
+    }
+
+    fn send_unload(&self, name: &str) -> Result<tokio::sync::oneshot::Receiver<bool>, EngineError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.inner
             .tx
@@ -793,11 +787,7 @@ impl Engine {
                 reply,
             })
             .map_err(|_| EngineError::Stopped)?;
-        match rx.blocking_recv() {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(EngineError::NotLoaded(name.to_string())),
-            Err(_) => Err(EngineError::Stopped),
-        }
+        Ok(rx)
     }
 
     /// Makes the served model `name` the one requests without a model get; false if no model
@@ -853,6 +843,15 @@ impl Engine {
             .health
             .fault
             .store(fault as u8, Ordering::Release);
+    }
+}
+
+/// The worker's answer to an unload: whether it served `name` (`None`: it stopped).
+fn unloaded(name: &str, answer: Option<bool>) -> Result<(), EngineError> {
+    match answer {
+        Some(true) => Ok(()),
+        Some(false) => Err(EngineError::NotLoaded(name.to_string())),
+        None => Err(EngineError::Stopped),
     }
 }
 

@@ -218,6 +218,16 @@ struct Block {
 }
 
 impl Block {
+    /// The four linear layers, for packing or quantizing them alike.
+    fn linears_mut(&mut self) -> [&mut Conv1D; 4] {
+        [
+            &mut self.c_attn,
+            &mut self.attn_proj,
+            &mut self.c_fc,
+            &mut self.mlp_proj,
+        ]
+    }
+
     fn new(p: nn::Path, cfg: &Gpt2Config) -> Self {
         let e = cfg.n_embd;
         let attn = &p / "attn";
@@ -303,12 +313,7 @@ impl Gpt2 {
         }
         let _guard = tch::no_grad_guard();
         for blk in &mut self.blocks {
-            for lin in [
-                &mut blk.c_attn,
-                &mut blk.attn_proj,
-                &mut blk.c_fc,
-                &mut blk.mlp_proj,
-            ] {
+            for lin in blk.linears_mut() {
                 lin.packed = PackedMatrix::new(&lin.weight, WeightLayout::InOut);
                 if lin.packed.is_none() {
                     return false;
@@ -330,12 +335,7 @@ impl Gpt2 {
         let _guard = tch::no_grad_guard();
         let mut bytes = 0;
         for blk in &mut self.blocks {
-            for lin in [
-                &mut blk.c_attn,
-                &mut blk.attn_proj,
-                &mut blk.c_fc,
-                &mut blk.mlp_proj,
-            ] {
+            for lin in blk.linears_mut() {
                 let q = Int8Matrix::new(&lin.weight.tr())?;
                 bytes += q.weight_bytes();
                 lin.int8 = Some(q);

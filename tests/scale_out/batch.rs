@@ -58,6 +58,21 @@ fn batch(args: &[&str], env: &[(&str, &str)]) -> Output {
     batch_with(&with_model, env)
 }
 
+/// `clipcap batch` of `input` into `output` with the short captions every test asks for.
+fn batch_io(input: &str, output: &str) -> Output {
+    batch(
+        &[
+            "--input",
+            input,
+            "--output",
+            output,
+            "--max-tokens",
+            MAX_TOKENS,
+        ],
+        &[],
+    )
+}
+
 /// `clipcap batch` with the arguments as given (the model among them).
 fn batch_with(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut c = Command::new(BIN);
@@ -155,16 +170,9 @@ fn folder_jsonl_and_openai_batch_inputs_caption_as_post_caption_does() {
 
     // A folder: ids are paths relative to it.
     let out = tmp.path().join("folder.jsonl");
-    let r = batch(
-        &[
-            "--input",
-            tmp.path().join("imgs").to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--max-tokens",
-            MAX_TOKENS,
-        ],
-        &[],
+    let r = batch_io(
+        tmp.path().join("imgs").to_str().unwrap(),
+        out.to_str().unwrap(),
     );
     ok(&r);
     assert_eq!(captions(&lines(&out)), want);
@@ -185,17 +193,7 @@ fn folder_jsonl_and_openai_batch_inputs_caption_as_post_caption_does() {
     }
     std::fs::write(&jsonl, text).unwrap();
     let out = tmp.path().join("plain-out.jsonl");
-    ok(&batch(
-        &[
-            "--input",
-            jsonl.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--max-tokens",
-            MAX_TOKENS,
-        ],
-        &[],
-    ));
+    ok(&batch_io(jsonl.to_str().unwrap(), out.to_str().unwrap()));
     let got: BTreeMap<String, String> = captions(&lines(&out))
         .into_iter()
         .map(|(k, v)| (k.trim_start_matches("imgs/").to_string(), v))
@@ -468,17 +466,7 @@ fn bad_lines_become_error_lines_and_exit_codes_tell_fatal_from_retryable() {
     let text: String = cases.iter().map(|(_, l, _)| format!("{l}\n")).collect();
     std::fs::write(&input, text).unwrap();
     let out = tmp.path().join("out.jsonl");
-    let r = batch(
-        &[
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--max-tokens",
-            MAX_TOKENS,
-        ],
-        &[],
-    );
+    let r = batch_io(input.to_str().unwrap(), out.to_str().unwrap());
     ok(&r);
     let got = lines(&out);
     assert_eq!(got.len(), cases.len(), "one line per input line");
@@ -616,16 +604,9 @@ fn bad_lines_become_error_lines_and_exit_codes_tell_fatal_from_retryable() {
         partial < 9,
         "the limit should stop the run early ({partial} lines)"
     );
-    ok(&batch(
-        &[
-            "--input",
-            tmp.path().join("imgs").to_str().unwrap(),
-            "--output",
-            folder_out.to_str().unwrap(),
-            "--max-tokens",
-            MAX_TOKENS,
-        ],
-        &[],
+    ok(&batch_io(
+        tmp.path().join("imgs").to_str().unwrap(),
+        folder_out.to_str().unwrap(),
     ));
     assert_eq!(captions(&lines(&folder_out)).len(), 9);
 }
