@@ -47,10 +47,11 @@ step() {
 
 # Speed runs as "IMAGES:BATCHES" (small batches on fewer images, so batch 1 stays short).
 if [ "$DEV" = cpu ]; then
-  SIZE=tiny; SPEED="8:1,4"; TOKENS=12; BURST=5; DTYPES="bf16"; HALF=bf16; TRAIN_IMAGES=24; EPOCHS=2
+  SIZE=tiny; SPEED="8:1,4"; TOKENS=12; BURST=5; DTYPES="bf16"; HALF=bf16; TRAIN_IMAGES=16; EPOCHS=2
+  TRAIN_BATCH=8
 else
   SIZE=small; SPEED="32:1,16 256:64,256"; TOKENS=30; BURST=30; DTYPES="f16 bf16"; HALF=f16
-  TRAIN_IMAGES=64; EPOCHS=3
+  TRAIN_IMAGES=64; EPOCHS=3; TRAIN_BATCH=16
 fi
 
 "$BIN" info > "$OUT/info.txt" 2>&1 || status=1
@@ -203,7 +204,7 @@ step amp-prepare 120 "$BIN" prepare --model "$T/base" --out "$T/data" --images "
 say ""
 for amp in none bf16 fp16; do
   step "train-$amp" 150 "$BIN" train --data "$T/data" --out "$T/out-$amp" --base "$T/base" --device "$DEV" \
-    --amp "$amp" --epochs "$EPOCHS" --batch-size 16 --lr 3e-3 --warmup 5 --seed 0 --checkpoint-dir "$T/ckpt-$amp"
+    --amp "$amp" --epochs "$EPOCHS" --batch-size "$TRAIN_BATCH" --lr 3e-3 --warmup 5 --seed 0 --checkpoint-dir "$T/ckpt-$amp"
   "$PY" - "$WORK/train-$amp.log" "$amp" <<'PY' | tee -a "$SUMMARY" || status=1
 import re, sys
 log = open(sys.argv[1]).read()
