@@ -496,6 +496,7 @@ async fn read_image(path: &Path) -> std::result::Result<Bytes, Failure> {
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
     total: Option<usize>,
+    quiet: bool,
     state: std::sync::Mutex<(usize, usize, Instant, Instant)>,
 }
 
@@ -518,7 +519,8 @@ impl Progress {
         let now = Instant::now();
         Progress {
             bar,
-            total: if quiet { Some(0) } else { total },
+            total,
+            quiet,
             state: std::sync::Mutex::new((0, 0, now, now)),
         }
     }
@@ -534,7 +536,7 @@ impl Progress {
             if !ok {
                 b.set_message(format!("{} error line(s)", s.1));
             }
-        } else if self.total != Some(0) && s.3.elapsed().as_secs() >= 30 {
+        } else if !self.quiet && s.3.elapsed().as_secs() >= 30 {
             s.3 = Instant::now();
             let rate = s.0 as f64 / s.2.elapsed().as_secs_f64().max(1e-9);
             let eta = self

@@ -767,7 +767,12 @@ fn sse(
     resp
 }
 
-fn card(st: &AppState, m: &crate::engine::ModelInfo, default: &str) -> ModelCard {
+/// `m` as OpenAI's model object; `repo` is the repository's states (one read per answer).
+fn card(
+    m: &crate::engine::ModelInfo,
+    default: &str,
+    repo: &[crate::serve::repository::ModelStatus],
+) -> ModelCard {
     ModelCard {
         id: m.name.clone(),
         object: "model".into(),
@@ -775,11 +780,16 @@ fn card(st: &AppState, m: &crate::engine::ModelInfo, default: &str) -> ModelCard
         owned_by: "clipcap".into(),
         default: m.name == default,
         version: m.version,
-        repository: st
-            .repository
-            .as_ref()
-            .and_then(|r| r.status().into_iter().find(|s| s.name == m.name)),
+        repository: repo.iter().find(|s| s.name == m.name).cloned(),
     }
+}
+
+/// The repository's model states (none without a repository).
+fn repository_states(st: &AppState) -> Vec<crate::serve::repository::ModelStatus> {
+    st.repository
+        .as_ref()
+        .map(|r| r.status())
+        .unwrap_or_default()
 }
 
 /// The served models, in OpenAI's list shape.
@@ -791,19 +801,15 @@ pub(crate) async fn list_models(State(st): State<AppState>) -> Json<ModelList> {
     let default = st.engine.default_model();
     let mut models = st.engine.models();
     models.sort_by(|a, b| a.name.cmp(&b.name));
-    let unavailable = st
-        .repository
-        .as_ref()
-        .map(|r| {
-            r.status()
-                .into_iter()
-                .filter(|s| !models.iter().any(|m| m.name == s.name))
-                .collect()
-        })
-        .unwrap_or_default();
+    let repo = repository_states(&st);
+    let unavailable = repo
+        .iter()
+        .filter(|s| !models.iter().any(|m| m.name == s.name))
+        .cloned()
+        .collect();
     Json(ModelList {
         object: "list".into(),
-        data: models.iter().map(|m| card(&st, m, &default)).collect(),
+        data: models.iter().map(|m| card(m, &default, &repo)).collect(),
         unavailable,
     })
 }
@@ -818,18 +824,18 @@ pub(crate) async fn get_model(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<ModelCard>, ApiError> {
+    let repo = repository_states(&st);
     let default = st.engine.default_model();
     st.engine
         .models()
         .iter()
         .find(|m| m.name == id)
-        .map(|m| Json(card(&st, m, &default)))
+        .map(|m| Json(card(m, &default, &repo)))
         .ok_or_else(|| {
-            let why = st
-                .repository
-                .as_ref()
-                .and_then(|r| r.status().into_iter().find(|s| s.name == id))
-                .and_then(|s| s.error)
+            let why = repo
+                .iter()
+                .find(|s| s.name == id)
+                .and_then(|s| s.error.clone())
                 .map(|e| format!(" (its repository bundle is not served: {e})"))
                 .unwrap_or_default();
             ApiError::ModelNotFound(format!("no model named {:?}{why}", echo(&id)))
