@@ -115,6 +115,68 @@ fn joining_a_running_decode_changes_no_caption() {
 }
 
 #[test]
+fn a_streamed_image_reports_each_token_once_while_others_join() {
+    use clipcap::generate::NewImage;
+    let b = Arc::new(Bundle::load(bundle_dir(), Device::Cpu, Kind::Float).unwrap());
+    let (first, late) = (embeddings(1, 21), embeddings(2, 22));
+    for strategy in [Strategy::Greedy, Strategy::Sample] {
+        let o = opts(strategy, |o| {
+            o.max_tokens = 12;
+            o.seed = Some(5);
+        });
+        let mut dec = Decoder::new(b.clone());
+        let mut got = std::collections::BTreeMap::new();
+        let mut streamed: Vec<i64> = vec![];
+        let image = NewImage {
+            id: 0,
+            seed: o.seed,
+            streamed: true,
+        };
+        let mut turn = |dec: &mut Decoder, done: Vec<clipcap::generate::Finished>| {
+            for f in done {
+                got.insert(f.id, tokens(&f.captions));
+            }
+            for s in dec.take_streamed() {
+                assert_eq!(s.id, 0, "only image 0 streams");
+                streamed.extend(s.tokens);
+            }
+        };
+        let done = dec.join(&first, &o, vec![image]).unwrap();
+        turn(&mut dec, done);
+        for step in 0..8 {
+            // Other requests join while image 0 streams: one with its options, one with others.
+            if step == 2 {
+                let done = dec.add(&late.narrow(0, 0, 1), &o, vec![10]).unwrap();
+                turn(&mut dec, done);
+            }
+            if step == 4 {
+                let beam = opts(Strategy::Beam, |_| {});
+                let done = dec.add(&late.narrow(0, 1, 1), &beam, vec![11]).unwrap();
+                turn(&mut dec, done);
+            }
+            let done = dec.step().unwrap();
+            turn(&mut dec, done);
+        }
+        while !dec.is_empty() {
+            let done = dec.step().unwrap();
+            turn(&mut dec, done);
+        }
+        let want = &got[&0][0];
+        // The stream is the caption, token by token (after a stop token only filler follows).
+        let upto = streamed
+            .iter()
+            .position(|t| b.stop_ids.contains(t))
+            .map_or(streamed.len(), |p| p + 1);
+        assert_eq!(
+            &streamed[..upto],
+            want.as_slice(),
+            "{strategy:?}: {streamed:?}"
+        );
+        assert_eq!(got.len(), 3);
+    }
+}
+
+#[test]
 fn cancelling_mid_decode_frees_rows_and_changes_no_other_caption() {
     let b = Arc::new(Bundle::load(bundle_dir(), Device::Cpu, Kind::Float).unwrap());
     let clip = embeddings(4, 3);

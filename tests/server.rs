@@ -626,3 +626,122 @@ fn sigterm_on_an_idle_server_exits_cleanly_and_refuses_new_connections() {
         "no new connections after shutdown"
     );
 }
+
+#[test]
+fn the_open_loop_benchmark_sends_a_mixed_schedule_and_reads_the_servers_batches() {
+    // Two targets (the same server twice) at a fixed rate: every measured request of every
+    // kind answered, the server's decode steps read from /metrics, and a plot of both.
+    let s = start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let img = |name: &str, w: u32, seed: u8| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, png(w, w, seed)).unwrap();
+        p
+    };
+    let (small, large) = (img("a.png", 24, 1), img("b.png", 200, 2));
+    let spec = dir.path().join("mix.toml");
+    std::fs::write(
+        &spec,
+        "[[kind]]\nname = \"beam-x3\"\nimages = 3\noptions = { beam_size = 3, max_tokens = 4 }\n\
+         [[kind]]\nname = \"greedy\"\noptions = { strategy = \"greedy\", max_tokens = 6 }\n\
+         [[kind]]\nname = \"stream\"\napi = \"openai\"\nstream = true\n\
+         options = { temperature = 0.9, seed = 3, max_tokens = 5 }\n",
+    )
+    .unwrap();
+    let (json_out, svg_out) = (dir.path().join("sweep.json"), dir.path().join("sweep.svg"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clipcap"))
+        .arg("bench-http")
+        .args(["--target", &format!("first={}", s.url)])
+        .args(["--target", &format!("second={}", s.url)])
+        .arg("--spec")
+        .arg(&spec)
+        .args([
+            "--rate",
+            "40",
+            "--requests",
+            "24",
+            "--warmup",
+            "3",
+            "--seed",
+            "5",
+        ])
+        .arg("--image")
+        .arg(&small)
+        .arg("--image")
+        .arg(&large)
+        .arg("--out")
+        .arg(&json_out)
+        .arg("--plot")
+        .arg(&svg_out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sweep: Value = serde_json::from_slice(&std::fs::read(&json_out).unwrap()).unwrap();
+    let levels = sweep["levels"].as_array().unwrap();
+    let targets: Vec<&str> = levels
+        .iter()
+        .map(|l| l["target"].as_str().unwrap())
+        .collect();
+    assert_eq!(targets, ["first", "second"]);
+    for l in levels {
+        assert_eq!(
+            (l["measured"].as_u64(), l["ok"].as_u64()),
+            (Some(24), Some(24)),
+            "{l}"
+        );
+        assert_eq!(l["errors"], json!({}), "{l}");
+        assert_eq!(l["offered_rps"], 40.0);
+        // All three kinds were drawn (24 draws of three equal weights), each with latencies.
+        let kinds: Vec<(&str, u64)> = l["by_kind"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| {
+                (
+                    k["kind"].as_str().unwrap(),
+                    k["latency_ms"]["n"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(kinds.iter().map(|k| k.1).sum::<u64>(), 24, "{kinds:?}");
+        assert!(kinds.iter().all(|k| k.1 > 0), "{kinds:?}");
+        // Streams had their first text before their end; /caption said its queue time.
+        let n_stream = kinds[2].1;
+        assert_eq!(l["ttft_ms"]["n"].as_u64(), Some(n_stream));
+        assert!(l["ttft_ms"]["p50"].as_f64().unwrap() <= l["latency_ms"]["max"].as_f64().unwrap());
+        assert_eq!(l["queue_ms"]["n"].as_u64(), Some(24 - n_stream));
+        // The server ran decode steps for these requests, of at least one row each; the
+        // three-image kind went through the encoder in one forward at least.
+        let server = &l["server"];
+        assert!(server["steps"].as_f64().unwrap() >= 4.0, "{server}");
+        assert!(
+            server["decode_rows_mean"].as_f64().unwrap() >= 1.0,
+            "{server}"
+        );
+        assert!(
+            server["encode_batch_mean"].as_f64().unwrap() >= 1.0,
+            "{server}"
+        );
+        // The inference thread's time by phase: decode steps took some.
+        assert!(
+            server["worker_seconds"]["step"].as_f64().unwrap() > 0.0,
+            "{server}"
+        );
+    }
+    assert!(stdout.contains("| – | 40.00 ("), "{stdout}");
+    assert!(
+        stdout.contains("first kept up with 40.00 req/s"),
+        "{stdout}"
+    );
+    let svg = std::fs::read_to_string(&svg_out).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert!(
+        svg.contains("first p99") && svg.contains("second p50"),
+        "{svg}"
+    );
+}

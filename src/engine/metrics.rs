@@ -1,7 +1,7 @@
 //! Inference metrics (queue, encoder and decoder batches, outcomes), registered into the
 //! caller's Prometheus registry so one `/metrics` shows every layer.
 use prometheus::{
-    exponential_buckets, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    exponential_buckets, CounterVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
 };
 
@@ -27,6 +27,10 @@ pub struct EngineMetrics {
     pub time_to_first_token: Histogram,
     /// Requests started, by priority.
     pub admitted: IntCounterVec,
+    /// Where the inference thread's time goes, by phase: `encode` (CLIP forwards), `join`
+    /// (prefix, prefill and first token of joining requests, cache appends), `step` (decode
+    /// steps with their sweeps). On CUDA a phase also holds the wait for earlier queued work.
+    pub worker_seconds: CounterVec,
 }
 
 /// A histogram of seconds, 0.5 ms to ~65 s.
@@ -116,6 +120,14 @@ impl EngineMetrics {
                 &["priority"],
             )
             .unwrap(),
+            worker_seconds: CounterVec::new(
+                Opts::new(
+                    "clipcap_worker_seconds_total",
+                    "Seconds the inference thread spent, by phase (encode, join, step)",
+                ),
+                &["phase"],
+            )
+            .unwrap(),
         };
         for h in [
             &m.queue_duration,
@@ -136,6 +148,9 @@ impl EngineMetrics {
             .unwrap();
         registry.register(Box::new(m.images.clone())).unwrap();
         registry.register(Box::new(m.model_info.clone())).unwrap();
+        registry
+            .register(Box::new(m.worker_seconds.clone()))
+            .unwrap();
         for g in [&m.requests_waiting, &m.requests_running] {
             registry.register(Box::new(g.clone())).unwrap();
         }

@@ -505,7 +505,10 @@ impl Worker {
                 .set(self.running.len() as i64);
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| -> anyhow::Result<()> {
                 self.start_next()?;
-                self.step_all()
+                let t = Instant::now();
+                let stepped = self.step_all();
+                self.spent("step", t);
+                stepped
             }));
             let failure = match result {
                 Ok(Ok(())) => None,
@@ -741,10 +744,12 @@ impl Worker {
                 return Ok(());
             }
         };
+        self.spent("encode", t0);
+        let joining = Instant::now();
         let encode_ms = if pixels.is_empty() {
             0.0
         } else {
-            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            let ms = joining.duration_since(t0).as_secs_f64() * 1e3;
             self.metrics()
                 .encode_batch_size
                 .observe(pixels.len() as f64);
@@ -902,7 +907,16 @@ impl Worker {
             }
             self.deliver(done);
         }
+        self.spent("join", joining);
         Ok(())
+    }
+
+    /// Adds the time since `from` to the worker's `phase`.
+    fn spent(&self, phase: &str, from: Instant) {
+        self.metrics()
+            .worker_seconds
+            .with_label_values(&[phase])
+            .inc_by(from.elapsed().as_secs_f64());
     }
 
     fn step_all(&mut self) -> anyhow::Result<()> {

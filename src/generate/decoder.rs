@@ -36,6 +36,9 @@ pub(super) struct Cohort {
     pub(super) streamed: Vec<bool>,
     /// The prompt's tokens (the caption's given beginning), shared by the cohort.
     pub(super) prompt: Vec<i64>,
+    /// Tokens chosen since the last sweep: streamed images report `last` only then, so a
+    /// sweep that follows no choice of theirs repeats nothing.
+    pub(super) fresh: bool,
 }
 
 impl Cohort {
@@ -52,9 +55,24 @@ pub struct Decoder {
     model: Arc<Bundle>,
     cache: Option<KvCache>,
     cohorts: Vec<Cohort>,
+    /// Cohorts whose prefill ran but whose first token waits for the next step: their logits
+    /// come from the same lm_head call as the running rows' (the vocabulary-wide weight is
+    /// read once per step, not once more per join).
+    joining: Vec<Joining>,
     stop: Tensor,
     /// Tokens chosen for streamed images since the last [`Decoder::take_streamed`].
     streamed: Vec<Streamed>,
+}
+
+/// A cohort between its prefill and its first token.
+struct Joining {
+    cohort: Cohort,
+    /// The last prefix position's hidden state, `[n, E]`.
+    hidden: Tensor,
+    /// Its rows' keys and values, already `k` rows per image.
+    cache: KvCache,
+    /// Each row's image, `[n·k]` (greedy and sampling pick from per-row logits).
+    expand: Tensor,
 }
 
 /// An image joining the batch: its id, its sampling seed (images with different seeds share
@@ -81,6 +99,7 @@ impl Decoder {
             model,
             cache: None,
             cohorts: vec![],
+            joining: vec![],
             stop,
             streamed: vec![],
         }
@@ -95,38 +114,47 @@ impl Decoder {
         &self.model
     }
 
+    /// Every cohort, running or about to take its first token.
+    fn all_cohorts(&self) -> impl Iterator<Item = &Cohort> {
+        self.cohorts
+            .iter()
+            .chain(self.joining.iter().map(|j| &j.cohort))
+    }
+
     /// Images still being decoded.
     pub fn images(&self) -> usize {
-        self.cohorts.iter().map(|c| c.ids.len()).sum()
+        self.all_cohorts().map(|c| c.ids.len()).sum()
     }
 
     /// Cohorts (groups of images with equal options) in the running batch: each costs its own
     /// kernels per step.
     pub fn cohorts(&self) -> usize {
-        self.cohorts.len()
+        self.all_cohorts().count()
     }
 
     /// Rows (images × beams) in the running batch.
     pub fn rows(&self) -> i64 {
-        self.cohorts.iter().map(|c| c.rows()).sum()
+        self.all_cohorts().map(|c| c.rows()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.cohorts.is_empty()
+        self.cohorts.is_empty() && self.joining.is_empty()
     }
 
     /// Drops an image at the next step boundary without producing captions.
     pub fn cancel(&mut self, id: u64) {
-        for c in &mut self.cohorts {
+        let joining = self.joining.iter_mut().map(|j| &mut j.cohort);
+        for c in self.cohorts.iter_mut().chain(joining) {
             if let Some(i) = c.ids.iter().position(|&x| x == id) {
                 c.cancelled[i] = true;
             }
         }
     }
 
-    /// Adds images given their CLIP embeddings `[n, D]`: maps them to prefixes, runs the prefix
-    /// (and the prompt, if any) through GPT-2 and takes the first token. Returns images
-    /// already finished.
+    /// Adds images given their CLIP embeddings `[n, D]`: maps them to prefixes and runs the
+    /// prefix (and the prompt, if any) through GPT-2; the next [`Decoder::step`] takes their
+    /// first token, with the running rows' next one. Returns images already finished (none
+    /// today: an image finishes at a step).
     pub fn add(
         &mut self,
         clip: &Tensor,
@@ -176,8 +204,8 @@ impl Decoder {
         let plen = prefix.size()[1];
         let mut cache = net.gpt.new_cache(n, plen + opts.max_tokens + 1);
         let h = net.gpt.forward(&prefix, None, &mut cache);
-        let logits = net.gpt.logits(&h.select(1, plen - 1)).to_kind(Kind::Float);
-        let device = logits.device();
+        let hidden = h.select(1, plen - 1);
+        let device = hidden.device();
         let k = opts.rows_per_image();
         let expand =
             Tensor::arange(n, (Kind::Int64, device)).repeat_interleave_self_int(k, 0, None);
@@ -203,7 +231,7 @@ impl Decoder {
                 .view([n * k, opts.max_tokens])
                 .to_device(device)
         });
-        let mut cohort = Cohort {
+        let cohort = Cohort {
             opts: opts.clone(),
             ids,
             k,
@@ -217,34 +245,85 @@ impl Decoder {
             cancelled: vec![false; n as usize],
             streamed,
             prompt,
+            fresh: false,
         };
-        match opts.strategy {
-            Strategy::Beam => first_beam_step(&mut cohort, &logits, &self.stop),
-            _ => {
-                let logits = logits.index_select(0, &expand);
-                pick_step(&mut cohort, &logits, &self.stop);
-            }
-        }
-        match &mut self.cache {
-            None => self.cache = Some(cache),
-            Some(c) => c.append_rows(cache),
-        }
-        self.cohorts.push(cohort);
-        self.sweep(None)
+        self.joining.push(Joining {
+            cohort,
+            hidden,
+            cache,
+            expand,
+        });
+        Ok(vec![])
     }
 
-    /// One GPT-2 step for every row; returns the images that finished.
+    /// One GPT-2 step for every running row and the first token of every joining image;
+    /// returns the images that finished.
     pub fn step(&mut self) -> Result<Vec<Finished>> {
-        if self.cohorts.is_empty() {
+        if self.is_empty() {
             return Ok(vec![]);
         }
         let _g = tch::no_grad_guard();
         let gpt = &self.model.net.gpt;
-        let last = Tensor::cat(&self.cohorts.iter().map(|c| &c.last).collect::<Vec<_>>(), 0);
-        let x = gpt.embed(&last.unsqueeze(1));
-        let cache = self.cache.as_mut().expect("rows without a cache");
-        let h = gpt.forward(&x, None, cache);
-        let logits = gpt.logits(&h.squeeze_dim(1)).to_kind(Kind::Float);
+        let joining = std::mem::take(&mut self.joining);
+        let mut hidden = vec![];
+        if !self.cohorts.is_empty() {
+            let last = Tensor::cat(&self.cohorts.iter().map(|c| &c.last).collect::<Vec<_>>(), 0);
+            let x = gpt.embed(&last.unsqueeze(1));
+            let cache = self.cache.as_mut().expect("rows without a cache");
+            hidden.push(gpt.forward(&x, None, cache).squeeze_dim(1));
+        }
+        hidden.extend(joining.iter().map(|j| j.hidden.shallow_clone()));
+        // One lm_head call for all: a join costs its prefill, not another pass over the
+        // vocabulary-wide weight. (A lone group is multiplied as it is, without a copy.)
+        let h = match hidden.len() {
+            1 => hidden.pop().unwrap(),
+            _ => Tensor::cat(&hidden, 0),
+        };
+        let all_logits = gpt.logits(&h).to_kind(Kind::Float);
+        let running_rows: i64 = self.cohorts.iter().map(|c| c.rows()).sum();
+        let mut finished = if self.cohorts.is_empty() {
+            vec![]
+        } else {
+            let logits = all_logits.narrow(0, 0, running_rows);
+            self.step_running(&logits)?
+        };
+        if joining.is_empty() {
+            return Ok(finished);
+        }
+        // The joiners' first tokens; their rows go below the running ones.
+        let mut off = running_rows;
+        for Joining {
+            mut cohort,
+            cache,
+            expand,
+            ..
+        } in joining
+        {
+            let n = cohort.n();
+            let logits = all_logits.narrow(0, off, n);
+            off += n;
+            match cohort.opts.strategy {
+                Strategy::Beam => first_beam_step(&mut cohort, &logits, &self.stop),
+                _ => {
+                    let logits = logits.index_select(0, &expand);
+                    pick_step(&mut cohort, &logits, &self.stop);
+                }
+            }
+            cohort.fresh = true;
+            match &mut self.cache {
+                None => self.cache = Some(cache),
+                Some(c) => c.append_rows(cache),
+            }
+            self.cohorts.push(cohort);
+        }
+        // Joiners done at their first token (a stop token, or max_tokens 1), and the streamed
+        // ones' first tokens: a second host read, only in a step with joiners.
+        finished.extend(self.sweep(None)?);
+        Ok(finished)
+    }
+
+    /// The running cohorts' next tokens from their `logits`, then the sweep.
+    fn step_running(&mut self, logits: &Tensor) -> Result<Vec<Finished>> {
         // A row gather is only needed when some cohort runs beam search; greedy and sampling
         // rows stay in place, so no index tensors are built for them otherwise.
         let reorder = self
@@ -256,6 +335,7 @@ impl Decoder {
         for c in &mut self.cohorts {
             let rows = c.rows();
             let l = logits.narrow(0, off, rows);
+            c.fresh = true;
             match c.opts.strategy {
                 Strategy::Beam => order.push(beam_step(c, &l, &self.stop) + off),
                 _ => {
@@ -295,13 +375,16 @@ impl Decoder {
         // copies only the rows whose history changed).
         let flags = Tensor::cat(&flags, 0).to_kind(Kind::Int64);
         let n_flags = flags.size()[0] as usize;
-        // Streamed cohorts' new tokens ride along in the same read.
+        // Streamed cohorts' new tokens ride along in the same read (those that chose one).
         let streaming: Vec<usize> = (0..self.cohorts.len())
             .filter(|&i| {
                 let c = &self.cohorts[i];
-                c.opts.strategy != Strategy::Beam && c.streamed.iter().any(|&s| s)
+                c.fresh && c.opts.strategy != Strategy::Beam && c.streamed.iter().any(|&s| s)
             })
             .collect();
+        for c in &mut self.cohorts {
+            c.fresh = false;
+        }
         let mut parts = vec![flags];
         parts.extend(
             streaming
