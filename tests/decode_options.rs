@@ -100,7 +100,23 @@ fn sampling_is_seeded_and_batch_independent() {
     assert_eq!(a, again, "same seed, same captions");
     assert_eq!(a[0].len(), 3, "n samples per image");
     let alone = caption_embeddings(b.clone(), &clip.narrow(0, 2, 1), &o).unwrap();
-    assert_eq!(alone[0], a[2], "alone vs in a batch");
+    // The same samples alone and in a batch. Scores may differ in their last bits: on some
+    // CPUs (AVX-512 EPYC here) MKL rounds a row of the lm_head product differently with the
+    // number of rows beside it, which moves a log-probability by ~1e-7 but no sampled token.
+    assert_eq!(alone[0].len(), a[2].len());
+    for (x, y) in alone[0].iter().zip(&a[2]) {
+        assert_eq!(
+            (&x.tokens, &x.text, x.finish),
+            (&y.tokens, &y.text, y.finish),
+            "alone vs in a batch"
+        );
+        assert!(
+            (x.score - y.score).abs() <= 1e-5 * y.score.abs().max(1.0),
+            "{} vs {}",
+            x.score,
+            y.score
+        );
+    }
     let other = caption_embeddings(
         b.clone(),
         &clip,
