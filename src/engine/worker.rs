@@ -886,8 +886,8 @@ impl Worker {
                 Ok(r) => r.map_err(|e| format!("{e:#}")),
                 Err(p) => Err(panic_text(p)),
             };
-            let done = match joined {
-                Ok(done) => done,
+            match joined {
+                Ok(()) => {}
                 Err(msg) if is_out_of_memory(&msg) => {
                     for id in &ids {
                         self.decoders[di].cancel(*id);
@@ -896,16 +896,13 @@ impl Worker {
                     continue;
                 }
                 Err(msg) => return Err(anyhow::anyhow!(msg)),
-            };
-            let tokens = self.decoders[di].take_streamed();
-            self.stream_out(&model, tokens);
+            }
             let rows_now = self.decoders[di].rows();
             for id in &ids {
                 if let Some(s) = self.images.get_mut(id) {
                     s.batch_rows = rows_now;
                 }
             }
-            self.deliver(done);
         }
         self.spent("join", joining);
         Ok(())

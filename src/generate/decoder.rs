@@ -36,9 +36,6 @@ pub(super) struct Cohort {
     pub(super) streamed: Vec<bool>,
     /// The prompt's tokens (the caption's given beginning), shared by the cohort.
     pub(super) prompt: Vec<i64>,
-    /// Tokens chosen since the last sweep: streamed images report `last` only then, so a
-    /// sweep that follows no choice of theirs repeats nothing.
-    pub(super) fresh: bool,
 }
 
 impl Cohort {
@@ -153,14 +150,8 @@ impl Decoder {
 
     /// Adds images given their CLIP embeddings `[n, D]`: maps them to prefixes and runs the
     /// prefix (and the prompt, if any) through GPT-2; the next [`Decoder::step`] takes their
-    /// first token, with the running rows' next one. Returns images already finished (none
-    /// today: an image finishes at a step).
-    pub fn add(
-        &mut self,
-        clip: &Tensor,
-        opts: &GenOptions,
-        ids: Vec<u64>,
-    ) -> Result<Vec<Finished>> {
+    /// first token, with the running rows' next one (images finish only at a step).
+    pub fn add(&mut self, clip: &Tensor, opts: &GenOptions, ids: Vec<u64>) -> Result<()> {
         let images = ids
             .into_iter()
             .map(|id| NewImage {
@@ -174,12 +165,7 @@ impl Decoder {
 
     /// [`Decoder::add`] for images with their own seeds (`opts.seed` is not read) and stream
     /// flags (beam search reports nothing before its beams finish): one cohort for all.
-    pub fn join(
-        &mut self,
-        clip: &Tensor,
-        opts: &GenOptions,
-        images: Vec<NewImage>,
-    ) -> Result<Vec<Finished>> {
+    pub fn join(&mut self, clip: &Tensor, opts: &GenOptions, images: Vec<NewImage>) -> Result<()> {
         opts.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         let ids: Vec<u64> = images.iter().map(|i| i.id).collect();
         let streamed: Vec<bool> = images.iter().map(|i| i.streamed).collect();
@@ -189,7 +175,7 @@ impl Decoder {
             bail!("{} embeddings for {n} ids", clip.size()[0]);
         }
         if n == 0 {
-            return Ok(vec![]);
+            return Ok(());
         }
         let _g = tch::no_grad_guard();
         let net = &self.model.net;
@@ -245,7 +231,6 @@ impl Decoder {
             cancelled: vec![false; n as usize],
             streamed,
             prompt,
-            fresh: false,
         };
         self.joining.push(Joining {
             cohort,
@@ -253,7 +238,7 @@ impl Decoder {
             cache,
             expand,
         });
-        Ok(vec![])
+        Ok(())
     }
 
     /// One GPT-2 step for every running row and the first token of every joining image;
@@ -281,16 +266,8 @@ impl Decoder {
         };
         let all_logits = gpt.logits(&h).to_kind(Kind::Float);
         let running_rows: i64 = self.cohorts.iter().map(|c| c.rows()).sum();
-        let mut finished = if self.cohorts.is_empty() {
-            vec![]
-        } else {
-            let logits = all_logits.narrow(0, 0, running_rows);
-            self.step_running(&logits)?
-        };
-        if joining.is_empty() {
-            return Ok(finished);
-        }
-        // The joiners' first tokens; their rows go below the running ones.
+        let mut order = self.step_running(&all_logits.narrow(0, 0, running_rows));
+        // The joiners' first tokens; their rows go below the running ones, in place.
         let mut off = running_rows;
         for Joining {
             mut cohort,
@@ -309,21 +286,28 @@ impl Decoder {
                     pick_step(&mut cohort, &logits, &self.stop);
                 }
             }
-            cohort.fresh = true;
+            if let Some(o) = order.as_mut() {
+                let rows = cohort.rows();
+                let at = self.cache.as_ref().map_or(0, |c| c.rows());
+                o.push(Tensor::arange_start(
+                    at,
+                    at + rows,
+                    (Kind::Int64, o[0].device()),
+                ));
+            }
             match &mut self.cache {
                 None => self.cache = Some(cache),
                 Some(c) => c.append_rows(cache),
             }
             self.cohorts.push(cohort);
         }
-        // Joiners done at their first token (a stop token, or max_tokens 1), and the streamed
-        // ones' first tokens: a second host read, only in a step with joiners.
-        finished.extend(self.sweep(None)?);
-        Ok(finished)
+        // Every cohort chose a token: one sweep, one host read.
+        self.sweep(order.map(|o| Tensor::cat(&o, 0)))
     }
 
-    /// The running cohorts' next tokens from their `logits`, then the sweep.
-    fn step_running(&mut self, logits: &Tensor) -> Result<Vec<Finished>> {
+    /// The running cohorts' next tokens from their `logits`; with beam search among them,
+    /// each row's source row (per cohort, to be concatenated).
+    fn step_running(&mut self, logits: &Tensor) -> Option<Vec<Tensor>> {
         // A row gather is only needed when some cohort runs beam search; greedy and sampling
         // rows stay in place, so no index tensors are built for them otherwise.
         let reorder = self
@@ -335,7 +319,6 @@ impl Decoder {
         for c in &mut self.cohorts {
             let rows = c.rows();
             let l = logits.narrow(0, off, rows);
-            c.fresh = true;
             match c.opts.strategy {
                 Strategy::Beam => order.push(beam_step(c, &l, &self.stop) + off),
                 _ => {
@@ -351,8 +334,7 @@ impl Decoder {
             }
             off += rows;
         }
-        let order = reorder.then(|| Tensor::cat(&order, 0));
-        self.sweep(order)
+        reorder.then_some(order)
     }
 
     /// Finishes images whose rows all stopped (or hit max_tokens), drops cancelled ones, and
@@ -375,16 +357,13 @@ impl Decoder {
         // copies only the rows whose history changed).
         let flags = Tensor::cat(&flags, 0).to_kind(Kind::Int64);
         let n_flags = flags.size()[0] as usize;
-        // Streamed cohorts' new tokens ride along in the same read (those that chose one).
+        // Streamed cohorts' new tokens ride along in the same read.
         let streaming: Vec<usize> = (0..self.cohorts.len())
             .filter(|&i| {
                 let c = &self.cohorts[i];
-                c.fresh && c.opts.strategy != Strategy::Beam && c.streamed.iter().any(|&s| s)
+                c.opts.strategy != Strategy::Beam && c.streamed.iter().any(|&s| s)
             })
             .collect();
-        for c in &mut self.cohorts {
-            c.fresh = false;
-        }
         let mut parts = vec![flags];
         parts.extend(
             streaming

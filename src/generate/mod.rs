@@ -66,15 +66,11 @@ pub fn caption_embeddings(
     let n = clip.size()[0] as usize;
     let mut dec = Decoder::new(model);
     let mut out: Vec<Option<Vec<Caption>>> = vec![None; n];
-    let mut done = dec.add(clip, opts, (0..n as u64).collect())?;
-    loop {
-        for f in done.drain(..) {
+    dec.add(clip, opts, (0..n as u64).collect())?;
+    while !dec.is_empty() {
+        for f in dec.step()? {
             out[f.id as usize] = Some(f.captions);
         }
-        if dec.is_empty() {
-            break;
-        }
-        done = dec.step()?;
     }
     Ok(out.into_iter().map(|c| c.unwrap_or_default()).collect())
 }

@@ -261,17 +261,13 @@ impl Door {
             .send()
             .await
             .ok()?;
-        r.status()
-            .is_success()
-            .then_some(())
-            .map(|_| r)?
-            .text()
-            .await
-            .ok()
-            .map(|t| Scraped {
-                histograms: scrape::parse(&t),
-                worker: scrape::by_label(&t, "clipcap_worker_seconds_total", "phase"),
-            })
+        if !r.status().is_success() {
+            return None;
+        }
+        r.text().await.ok().map(|t| Scraped {
+            histograms: scrape::parse(&t),
+            worker: scrape::by_label(&t, "clipcap_worker_seconds_total", "phase"),
+        })
     }
 }
 
