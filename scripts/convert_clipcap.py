@@ -106,6 +106,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--clip", required=True, help="TorchScript image encoder (scripts/export_clip.py)")
+    ap.add_argument("--clip-int8", help="its int8 variant for --dtype int8 on the CPU "
+                    "(scripts/export_clip.py --quantize int8), named by files.encoder_int8")
     ap.add_argument("--out", required=True)
     ap.add_argument("--mapping", choices=["mlp", "transformer"])
     ap.add_argument("--prefix-length", type=int)
@@ -134,6 +136,10 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     save_file(tensors, os.path.join(args.out, "model.safetensors"))
     shutil.copyfile(args.clip, os.path.join(args.out, "clip_image.pt"))
+    files = {"encoder": "clip_image.pt", "weights": "model.safetensors", "tokenizer": "tokenizer.json"}
+    if args.clip_int8:
+        shutil.copyfile(args.clip_int8, os.path.join(args.out, "clip_image.int8.pt"))
+        files["encoder_int8"] = "clip_image.int8.pt"
     shutil.copyfile(os.path.join(ROOT, "models", "gpt2", "tokenizer.json"), os.path.join(args.out, "tokenizer.json"))
     with open(args.checkpoint, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
@@ -143,7 +149,7 @@ def main():
         "mapper": mapper, "gpt2": gpt2,
         "image": {"size": args.image_size, "mean": [0.48145466, 0.4578275, 0.40821073],
                   "std": [0.26862954, 0.26130258, 0.27577711]},
-        "files": {"encoder": "clip_image.pt", "weights": "model.safetensors", "tokenizer": "tokenizer.json"},
+        "files": files,
         "stop_tokens": [args.stop],
         "generation": {"strategy": "beam", "beam_size": 5, "max_tokens": 67},
         "provenance": {"source": "scripts/convert_clipcap.py", "checkpoint": os.path.basename(args.checkpoint),

@@ -17,11 +17,24 @@ A tower that cannot be scripted is traced instead, and a trace bakes every `.to(
 device (it would fail on CUDA), unless --allow-trace is given.
 The script prints the embedding width and input size to put in the bundle (prefix_dim,
 image.size); convert_clipcap.py reads them from the file itself.
+
+`--quantize int8` writes the CPU's int8 variant instead (clip_int8.py: int8 linear layers and
+attention projections, per-row activation scales, so an image's embedding does not depend on
+its batch). Export both, put the int8 file in the bundle and name it in the manifest's
+`files.encoder_int8`: `--dtype int8` then encodes with it. It prints the embeddings' cosine to
+the f32 tower's on random probe images.
+
+  python scripts/export_clip.py --openai ViT-B/32 --quantize int8 --out clip_image.int8.pt
 """
 import argparse
 import json
+import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from clip_int8 import quantize_int8  # noqa: E402
 
 
 class EncodeImage(torch.nn.Module):
@@ -49,6 +62,7 @@ def main():
     ap.add_argument("--trace", action="store_true", help="trace even if the tower can be scripted (tests)")
     ap.add_argument("--allow-trace", action="store_true",
                     help="write a traced archive even if it baked a device (CPU-only, f32-only)")
+    ap.add_argument("--quantize", choices=["int8"], help="write the CPU's int8 variant (see above)")
     args = ap.parse_args()
 
     if args.openai:
@@ -66,8 +80,15 @@ def main():
     visual = visual.float().eval().cpu()
     example = torch.zeros(1, 3, size, size)
     probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    cosine = None
+    if args.quantize == "int8":
+        with torch.no_grad():
+            f32 = visual(probe)
+        visual = quantize_int8(visual)
     with torch.no_grad():
         want = visual(probe)
+        if args.quantize == "int8":
+            cosine = float(torch.nn.functional.cosine_similarity(want, f32, dim=-1).min())
         method = "script"
         try:
             if args.trace:
@@ -82,7 +103,8 @@ def main():
             module = torch.jit.script(EncodeImage(torch.jit.trace(visual, example, check_trace=False)))
         dim = module.encode_image(example).shape[-1]
     baked = baked_devices(module)
-    if baked and not args.allow_trace:
+    # An int8 archive runs on the CPU only, so a baked CPU device does no harm there.
+    if baked and not args.allow_trace and args.quantize is None:
         raise SystemExit(
             f"export_clip: the traced tower has {baked} baked device constant(s): it would fail on "
             "CUDA (and in f16/bf16). Make the tower scriptable, or pass --allow-trace for a CPU/f32-only archive.")
@@ -91,8 +113,11 @@ def main():
     check = torch.jit.load(args.out, map_location="cpu")
     with torch.no_grad():
         assert check.encode_image(example).shape[-1] == dim
-    print(json.dumps({"out": args.out, "embedding_dim": int(dim), "image_size": int(size), "method": method,
-                      "baked_devices": baked}))
+    summary = {"out": args.out, "embedding_dim": int(dim), "image_size": int(size), "method": method,
+               "baked_devices": baked}
+    if cosine is not None:
+        summary.update(quantize="int8", min_cosine_to_f32=round(cosine, 5))
+    print(json.dumps(summary))
 
 
 def baked_devices(module):

@@ -6,7 +6,7 @@ image encoder, and random mapper + GPT-2 weights in ClipCap's names. Shapes are 
 
   python scripts/make_test_bundle.py --out DIR [--size tiny|small] [--mapping mlp|transformer]
       [--prefix-length 10] [--clip-length 10] [--num-layers 8] [--normalize-prefix]
-      [--encoder tiny|vit-b32] [--seed 0] [--stop .]
+      [--encoder tiny|vit-tiny|vit-b32] [--int8-encoder] [--seed 0] [--stop .]
 """
 import argparse
 import json
@@ -25,6 +25,8 @@ sys.path.insert(0, os.path.join(HERE, "ref"))
 from clipcap_reference import ClipCaptionModel  # noqa: E402
 from transformers import GPT2Config  # noqa: E402
 
+from clip_int8 import quantize_int8  # noqa: E402
+
 
 class TinyEncoder(nn.Module):
     """A small conv net standing in for CLIP's image tower: [B,3,S,S] -> [B,D]."""
@@ -42,8 +44,30 @@ class TinyEncoder(nn.Module):
         return self.proj(x)
 
 
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """CLIP's transformer block: pre-LayerNorm attention and a QuickGELU MLP, tokens first."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(width, heads)
+        self.ln_1 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), QuickGELU(), nn.Linear(4 * width, width))
+        self.ln_2 = nn.LayerNorm(width)
+
+    def forward(self, x):
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
 class ViTB32(nn.Module):
-    """ViT-B/32-shaped image tower (patch 32, width 768, 12 layers, 512-d output), random."""
+    """CLIP's ViT-B/32 image tower in shape and structure (patch 32, width 768, 12 layers,
+    512-d output; `nn.MultiheadAttention` as in OpenAI's code), random weights."""
 
     def __init__(self, dim=512, width=768, layers=12, heads=12, size=224):
         super().__init__()
@@ -52,17 +76,15 @@ class ViTB32(nn.Module):
         self.class_embedding = nn.Parameter(torch.randn(width) * 0.02)
         self.positional_embedding = nn.Parameter(torch.randn(n + 1, width) * 0.01)
         self.ln_pre = nn.LayerNorm(width)
-        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.transformer = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(torch.randn(width, dim) * width ** -0.5)
 
     def forward(self, x):
         x = self.conv1(x).flatten(2).transpose(1, 2)
         cls = self.class_embedding.expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding
-        x = self.transformer(self.ln_pre(x))
+        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding)
+        x = self.transformer(x.transpose(0, 1)).transpose(0, 1)
         return self.ln_post(x[:, 0]) @ self.proj
 
 
@@ -81,6 +103,17 @@ class EncodeImage(nn.Module):
         raise RuntimeError("this archive's forward takes (image, text); use encode_image")
 
 
+def save_encoder(visual, path, encode_image):
+    if encode_image:
+        scripted = torch.jit.script(EncodeImage(visual))
+    else:
+        # The trace checker compares graphs by their mangled module names, which differ between
+        # two traces of the same tower; the numerics are what the tests check.
+        with torch.no_grad():
+            scripted = torch.jit.trace(visual, torch.zeros(1, 3, 224, 224), check_trace=False)
+    scripted.save(path)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -90,8 +123,11 @@ def main():
     ap.add_argument("--clip-length", type=int, default=10)
     ap.add_argument("--num-layers", type=int, default=8)
     ap.add_argument("--normalize-prefix", action="store_true")
-    ap.add_argument("--encoder", choices=["tiny", "vit-b32"], default="tiny")
+    ap.add_argument("--encoder", choices=["tiny", "vit-tiny", "vit-b32"], default="tiny",
+                    help="vit-tiny: CLIP's ViT structure at width 64, 2 layers (fast tests of int8 attention)")
     ap.add_argument("--encode-image", action="store_true", help="expose encode_image, not forward")
+    ap.add_argument("--int8-encoder", action="store_true",
+                    help="also write clip_image.int8.pt (clip_int8.py), named by files.encoder_int8")
     ap.add_argument("--clip-dim", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stop", default=".")
@@ -121,16 +157,18 @@ def main():
           if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "gpt.lm_head.weight"}
     save_file(sd, os.path.join(args.out, "model.safetensors"))
 
-    visual = TinyEncoder(clip_dim) if args.encoder == "tiny" else ViTB32(clip_dim)
-    visual.eval()
-    if args.encode_image:
-        scripted = torch.jit.script(EncodeImage(visual))
+    if args.encoder == "tiny":
+        visual = TinyEncoder(clip_dim)
+    elif args.encoder == "vit-tiny":
+        visual = ViTB32(clip_dim, width=64, layers=2, heads=4)
     else:
-        # The trace checker compares graphs by their mangled module names, which differ between
-        # two traces of nn.TransformerEncoder; the numerics are what the tests check.
-        with torch.no_grad():
-            scripted = torch.jit.trace(visual, torch.zeros(1, 3, 224, 224), check_trace=False)
-    scripted.save(os.path.join(args.out, "clip_image.pt"))
+        visual = ViTB32(clip_dim)
+    visual.eval()
+    save_encoder(visual, os.path.join(args.out, "clip_image.pt"), args.encode_image)
+    files = {"encoder": "clip_image.pt", "weights": "model.safetensors", "tokenizer": "tokenizer.json"}
+    if args.int8_encoder:
+        save_encoder(quantize_int8(visual), os.path.join(args.out, "clip_image.int8.pt"), args.encode_image)
+        files["encoder_int8"] = "clip_image.int8.pt"
     shutil.copyfile(os.path.join(ROOT, "models", "gpt2", "tokenizer.json"),
                     os.path.join(args.out, "tokenizer.json"))
     manifest = {
@@ -145,7 +183,7 @@ def main():
                  "activation_function": cfg.activation_function, "n_inner": None},
         "image": {"size": 224, "mean": [0.48145466, 0.4578275, 0.40821073],
                   "std": [0.26862954, 0.26130258, 0.27577711]},
-        "files": {"encoder": "clip_image.pt", "weights": "model.safetensors", "tokenizer": "tokenizer.json"},
+        "files": files,
         "stop_tokens": [args.stop],
         "generation": {},
         "provenance": {"source": "scripts/make_test_bundle.py (random weights)", "seed": args.seed},

@@ -221,3 +221,69 @@ fn export_clip_retraces_image_towers_to_fp32_torchscript() {
     .unwrap();
     assert!(d < 1e-6, "{d}");
 }
+
+/// `export_clip.py` on a CLIP tower (a stand-in `clip` package with CLIP's ViT structure), in
+/// f32 and `--quantize int8`: both script cleanly, the int8 one reports its cosine to f32, and
+/// a bundle converted with `--clip-int8` encodes with it under `--dtype int8`.
+#[test]
+fn export_clip_writes_an_int8_tower_that_int8_bundles_encode_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let export = |extra: &[&str], out: &Path| -> serde_json::Value {
+        let o = std::process::Command::new(common::python())
+            .args(["scripts/export_clip.py", "--openai", "ViT-B/32", "--out"])
+            .arg(out)
+            .args(extra)
+            .env("PYTHONPATH", common::repo().join("tests/stub_clip"))
+            .current_dir(common::repo())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let text = String::from_utf8(o.stdout).unwrap();
+        serde_json::from_str(text.lines().last().unwrap()).unwrap()
+    };
+    let f32_file = dir.path().join("clip.pt");
+    let int8_file = dir.path().join("clip.int8.pt");
+    let f = export(&[], &f32_file);
+    let q = export(&["--quantize", "int8"], &int8_file);
+    for s in [&f, &q] {
+        assert_eq!(s["method"], "script");
+        assert_eq!(s["embedding_dim"], 32);
+    }
+    assert!(f.get("min_cosine_to_f32").is_none());
+    let cos = q["min_cosine_to_f32"].as_f64().unwrap();
+    assert!(
+        (0.99..1.0).contains(&cos),
+        "int8 tower's cosine to f32: {cos}"
+    );
+
+    // A ClipCap checkpoint with a 32-wide prefix, converted with both towers.
+    let ckpt = dir.path().join("ckpt");
+    let d = ckpt.to_str().unwrap();
+    common::run_python(&["scripts/ref/make_original_checkpoint.py", "--out", d]);
+    let bundle = dir.path().join("bundle");
+    common::run_python(&[
+        "scripts/convert_clipcap.py",
+        "--checkpoint",
+        &format!("{d}/original.pt"),
+        "--clip",
+        f32_file.to_str().unwrap(),
+        "--clip-int8",
+        int8_file.to_str().unwrap(),
+        "--n-head",
+        "4",
+        "--out",
+        bundle.to_str().unwrap(),
+    ]);
+    let int8 = Bundle::load(&bundle, Device::Cpu, Kind::QInt8).unwrap();
+    let f32 = Bundle::load(&bundle, Device::Cpu, Kind::Float).unwrap();
+    assert!(int8.encoder.int8.is_some() && f32.encoder.int8.is_none());
+    let px = Tensor::rand([3, 3, 224, 224], (Kind::Float, Device::Cpu));
+    let (a, b) = (
+        int8.encoder.encode(&px).unwrap(),
+        f32.encoder.encode(&px).unwrap(),
+    );
+    let c = Tensor::cosine_similarity(&a, &b, 1, 1e-8)
+        .min()
+        .double_value(&[]);
+    assert!(c >= 0.99 && !a.equal(&b), "cosine {c}");
+}

@@ -4,7 +4,8 @@
 //! weights (`--dtype int8`, `model::int8`): products against an f64 reference within a hard
 //! per-element bound, a row's result bit for bit the same alone or in any batch, and a decode
 //! that reads a quarter of f32's weight bytes (a trained bundle's int8 captions are compared
-//! with f32's in `tests/train.rs`).
+//! with f32's in `tests/train.rs`), for both of PyTorch's int8 engines; and the int8 image
+//! encoder (`scripts/clip_int8.py`): embeddings against f32's, alone against batched.
 #![allow(clippy::arc_with_non_send_sync)] // bundles stay on the test thread
 mod common;
 
@@ -12,7 +13,7 @@ use clipcap::device::{DeviceChoice, DtypeChoice};
 use clipcap::engine::Engine;
 use clipcap::generate::caption_embeddings;
 use clipcap::model::bundle::Bundle;
-use clipcap::model::int8::Int8Matrix;
+use clipcap::model::int8::{self, Int8Engine, Int8Matrix};
 use clipcap::options::{GenOptions, Strategy};
 use std::sync::{Arc, OnceLock};
 use tch::{Device, Kind, Tensor};
@@ -205,14 +206,25 @@ fn bound(x: &Tensor, w: &Tensor, y_ref: &Tensor) -> Tensor {
         + 1e-9
 }
 
+/// An int8 matrix packed for `engine`.
+fn int8(w: &Tensor, engine: Int8Engine) -> Int8Matrix {
+    int8::with_engine(engine, || Int8Matrix::new(w))
+        .unwrap()
+        .unwrap()
+}
+
 #[test]
 fn int8_products_stay_within_their_rounding_bound_of_f64() {
     tch::manual_seed(11);
     let opts = (Kind::Double, Device::Cpu);
-    for (out, inp, rows) in [(2304, 768, 5), (768, 3072, 17), (4000, 768, 1)] {
+    for ((out, inp, rows), engine) in [(2304, 768, 5), (768, 3072, 17), (4000, 768, 1)]
+        .into_iter()
+        .flat_map(|shape| Int8Engine::ALL.map(|e| (shape, e)))
+    {
         let w = Tensor::randn([out, inp], opts) * 0.02;
         let bias = Tensor::randn([out], opts) * 0.1;
-        let q = Int8Matrix::new(&w.to_kind(Kind::Float)).unwrap();
+        let q = int8(&w.to_kind(Kind::Float), engine);
+        let engine = engine.name();
         let gaussian = Tensor::randn([rows, inp], opts);
         // With outliers, as GPT-2's activations have: the row's scale follows its largest value.
         let outliers = &gaussian + Tensor::randn([rows, inp], opts).pow_tensor_scalar(7) * 0.01;
@@ -225,7 +237,7 @@ fn int8_products_stay_within_their_rounding_bound_of_f64() {
             let err = (&y - &y_ref).abs();
             let worst = (&err / bound(x, &w, &prod)).max().double_value(&[]);
             let rel = ((&y - &y_ref).norm() / prod.norm()).double_value(&[]);
-            println!("[{out}x{inp}] x {rows} {name} rows: worst error {worst:.3} of its bound, relative error {rel:.4}");
+            println!("{engine} [{out}x{inp}] x {rows} {name} rows: worst error {worst:.3} of its bound, relative error {rel:.4}");
             assert!(
                 worst <= 1.0,
                 "an element is off by more than its bound ({worst})"
@@ -239,11 +251,17 @@ fn int8_products_stay_within_their_rounding_bound_of_f64() {
 
 #[test]
 fn a_rows_result_is_the_same_alone_or_in_any_batch() {
+    for engine in Int8Engine::ALL {
+        a_rows_result_is_the_same_alone_or_in_any_batch_with(engine);
+    }
+}
+
+fn a_rows_result_is_the_same_alone_or_in_any_batch_with(engine: Int8Engine) {
     tch::manual_seed(3);
     let opts = (Kind::Float, Device::Cpu);
     let w = Tensor::randn([512, 256], opts) * 0.05;
     let bias = Tensor::randn([512], opts);
-    let q = Int8Matrix::new(&w).unwrap();
+    let q = int8(&w, engine);
     // Rows of very different magnitudes: a shared activation scale would change the small ones.
     let x = Tensor::randn([9, 256], opts)
         * Tensor::from_slice(&[1e-3f32, 1., 50., 0.2, 7., 1e3, 0.01, 3., 0.]).reshape([9, 1]);
@@ -252,7 +270,7 @@ fn a_rows_result_is_the_same_alone_or_in_any_batch() {
         let alone = q.linear(&x.narrow(0, i, 1), Some(&bias));
         assert!(
             batched.narrow(0, i, 1).equal(&alone),
-            "row {i} differs alone vs batched"
+            "{engine:?}: row {i} differs alone vs batched"
         );
     }
     let reordered = q.linear(&x.flip([0]), Some(&bias)).flip([0]);
@@ -301,4 +319,95 @@ fn an_int8_bundle_decodes_and_reports_its_smaller_weights() {
     );
     assert_eq!(bf, 4 * bi, "int8 reads a quarter of f32's weight bytes");
     assert!(int8["steps"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn an_int8_encoder_embeds_like_f32_and_the_same_alone_or_batched() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    // CLIP's ViT structure (nn.MultiheadAttention, QuickGELU) at test size, with its int8 twin.
+    common::make_bundle(
+        &model,
+        &[
+            "--size",
+            "tiny",
+            "--encoder",
+            "vit-tiny",
+            "--int8-encoder",
+            "--seed",
+            "6",
+        ],
+    );
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    for (i, (w, h)) in [(320, 240), (224, 224), (97, 300), (640, 480)]
+        .iter()
+        .enumerate()
+    {
+        std::fs::write(
+            images.join(format!("{i}.png")),
+            common::png(*w, *h, i as u8 * 40),
+        )
+        .unwrap();
+    }
+    let lines = common::clipcap_json_lines(&[
+        "bench-encode".as_ref(),
+        "--batch".as_ref(),
+        "1,3".as_ref(),
+        "--repeat".as_ref(),
+        "1".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        images.as_os_str(),
+    ]);
+    let per_image: Vec<f64> = lines
+        .iter()
+        .filter_map(|l| l["cosine_int8_to_f32"].as_f64())
+        .collect();
+    assert_eq!(per_image.len(), 4, "{lines:?}");
+    // The bar for real CLIP towers; per-token int8 rounding costs ~1e-4 of cosine here.
+    assert!(per_image.iter().all(|&c| c >= 0.99), "{per_image:?}");
+    let summary = lines
+        .iter()
+        .find(|l| l.get("cosine_min").is_some())
+        .unwrap();
+    // The int8 products are exact per row (above); the tower's f32 parts (convolution,
+    // LayerNorm, attention) round by batch size at f32's ~1e-6.
+    let diff = summary["int8_alone_vs_batched_max_abs_diff"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        diff <= 1e-5,
+        "an image's int8 embedding changes with its batch by {diff}"
+    );
+    let timed: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l.get("batch").is_some()).collect();
+    assert_eq!(timed.len(), 2);
+    for t in timed {
+        assert!(["fbgemm", "onednn"].contains(&t["int8_engine"].as_str().unwrap()));
+        assert!(t["int8_images_per_s"].as_f64().unwrap() > 0.0);
+    }
+
+    // `--dtype int8` loads the int8 encoder; f32 the f32 one; a bundle without one encodes in f32.
+    let int8 = Bundle::load(&model, Device::Cpu, Kind::QInt8).unwrap();
+    let f32 = Bundle::load(&model, Device::Cpu, Kind::Float).unwrap();
+    assert!(int8.encoder.int8.is_some() && int8.net.gpt.int8_engine.is_some());
+    assert!(f32.encoder.int8.is_none() && f32.net.gpt.int8_engine.is_none());
+    let px = Tensor::rand([2, 3, 224, 224], (Kind::Float, Device::Cpu));
+    let (a, b) = (
+        int8.encoder.encode(&px).unwrap(),
+        f32.encoder.encode(&px).unwrap(),
+    );
+    let cos = Tensor::cosine_similarity(&a, &b, 1, 1e-8)
+        .min()
+        .double_value(&[]);
+    assert!(cos >= 0.99 && !a.equal(&b), "cosine {cos}");
+    let manifest = model.join("clipcap.json");
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    m["files"].as_object_mut().unwrap().remove("encoder_int8");
+    std::fs::write(&manifest, serde_json::to_vec(&m).unwrap()).unwrap();
+    let fallback = Bundle::load(&model, Device::Cpu, Kind::QInt8).unwrap();
+    assert!(fallback.encoder.int8.is_none() && fallback.int8);
+    assert!(fallback.encoder.encode(&px).unwrap().equal(&b));
 }

@@ -15,6 +15,14 @@ pub struct ModelInfo {
     pub dir: PathBuf,
     pub device: String,
     pub dtype: String,
+    /// The image encoder's dtype: `dtype`, except int8 without an int8 encoder (f32).
+    pub encoder_dtype: String,
+    /// int8: the library GPT-2's and the encoder's int8 weights are packed for (`fbgemm` or
+    /// `onednn`, the faster on this CPU; `CLIPCAP_INT8_ENGINE` chooses).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub int8_engine: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoder_int8_engine: Option<String>,
     pub image: ImageSpec,
     pub prefix_length: i64,
     pub mapping: String,
@@ -48,6 +56,13 @@ impl ModelInfo {
             } else {
                 crate::device::dtype_name(bundle.kind).into()
             },
+            encoder_dtype: if bundle.encoder.int8.is_some() {
+                "int8".into()
+            } else {
+                crate::device::dtype_name(bundle.encoder.kind).into()
+            },
+            int8_engine: bundle.net.gpt.int8_engine.map(|e| e.name().into()),
+            encoder_int8_engine: bundle.encoder.int8.map(|e| e.name().into()),
             image: m.image.clone(),
             prefix_length: m.mapper.prefix_length,
             mapping: format!("{:?}", m.mapper.mapping).to_lowercase(),

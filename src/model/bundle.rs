@@ -46,6 +46,19 @@ pub struct BundleFiles {
     pub encoder: String,
     pub weights: String,
     pub tokenizer: String,
+    /// The image encoder's int8 variant for `--dtype int8` on the CPU
+    /// (`scripts/export_clip.py --quantize int8`); without it int8 encodes in f32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder_int8: Option<String>,
+}
+
+impl BundleFiles {
+    /// Every file the manifest names, in a fixed order.
+    pub fn all(&self) -> Vec<&String> {
+        let mut files = vec![&self.encoder, &self.weights, &self.tokenizer];
+        files.extend(self.encoder_int8.as_ref());
+        files
+    }
 }
 
 impl Default for BundleFiles {
@@ -54,6 +67,7 @@ impl Default for BundleFiles {
             encoder: "clip_image.pt".into(),
             weights: "model.safetensors".into(),
             tokenizer: "tokenizer.json".into(),
+            encoder_int8: None,
         }
     }
 }
@@ -234,7 +248,7 @@ impl Bundle {
         }
         let manifest = Manifest::read(dir)?;
         let files = &manifest.files;
-        for f in [&files.tokenizer, &files.encoder, &files.weights] {
+        for f in files.all() {
             regular_file(&dir.join(f))?;
         }
         // The shapes the manifest claims must fit in the weights file (stored at 2 bytes a
@@ -263,8 +277,27 @@ impl Bundle {
         let stop_ids = stop_token_ids(&tokenizer, &manifest.stop_tokens)
             .with_context(|| format!("{}: stop_tokens", dir.join(MANIFEST).display()))?;
 
-        let enc_path = dir.join(&files.encoder);
-        let encoder = ImageEncoder::load(&enc_path, manifest.image.size, device, kind)?;
+        let (enc_path, encoder) = match (&files.encoder_int8, int8) {
+            (Some(f), true) => {
+                let path = dir.join(f);
+                let enc = ImageEncoder::load_int8(&path, manifest.image.size)?;
+                (path, enc)
+            }
+            (None, true) => {
+                tracing::warn!(
+                    bundle = %dir.display(),
+                    "the bundle has no int8 image encoder (files.encoder_int8; make one with scripts/export_clip.py --quantize int8): images are encoded in f32"
+                );
+                let path = dir.join(&files.encoder);
+                let enc = ImageEncoder::load(&path, manifest.image.size, device, kind)?;
+                (path, enc)
+            }
+            (_, false) => {
+                let path = dir.join(&files.encoder);
+                let enc = ImageEncoder::load(&path, manifest.image.size, device, kind)?;
+                (path, enc)
+            }
+        };
         if encoder.dim != manifest.mapper.prefix_dim {
             bail!(
                 "{}: the encoder outputs {} values but mapper.prefix_dim is {}",

@@ -3,6 +3,7 @@
 //! OpenAI's JIT archives expose `encode_image`; exported image towers (scripts/export_clip.py)
 //! and our tiny test encoders expose `forward`. The embedding width is read from the module by
 //! running it once, never assumed.
+use crate::model::int8::{self, Int8Engine};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use tch::{CModule, Device, Kind, Tensor};
@@ -17,6 +18,9 @@ pub struct ImageEncoder {
     pub image_size: i64,
     pub device: Device,
     pub kind: Kind,
+    /// An int8 variant (`files.encoder_int8`): int8 weights, f32 activations, CPU only;
+    /// with the library its weights were packed for.
+    pub int8: Option<Int8Engine>,
 }
 
 impl ImageEncoder {
@@ -36,6 +40,17 @@ impl ImageEncoder {
             }
             r => r,
         }
+    }
+
+    /// Loads an int8 archive (`scripts/export_clip.py --quantize int8`) on the CPU, its
+    /// weights packed for the int8 engine faster at 16 images of 50 tokens (ViT-B/32's).
+    pub fn load_int8(path: &Path, image_size: i64) -> Result<Self> {
+        let engine = int8::engine_for(&[16 * 50])?;
+        let mut enc = int8::with_engine(engine, || {
+            Self::load_as(path, image_size, Device::Cpu, Kind::Float)
+        })??;
+        enc.int8 = Some(engine);
+        Ok(enc)
     }
 
     fn load_as(path: &Path, image_size: i64, device: Device, kind: Kind) -> Result<Self> {
@@ -77,6 +92,7 @@ impl ImageEncoder {
             image_size,
             device,
             kind,
+            int8: None,
         })
     }
 

@@ -4,6 +4,7 @@
 // tch does not wrap these ops; this shim reaches them through the dispatcher. Tensors cross
 // as `at::Tensor*`, the same pointer tch's C API passes as a tensor.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cstdlib>
@@ -70,6 +71,22 @@ at::Tensor* clipcap_int8_linear(const at::Tensor* x, void* packed, char** error)
     return nullptr;
   }
 }
+
+// The engine quantized weights are packed for from now on (PyTorch's process-wide setting:
+// `quantized::linear_prepack`, and a TorchScript archive's packed weights when it is loaded,
+// follow it; a packed weight keeps its engine). 1 = fbgemm, 3 = onednn (at::QEngine).
+// Returns 0, or -1 with *error set when this libtorch lacks the engine.
+int clipcap_int8_set_engine(int engine, char** error) {
+  try {
+    at::globalContext().setQEngine(static_cast<at::QEngine>(engine));
+    return 0;
+  } catch (const std::exception& e) {
+    *error = copy_message(e.what());
+    return -1;
+  }
+}
+
+int clipcap_int8_engine() { return static_cast<int>(at::globalContext().qEngine()); }
 
 void clipcap_int8_free(void* packed) { delete static_cast<c10::IValue*>(packed); }
 

@@ -2,6 +2,7 @@
 //! that ties them together.
 pub mod bundle;
 pub mod clip;
+pub mod clip_compare;
 pub mod gpt2;
 pub mod int8;
 pub mod kv_cache;

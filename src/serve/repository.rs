@@ -105,7 +105,7 @@ fn fingerprint(dir: &Path) -> std::result::Result<String, Incomplete> {
         .unwrap_or_default();
     let mut h = sha2::Sha256::new();
     h.update(&bytes);
-    for f in [&files.encoder, &files.weights, &files.tokenizer] {
+    for f in files.all() {
         let meta = std::fs::metadata(dir.join(f)).map_err(|e| Incomplete(format!("{f}: {e}")))?;
         let mtime = meta
             .modified()

@@ -54,7 +54,15 @@ pub(super) fn manifest(
         image: ImageSpec {
             ..base_manifest.image.clone()
         },
-        files: BundleFiles::default(),
+        // The base's int8 encoder comes along (the encoder is not trained).
+        files: BundleFiles {
+            encoder_int8: base_manifest
+                .files
+                .encoder_int8
+                .as_ref()
+                .map(|_| "clip_image.int8.pt".into()),
+            ..BundleFiles::default()
+        },
         stop_tokens: if spec.params.eos {
             vec!["<|endoftext|>".into()]
         } else {
@@ -95,7 +103,13 @@ pub(super) fn write_bundle(
             tmp.join(&files.tokenizer),
         )
         .context("copying the tokenizer")?;
-        for f in [&files.encoder, &files.tokenizer] {
+        if let (Some(from), Some(to)) = (&base_manifest.files.encoder_int8, &files.encoder_int8) {
+            std::fs::copy(base.join(from), tmp.join(to)).context("copying the int8 encoder")?;
+        }
+        for f in [&files.encoder, &files.tokenizer]
+            .into_iter()
+            .chain(files.encoder_int8.as_ref())
+        {
             std::fs::File::open(tmp.join(f))?.sync_all()?;
         }
         net.save_weights(&tmp.join(&files.weights))?;

@@ -250,3 +250,23 @@ impl Drop for Server {
         let _ = std::fs::remove_file(record);
     }
 }
+
+/// Runs the `clipcap` binary with `args`, panics with its stderr if it fails, and parses each
+/// line it printed as JSON.
+pub fn clipcap_json_lines<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clipcap"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("cannot start clipcap");
+    assert!(
+        out.status.success(),
+        "clipcap failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}

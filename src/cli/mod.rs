@@ -1,4 +1,6 @@
 //! Subcommand definitions and their entry points.
+mod bench_encode;
+
 use crate::engine::Engine;
 use crate::options::{DecodeOptions, OptionError};
 use anyhow::{bail, Context, Result};
@@ -40,6 +42,8 @@ pub enum Command {
     BenchHttp(crate::serve::bench::BenchArgs),
     /// Time decoding from CLIP embeddings (alone vs batched), for benchmark scripts.
     BenchDecode(BenchDecodeArgs),
+    /// Time the image encoder in f32 beside its int8 variant, and compare their embeddings.
+    BenchEncode(bench_encode::BenchEncodeArgs),
     /// Print what this build can use (CUDA, devices, libtorch).
     Info,
 }
@@ -137,6 +141,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::BenchHttp(a) => crate::serve::bench::run(a),
         Command::BenchDecode(a) => bench_decode(a),
+        Command::BenchEncode(a) => bench_encode::run(a),
         Command::Info => {
             println!("clipcap {}", env!("CARGO_PKG_VERSION"));
             for (k, v) in crate::device::describe() {
@@ -308,7 +313,8 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             "{}",
             serde_json::json!({"batch": b, "images": n, "seconds": best, "images_per_s": n as f64 / best,
                 "tokens": tokens, "strategy": opts.strategy, "beam_size": opts.beam_size,
-                "device": model.device, "dtype": model.dtype,
+                "device": model.device, "dtype": model.dtype, "int8_engine": model.int8_engine,
+                "encoder_dtype": model.encoder_dtype,
                 "steps": steps, "ms_per_step": per_step_s * 1e3,
                 "weight_bytes_per_step": model.weight_bytes_per_step,
                 "weight_gb_per_s": model.weight_bytes_per_step as f64 / per_step_s / 1e9,
