@@ -61,7 +61,7 @@ impl EngineConfig {
                 max_batch_images: i.max_batch_images,
                 max_batch_delay: Duration::from_millis(i.max_batch_delay_ms),
                 continuous: i.continuous_batching,
-                max_running_images: i.max_running_images,
+                max_running_images: i.running_images(),
                 queue_capacity: i.queue_capacity,
                 kv_budget_bytes: i.kv_cache_bytes,
             },

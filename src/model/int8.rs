@@ -22,7 +22,8 @@ use tch::{Device, Kind, Tensor};
 /// PyTorch's two x86 libraries for int8 products. They compute the same products with
 /// different roundings (so one model keeps one engine: a row's result must not depend on the
 /// batch), and which is faster depends on the CPU and the row count: on one 2-core Xeon host
-/// fbgemm was 1.15x faster for 5 rows and oneDNN 1.5x for 80 and 2.1x for 800.
+/// fbgemm was 1.15x faster for 5 rows and oneDNN 1.5x for 80 and 2.1x for 800 (one product);
+/// a whole GPT-2 step for one image took 21-22 ms with fbgemm and 32-38 ms with oneDNN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Int8Engine {
     Fbgemm,
@@ -86,15 +87,23 @@ pub fn with_engine<T>(engine: Int8Engine, f: impl FnOnce() -> T) -> Result<T> {
     }
 }
 
+/// The engine `CLIPCAP_INT8_ENGINE` names (`fbgemm` | `onednn`), if it is set.
+pub fn engine_from_env() -> Result<Option<Int8Engine>> {
+    match std::env::var("CLIPCAP_INT8_ENGINE") {
+        Ok(name) => Int8Engine::parse(&name).map(Some).ok_or_else(|| {
+            anyhow::anyhow!("CLIPCAP_INT8_ENGINE is {name:?}; expected fbgemm or onednn")
+        }),
+        Err(_) => Ok(None),
+    }
+}
+
 /// The engine for int8 products of `rows` rows each (several counts: their total time):
 /// `CLIPCAP_INT8_ENGINE` (`fbgemm` | `onednn`) when set, else whichever computes a
 /// `[rows, 768] x [768, 3072]` product faster on this CPU (best of 3), measured once per
 /// count list in a process.
 pub fn engine_for(rows: &[i64]) -> Result<Int8Engine> {
-    if let Ok(name) = std::env::var("CLIPCAP_INT8_ENGINE") {
-        return Int8Engine::parse(&name).ok_or_else(|| {
-            anyhow::anyhow!("CLIPCAP_INT8_ENGINE is {name:?}; expected fbgemm or onednn")
-        });
+    if let Some(e) = engine_from_env()? {
+        return Ok(e);
     }
     static CHOSEN: Mutex<BTreeMap<Vec<i64>, Int8Engine>> = Mutex::new(BTreeMap::new());
     if let Some(&e) = CHOSEN.lock().unwrap().get(rows) {

@@ -400,7 +400,7 @@ pub(crate) async fn info(
             "max_batch_images": c.inference.max_batch_images,
             "max_batch_delay_ms": c.inference.max_batch_delay_ms,
             "continuous_batching": c.inference.continuous_batching,
-            "max_running_images": c.inference.max_running_images,
+            "max_running_images": c.inference.running_images(),
             "kv_cache_bytes": c.inference.kv_cache_bytes,
         },
         "admin_enabled": !c.auth.admin_token.is_empty(),
