@@ -21,8 +21,9 @@ pub struct BenchEncodeArgs {
     /// libtorch intra-op threads (0 = default).
     #[arg(long, default_value_t = 0)]
     pub threads: i32,
-    /// Images to encode (files or folders): their embeddings are compared and they fill the
-    /// timed batches; seeded random pixels if none.
+    /// Images to encode (files, folders, or `-` for paths on stdin, as `caption` reads them):
+    /// their embeddings are compared and they fill the timed batches; seeded random pixels if
+    /// none.
     pub images: Vec<PathBuf>,
 }
 
@@ -85,17 +86,10 @@ pub fn run(a: BenchEncodeArgs) -> Result<()> {
     Ok(())
 }
 
-/// The given images (files or folders) preprocessed as the server does, with their names.
+/// The given images preprocessed as the server does, with their names.
 fn pixels(paths: &[PathBuf], manifest: &Manifest) -> Result<(Vec<String>, Vec<Vec<f32>>)> {
     let cfg = crate::engine::pipeline::preprocess_config(&manifest.image, 40_000_000);
-    let mut files = vec![];
-    for p in paths {
-        if p.is_dir() {
-            files.extend(crate::batch::input::image_files(p)?);
-        } else {
-            files.push(p.clone());
-        }
-    }
+    let files = super::image_paths(paths)?;
     let mut names = vec![];
     let mut rows = vec![];
     for f in files {

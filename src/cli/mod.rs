@@ -155,7 +155,7 @@ pub fn run(cli: Cli) -> Result<()> {
 
 /// The image paths the arguments name: files as given, folders searched recursively for
 /// image files (sorted), and `-` for paths read from stdin, one per line.
-fn image_paths(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
+pub(crate) fn image_paths(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut out = vec![];
     for a in args {
         if a.as_os_str() == "-" {

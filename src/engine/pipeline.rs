@@ -23,14 +23,7 @@ pub fn preprocess_many(
     crate::parallel::map_chunks(images, |b| preprocess::preprocess_bytes(b, cfg))
 }
 
-/// Stacks CHW pixel buffers into a `[B, 3, S, S]` f32 tensor on the CPU.
-pub fn stack_pixels(pixels: &[&[f32]], size: i64) -> Tensor {
-    let mut flat = Vec::with_capacity(pixels.len() * (3 * size * size) as usize);
-    for p in pixels {
-        flat.extend_from_slice(p);
-    }
-    Tensor::from_slice(&flat).view([pixels.len() as i64, 3, size, size])
-}
+pub use crate::model::clip::stack_pixels;
 
 /// CLIP embeddings `[B, D]` (f32, on the bundle's device) for preprocessed images, encoded in
 /// chunks of `batch`.

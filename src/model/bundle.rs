@@ -277,26 +277,17 @@ impl Bundle {
         let stop_ids = stop_token_ids(&tokenizer, &manifest.stop_tokens)
             .with_context(|| format!("{}: stop_tokens", dir.join(MANIFEST).display()))?;
 
-        let (enc_path, encoder) = match (&files.encoder_int8, int8) {
-            (Some(f), true) => {
-                let path = dir.join(f);
-                let enc = ImageEncoder::load_int8(&path, manifest.image.size)?;
-                (path, enc)
-            }
-            (None, true) => {
-                tracing::warn!(
-                    bundle = %dir.display(),
-                    "the bundle has no int8 image encoder (files.encoder_int8; make one with scripts/export_clip.py --quantize int8): images are encoded in f32"
-                );
-                let path = dir.join(&files.encoder);
-                let enc = ImageEncoder::load(&path, manifest.image.size, device, kind)?;
-                (path, enc)
-            }
-            (_, false) => {
-                let path = dir.join(&files.encoder);
-                let enc = ImageEncoder::load(&path, manifest.image.size, device, kind)?;
-                (path, enc)
-            }
+        let int8_encoder = files.encoder_int8.as_ref().filter(|_| int8);
+        if int8 && int8_encoder.is_none() {
+            tracing::warn!(
+                bundle = %dir.display(),
+                "the bundle has no int8 image encoder (files.encoder_int8; make one with scripts/export_clip.py --quantize int8): images are encoded in f32"
+            );
+        }
+        let enc_path = dir.join(int8_encoder.unwrap_or(&files.encoder));
+        let encoder = match int8_encoder {
+            Some(_) => ImageEncoder::load_int8(&enc_path, manifest.image.size)?,
+            None => ImageEncoder::load(&enc_path, manifest.image.size, device, kind)?,
         };
         if encoder.dim != manifest.mapper.prefix_dim {
             bail!(

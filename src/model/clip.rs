@@ -45,7 +45,7 @@ impl ImageEncoder {
     /// Loads an int8 archive (`scripts/export_clip.py --quantize int8`) on the CPU, its
     /// weights packed for the int8 engine faster at 16 images of 50 tokens (ViT-B/32's).
     pub fn load_int8(path: &Path, image_size: i64) -> Result<Self> {
-        let engine = int8::engine_for(&[16 * 50])?;
+        let engine = int8::engine_for(16 * 50)?;
         let mut enc = int8::with_engine(engine, || {
             Self::load_as(path, image_size, Device::Cpu, Kind::Float)
         })??;
@@ -107,6 +107,15 @@ impl ImageEncoder {
         };
         Ok(out.to_kind(Kind::Float))
     }
+}
+
+/// Stacks CHW pixel buffers into a `[B, 3, S, S]` f32 tensor on the CPU.
+pub fn stack_pixels(pixels: &[&[f32]], size: i64) -> Tensor {
+    let mut flat = Vec::with_capacity(pixels.len() * (3 * size * size) as usize);
+    for p in pixels {
+        flat.extend_from_slice(p);
+    }
+    Tensor::from_slice(&flat).view([pixels.len() as i64, 3, size, size])
 }
 
 /// The line of a TorchScript error that says what went wrong (its last `...Error:` line),

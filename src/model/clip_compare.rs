@@ -1,7 +1,7 @@
 //! A bundle's f32 image encoder beside its int8 variant (`clipcap bench-encode`): how close
 //! the int8 embeddings are, and both encoders' speed, timed in turn so a slow spell of the
 //! host hits both.
-use crate::model::clip::ImageEncoder;
+use crate::model::clip::{stack_pixels, ImageEncoder};
 use anyhow::{Context, Result};
 use std::path::Path;
 use std::time::Instant;
@@ -29,8 +29,8 @@ pub struct Agreement {
 
 /// Normalized pixels (CHW f32 vectors of `size`²·3 values) as one `[N, 3, S, S]` batch.
 fn stack(pixels: &[Vec<f32>], size: i64) -> Tensor {
-    let flat: Vec<f32> = pixels.iter().flatten().copied().collect();
-    Tensor::from_slice(&flat).view([pixels.len() as i64, 3, size, size])
+    let rows: Vec<&[f32]> = pixels.iter().map(Vec::as_slice).collect();
+    stack_pixels(&rows, size)
 }
 
 pub fn agreement(

@@ -97,42 +97,34 @@ pub fn engine_from_env() -> Result<Option<Int8Engine>> {
     }
 }
 
-/// The engine for int8 products of `rows` rows each (several counts: their total time):
-/// `CLIPCAP_INT8_ENGINE` (`fbgemm` | `onednn`) when set, else whichever computes a
-/// `[rows, 768] x [768, 3072]` product faster on this CPU (best of 3), measured once per
-/// count list in a process.
-pub fn engine_for(rows: &[i64]) -> Result<Int8Engine> {
+/// The engine for int8 products of `rows` rows: `CLIPCAP_INT8_ENGINE` (`fbgemm` | `onednn`)
+/// when set, else whichever computes a `[rows, 768] x [768, 3072]` product faster on this CPU
+/// (best of 3), measured once per row count in a process.
+pub fn engine_for(rows: i64) -> Result<Int8Engine> {
     if let Some(e) = engine_from_env()? {
         return Ok(e);
     }
-    static CHOSEN: Mutex<BTreeMap<Vec<i64>, Int8Engine>> = Mutex::new(BTreeMap::new());
-    if let Some(&e) = CHOSEN.lock().unwrap().get(rows) {
+    static CHOSEN: Mutex<BTreeMap<i64, Int8Engine>> = Mutex::new(BTreeMap::new());
+    if let Some(&e) = CHOSEN.lock().unwrap().get(&rows) {
         return Ok(e);
     }
     let _g = tch::no_grad_guard();
     tch::manual_seed(0);
     let w = Tensor::randn([3072, 768], (Kind::Float, Device::Cpu));
-    let inputs: Vec<Tensor> = rows
-        .iter()
-        .map(|&r| Tensor::randn([r, 768], (Kind::Float, Device::Cpu)))
-        .collect();
+    let x = Tensor::randn([rows, 768], (Kind::Float, Device::Cpu));
     let mut best = (f64::INFINITY, Int8Engine::Fbgemm);
     for engine in Int8Engine::ALL {
         let m = with_engine(engine, || Int8Matrix::new(&w))??;
-        let mut secs = 0.0;
-        for x in &inputs {
-            let _ = m.linear(x, None); // warm-up
-            let mut fastest = f64::INFINITY;
-            for _ in 0..3 {
-                let t0 = Instant::now();
-                let _ = m.linear(x, None);
-                fastest = fastest.min(t0.elapsed().as_secs_f64());
-            }
-            secs += fastest;
+        let _ = m.linear(&x, None); // warm-up
+        let mut secs = f64::INFINITY;
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            let _ = m.linear(&x, None);
+            secs = secs.min(t0.elapsed().as_secs_f64());
         }
         tracing::debug!(
             engine = engine.name(),
-            ?rows,
+            rows,
             ms = secs * 1e3,
             "int8 engine timed"
         );
@@ -140,7 +132,7 @@ pub fn engine_for(rows: &[i64]) -> Result<Int8Engine> {
             best = (secs, engine);
         }
     }
-    CHOSEN.lock().unwrap().insert(rows.to_vec(), best.1);
+    CHOSEN.lock().unwrap().insert(rows, best.1);
     Ok(best.1)
 }
 

@@ -270,3 +270,33 @@ pub fn clipcap_json_lines<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Vec<serde_js
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect()
 }
+
+/// Loads `bundle` in int8 and in f32 and checks their image encoders: the int8 one loads only
+/// for int8, and its embeddings of `pixels` are within cosine 0.99 of f32's (the bar)
+/// without being equal. Returns both bundles and f32's embeddings.
+pub fn check_int8_encoder(
+    bundle: &std::path::Path,
+    pixels: &tch::Tensor,
+) -> (
+    clipcap::model::bundle::Bundle,
+    clipcap::model::bundle::Bundle,
+    tch::Tensor,
+) {
+    use clipcap::model::bundle::Bundle;
+    use tch::{Device, Kind, Tensor};
+    let int8 = Bundle::load(bundle, Device::Cpu, Kind::QInt8).unwrap();
+    let f32 = Bundle::load(bundle, Device::Cpu, Kind::Float).unwrap();
+    assert!(int8.encoder.int8.is_some() && f32.encoder.int8.is_none());
+    let (a, b) = (
+        int8.encoder.encode(pixels).unwrap(),
+        f32.encoder.encode(pixels).unwrap(),
+    );
+    let cos = Tensor::cosine_similarity(&a, &b, 1, 1e-8)
+        .min()
+        .double_value(&[]);
+    assert!(
+        cos >= 0.99 && !a.equal(&b),
+        "int8 embeddings' cosine to f32's: {cos}"
+    );
+    (int8, f32, b)
+}
