@@ -26,10 +26,14 @@ fn main() {
     }
 }
 
-/// Builds `src/model/int8.cpp` (int8 linear layers through PyTorch's quantized ops) against
+/// Builds `src/model/int8.cpp` (int8 linear layers through PyTorch's quantized ops) and
+/// `src/model/attention.cpp` (one-query attention for CPU decoding) and `row_topk.cpp` (beam
+/// candidates) against
 /// the headers of the libtorch in `lib`, with the C++ ABI libtorch was built with.
 fn build_int8_shim(lib: &std::path::Path) {
     println!("cargo:rerun-if-changed=src/model/int8.cpp");
+    println!("cargo:rerun-if-changed=src/model/attention.cpp");
+    println!("cargo:rerun-if-changed=src/model/row_topk.cpp");
     println!("cargo:rustc-check-cfg=cfg(clipcap_int8)");
     let include = lib.parent().map(|torch| torch.join("include"));
     let Some(include) = include.filter(|i| i.join("ATen/ATen.h").exists()) else {
@@ -46,12 +50,15 @@ fn build_int8_shim(lib: &std::path::Path) {
     cc::Build::new()
         .cpp(true)
         .file("src/model/int8.cpp")
+        .file("src/model/attention.cpp")
+        .file("src/model/row_topk.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")
         .define("_GLIBCXX_USE_CXX11_ABI", if abi { "1" } else { "0" })
         .warnings(false)
-        .opt_level(2)
+        // O3: the attention kernel's loops are vectorized.
+        .opt_level(3)
         .compile("clipcap_int8");
     // After the shim on the link line, so that its references to libtorch resolve.
     println!("cargo:rustc-link-search=native={}", lib.display());

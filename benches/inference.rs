@@ -1,6 +1,8 @@
 //! Criterion benchmarks of the inference path on a real-size random bundle (GPT-2 small
 //! shapes, ViT-B/32-shaped TorchScript encoder) made by scripts/make_test_bundle.py:
-//! preprocessing, encoder batches, mapper, one decode step, and a whole beam-5 caption.
+//! preprocessing, encoder batches, mapper, one decode step, and a whole beam-5 caption; and
+//! one decode step's attention over the KV cache (16 images × 5 beams), libtorch's SDPA beside
+//! clipcap's one-query kernel on an f32 and an f16 cache.
 //!
 //!   cargo bench --profile dev --bench inference -- --noplot
 //!
@@ -51,6 +53,43 @@ fn photo(w: u32, h: u32) -> Vec<u8> {
     out.into_inner()
 }
 
+fn attention(c: &mut Criterion) {
+    use clipcap::model::attention;
+    let cpu = Device::Cpu;
+    // GPT-2 small's heads at 80 rows, 45 of 78 cached columns in use (mid-caption).
+    let (rows, heads, cap, d, t) = (80, 12, 78, 64, 45);
+    tch::manual_seed(0);
+    let q = Tensor::randn([rows, heads, 1, d], (Kind::Float, cpu));
+    let k = Tensor::randn([rows, heads, cap, d], (Kind::Float, cpu));
+    let v = Tensor::randn([rows, heads, cap, d], (Kind::Float, cpu));
+    let (k16, v16) = (k.to_kind(Kind::Half), v.to_kind(Kind::Half));
+    let mut g = c.benchmark_group("attention_80_rows_45_keys");
+    g.bench_function("sdpa_f32", |b| {
+        b.iter(|| {
+            Tensor::scaled_dot_product_attention::<Tensor>(
+                &q,
+                &k.narrow(2, 0, t),
+                &v.narrow(2, 0, t),
+                None,
+                0.0,
+                false,
+                None,
+                false,
+            )
+        })
+    });
+    if attention::fits(&q, &k16) {
+        for (name, k, v) in [("one_query_f32", &k, &v), ("one_query_f16", &k16, &v16)] {
+            g.bench_function(name, |b| {
+                b.iter(|| attention::one_query(&q, &k.narrow(2, 0, t), &v.narrow(2, 0, t), None))
+            });
+        }
+    } else {
+        eprintln!("SKIPPED one_query: this build has no attention kernel");
+    }
+    g.finish();
+}
+
 fn benches(c: &mut Criterion) {
     let bundle = Arc::new(Bundle::load(&bundle_dir(), Device::Cpu, Kind::Float).unwrap());
     let cfg = clipcap::engine::pipeline::preprocess_config(&bundle.manifest.image, 40_000_000);
@@ -96,5 +135,5 @@ fn benches(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(inference, benches);
+criterion_group!(inference, attention, benches);
 criterion_main!(inference);

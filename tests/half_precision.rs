@@ -321,6 +321,70 @@ fn an_int8_bundle_decodes_and_reports_its_smaller_weights() {
     assert!(int8["steps"].as_u64().unwrap() >= 1);
 }
 
+/// int8 decoding attends with clipcap's one-query kernel over an f16 cache
+/// (`model::attention`), per row: an image's captions are the same alone, batched, and joined
+/// into a running batch, and close to f32's. The tokens are compared exactly; the scores to a
+/// relative 1e-5, because the f32 mapper's product differs by batch size in the last bit (1.8e-7 here,
+/// in f32 too), which an f16 key can round the other way.
+#[test]
+fn int8_decodes_over_an_f16_cache_and_captions_the_same_alone_or_batched() {
+    use clipcap::generate::{Caption, Decoder};
+    use clipcap::model::attention::DecodeAttention;
+    let f32 = Arc::new(Bundle::load(bundle_dir(), Device::Cpu, Kind::Float).unwrap());
+    let b = Arc::new(Bundle::load(bundle_dir(), Device::Cpu, Kind::QInt8).unwrap());
+    assert_eq!(f32.net.gpt.decode_attention, DecodeAttention::Sdpa);
+    assert_eq!(f32.net.gpt.new_cache(1, 4).kind(), Kind::Float);
+    assert_eq!(b.net.gpt.decode_attention, DecodeAttention::OneQuery);
+    assert_eq!(b.net.gpt.new_cache(1, 4).kind(), Kind::Half);
+    let n = 6;
+    let c = clip(n);
+    for strategy in [Strategy::Beam, Strategy::Greedy] {
+        let o = opts(strategy);
+        let batched = caption_embeddings(b.clone(), &c, &o).unwrap();
+        let same = |a: &[Caption], b: &[Caption], what: &str| {
+            assert_eq!(a.len(), b.len(), "{strategy:?}: {what}");
+            for (x, y) in a.iter().zip(b) {
+                assert_eq!(x.tokens, y.tokens, "{strategy:?}: {what}");
+                let tolerance = 1e-5 * x.score.abs().max(1.0);
+                assert!(
+                    (x.score - y.score).abs() < tolerance,
+                    "{strategy:?}: {what}: {x:?} {y:?}"
+                );
+            }
+        };
+        for i in 0..n {
+            let alone = caption_embeddings(b.clone(), &c.narrow(0, i, 1), &o).unwrap();
+            same(&alone[0], &batched[i as usize], &format!("image {i} alone"));
+        }
+        // Images 3.. join a batch two steps into images 0..3: left-padded rows, masked keys.
+        let mut d = Decoder::new(b.clone());
+        d.add(&c.narrow(0, 0, 3), &o, vec![0, 1, 2]).unwrap();
+        let mut done = d.step().unwrap();
+        done.extend(d.step().unwrap());
+        d.add(&c.narrow(0, 3, 3), &o, vec![3, 4, 5]).unwrap();
+        while !d.is_empty() {
+            done.extend(d.step().unwrap());
+        }
+        for f in done {
+            let want = &batched[f.id as usize];
+            assert_eq!(
+                &f.captions, want,
+                "{strategy:?}: image {} after a join",
+                f.id
+            );
+        }
+        let want = caption_embeddings(f32.clone(), &c, &o).unwrap();
+        let first = (0..n as usize)
+            .filter(|&i| want[i][0].tokens.first() == batched[i][0].tokens.first())
+            .count();
+        println!("{strategy:?}: int8 first tokens equal to f32's on {first}/{n}");
+        assert!(
+            first >= 4,
+            "{strategy:?}: only {first}/{n} first tokens equal f32's"
+        );
+    }
+}
+
 #[test]
 fn an_int8_encoder_embeds_like_f32_and_the_same_alone_or_batched() {
     let dir = tempfile::tempdir().unwrap();

@@ -314,7 +314,7 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             serde_json::json!({"batch": b, "images": n, "seconds": best, "images_per_s": n as f64 / best,
                 "tokens": tokens, "strategy": opts.strategy, "beam_size": opts.beam_size,
                 "device": model.device, "dtype": model.dtype, "int8_engine": model.int8_engine,
-                "encoder_dtype": model.encoder_dtype,
+                "encoder_dtype": model.encoder_dtype, "decode_attention": model.decode_attention,
                 "steps": steps, "ms_per_step": per_step_s * 1e3,
                 "weight_bytes_per_step": model.weight_bytes_per_step,
                 "weight_gb_per_s": model.weight_bytes_per_step as f64 / per_step_s / 1e9,

@@ -23,6 +23,9 @@ pub struct ModelInfo {
     pub int8_engine: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encoder_int8_engine: Option<String>,
+    /// How decode steps attend over the KV cache: `sdpa` (libtorch's), or `one-query`
+    /// (clipcap's CPU kernel, int8's default; `CLIPCAP_DECODE_ATTENTION` chooses).
+    pub decode_attention: String,
     pub image: ImageSpec,
     pub prefix_length: i64,
     pub mapping: String,
@@ -63,6 +66,7 @@ impl ModelInfo {
             },
             int8_engine: bundle.net.gpt.int8_engine.map(|e| e.name().into()),
             encoder_int8_engine: bundle.encoder.int8.map(|e| e.name().into()),
+            decode_attention: bundle.net.gpt.decode_attention.name().into(),
             image: m.image.clone(),
             prefix_length: m.mapper.prefix_length,
             mapping: format!("{:?}", m.mapper.mapping).to_lowercase(),

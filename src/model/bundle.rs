@@ -6,6 +6,7 @@
 //! model.safetensors  mapper (`clip_project.*`) + GPT-2 (`gpt.transformer.*`) weights
 //! tokenizer.json     GPT-2 byte-level BPE for the `tokenizers` crate
 //! ```
+use crate::model::attention::DecodeAttention;
 use crate::model::clip::ImageEncoder;
 use crate::model::gpt2::{Gpt2, Gpt2Config};
 use crate::model::mapper::{Mapper, MapperConfig};
@@ -311,6 +312,7 @@ impl Bundle {
             let packed = net.gpt.pack_for_cpu();
             tracing::debug!(packed, "GPT-2 weights packed for MKL");
         }
+        net.gpt.decode_attention = DecodeAttention::from_env_or(net.gpt.decode_attention)?;
         Ok(Bundle {
             dir: dir.to_path_buf(),
             manifest,

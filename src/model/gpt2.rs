@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::model::attention::{self, DecodeAttention};
 use crate::model::int8::{self, Int8Engine, Int8Matrix};
 use crate::model::kv_cache::KvCache;
 use crate::model::packed::{self, PackedMatrix, WeightLayout};
@@ -275,6 +276,11 @@ pub struct Gpt2 {
     /// An f32 copy of `wte` for the lm_head of a half-precision model (see
     /// [`Gpt2::keep_f32_head`]).
     head_f32: Option<Tensor>,
+    /// How one-token steps attend over the cache (`model::attention`): SDPA, except int8.
+    pub decode_attention: DecodeAttention,
+    /// The element type of inference caches ([`Gpt2::new_cache`]) when not the model's: int8
+    /// keeps f16 (half the bytes the one-query kernel streams).
+    cache_kind: Option<Kind>,
 }
 
 impl Gpt2 {
@@ -303,6 +309,8 @@ impl Gpt2 {
             lm_head_int8: None,
             int8_engine: None,
             head_f32: None,
+            decode_attention: DecodeAttention::Sdpa,
+            cache_kind: None,
         })
     }
 
@@ -357,6 +365,8 @@ impl Gpt2 {
         })??;
         self.lm_head = None;
         self.int8_engine = Some(engine);
+        self.decode_attention = DecodeAttention::OneQuery;
+        self.cache_kind = Some(Kind::Half);
         Ok(bytes)
     }
 
@@ -505,9 +515,24 @@ impl Gpt2 {
             let (q, k, v) = (heads(&parts[0]), heads(&parts[1]), heads(&parts[2]));
             cache.k[i].narrow(2, start, t).copy_(&k);
             cache.v[i].narrow(2, start, t).copy_(&v);
-            let keys = cache.k[i].narrow(2, 0, total);
-            let values = cache.v[i].narrow(2, 0, total);
+            let mut keys = cache.k[i].narrow(2, 0, total);
+            let mut values = cache.v[i].narrow(2, 0, total);
+            let one_query = self.decode_attention == DecodeAttention::OneQuery
+                && p == 0.0
+                && attention::fits(&q, &keys);
+            if !one_query && keys.kind() != q.kind() {
+                // SDPA takes one dtype: an f16 cache is widened (prefills, not decode steps).
+                keys = keys.to_kind(q.kind());
+                values = values.to_kind(q.kind());
+            }
             let a = match &mask {
+                _ if one_query => {
+                    let keep = match &mask {
+                        AttnMask::Explicit(m) => Some(m),
+                        _ => None,
+                    };
+                    attention::one_query(&q, &keys, &values, keep)
+                }
                 AttnMask::None => Tensor::scaled_dot_product_attention::<Tensor>(
                     &q, &keys, &values, None, p, false, None, false,
                 ),
@@ -525,7 +550,11 @@ impl Gpt2 {
                     false,
                 ),
             };
-            let a = a.transpose(1, 2).reshape([b, t, e]);
+            let a = if one_query {
+                a // already [B, 1, E]
+            } else {
+                a.transpose(1, 2).reshape([b, t, e])
+            };
             x = x + drop_out(blk.attn_proj.forward(&a));
             let m = blk.c_fc.forward(&blk.ln_2.forward(&x));
             x = x + drop_out(blk.mlp_proj.forward(&self.act.apply(&m)));
@@ -553,7 +582,8 @@ impl Gpt2 {
 
     /// A fresh cache for `rows` sequences of up to `capacity` tokens, on this model's device.
     pub fn new_cache(&self, rows: i64, capacity: i64) -> KvCache {
-        KvCache::new(&self.cfg, rows, capacity, self.device(), self.kind())
+        let kind = self.cache_kind.unwrap_or(self.kind());
+        KvCache::new(&self.cfg, rows, capacity, self.device(), kind)
     }
 }
 

@@ -160,7 +160,7 @@ pub fn available() -> bool {
 }
 
 #[cfg(clipcap_int8)]
-fn take_error(e: *mut c_char) -> String {
+pub(super) fn take_error(e: *mut c_char) -> String {
     if e.is_null() {
         return "unknown error".into();
     }

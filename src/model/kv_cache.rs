@@ -56,6 +56,11 @@ impl KvCache {
         self.len == 0
     }
 
+    /// The element type keys and values are stored in.
+    pub fn kind(&self) -> Kind {
+        self.k.first().map_or(Kind::Float, |t| t.kind())
+    }
+
     pub fn capacity(&self) -> i64 {
         self.valid.size()[1]
     }
