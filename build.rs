@@ -34,6 +34,7 @@ fn build_int8_shim(lib: &std::path::Path) {
     println!("cargo:rerun-if-changed=src/model/int8.cpp");
     println!("cargo:rerun-if-changed=src/model/attention.cpp");
     println!("cargo:rerun-if-changed=src/model/row_topk.cpp");
+    println!("cargo:rerun-if-changed=src/model/shim.h");
     println!("cargo:rustc-check-cfg=cfg(clipcap_int8)");
     let include = lib.parent().map(|torch| torch.join("include"));
     let Some(include) = include.filter(|i| i.join("ATen/ATen.h").exists()) else {

@@ -5,7 +5,8 @@
 //! per-element bound, a row's result bit for bit the same alone or in any batch, and a decode
 //! that reads a quarter of f32's weight bytes (a trained bundle's int8 captions are compared
 //! with f32's in `tests/train.rs`), for both of PyTorch's int8 engines; and the int8 image
-//! encoder (`scripts/clip_int8.py`): embeddings against f32's, alone against batched.
+//! encoder (`scripts/clip_int8.py`): embeddings against f32's, alone against batched; and
+//! int8 decoding's one-query attention over an f16 cache: captions alone, batched and joined.
 #![allow(clippy::arc_with_non_send_sync)] // bundles stay on the test thread
 mod common;
 

@@ -14,14 +14,11 @@
 #include <limits>
 #include <vector>
 
+#include "shim.h"
+
 namespace {
 
-char* copy_message(const char* what) {
-  size_t n = std::strlen(what) + 1;
-  char* out = static_cast<char*>(std::malloc(n));
-  if (out) std::memcpy(out, what, n);
-  return out;
-}
+using clipcap_shim::copy_message;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Widest head the vector path keeps in registers (GPT-2's heads are 64 wide).

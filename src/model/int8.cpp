@@ -12,14 +12,11 @@
 #include <string>
 #include <vector>
 
+#include "shim.h"
+
 namespace {
 
-char* copy_message(const char* what) {
-  size_t n = std::strlen(what) + 1;
-  char* out = static_cast<char*>(std::malloc(n));
-  if (out) std::memcpy(out, what, n);
-  return out;
-}
+using clipcap_shim::copy_message;
 
 c10::OperatorHandle op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");

@@ -11,14 +11,11 @@
 #include <limits>
 #include <vector>
 
+#include "shim.h"
+
 namespace {
 
-char* copy_message(const char* what) {
-  size_t n = std::strlen(what) + 1;
-  char* out = static_cast<char*>(std::malloc(n));
-  if (out) std::memcpy(out, what, n);
-  return out;
-}
+using clipcap_shim::copy_message;
 
 // The c best so far, best first; ties keep the earlier index ahead.
 struct Best {
