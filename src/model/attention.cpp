@@ -135,7 +135,7 @@ void attend_all(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V, c
   float* op = out.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   static const bool avx512 = __builtin_cpu_supports("avx512f");
-  const bool vec = avx512 && d % 16 == 0 && d <= kMaxVecD;
+  const bool vec = avx512 && d >= 16 && d % 16 == 0 && d <= kMaxVecD;
   // Small steps (one image) stay on few threads: waking the others costs more.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, t * d));
   at::parallel_for(0, b * h, grain, [&](int64_t begin, int64_t end) {
@@ -185,6 +185,7 @@ at::Tensor* clipcap_attend_one(const at::Tensor* q, const at::Tensor* keys,
     TORCH_CHECK(Q.dim() == 4 && K.dim() == 4 && V.dim() == 4, "q, keys, values must be 4-D");
     const int64_t b = Q.size(0), h = Q.size(1), d = Q.size(3), t = K.size(2);
     TORCH_CHECK(Q.size(2) == 1, "one query per row");
+    TORCH_CHECK(d > 0, "heads must be at least 1 wide");
     TORCH_CHECK(K.size(0) == b && K.size(1) == h && K.size(3) == d && V.sizes() == K.sizes(),
                 "keys and values must be [B, H, T, D] like q");
     TORCH_CHECK(Q.scalar_type() == at::kFloat, "q must be f32");

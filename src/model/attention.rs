@@ -7,6 +7,7 @@
 //! (keys and values of GPT-2 are far inside f16's range, and its 11-bit mantissa rounds 20×
 //! finer than the int8 weights do).
 use anyhow::{bail, Result};
+#[cfg_attr(not(clipcap_int8), allow(unused_imports))]
 use std::ffi::{c_char, c_void};
 use tch::{Device, Kind, Tensor};
 
@@ -60,6 +61,7 @@ pub fn fits(q: &Tensor, keys: &Tensor) -> bool {
         && q.kind() == Kind::Float
         && matches!(keys.kind(), Kind::Float | Kind::Half)
         && !q.requires_grad()
+        && !keys.requires_grad()
         && q.size().get(2) == Some(&1)
 }
 

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -26,6 +27,8 @@ struct Best {
       : value(c_, -std::numeric_limits<float>::infinity()), index(c_, -1), c(c_) {}
   float threshold() const { return value[c - 1]; }
   void offer(float x, int64_t i) {
+    // NaN ranks as -inf: it must not become the threshold that nothing can beat.
+    if (std::isnan(x)) x = -std::numeric_limits<float>::infinity();
     // Only a strictly larger value enters, so equal values keep the earlier index.
     if (!(x > value[c - 1]) && index[c - 1] >= 0) return;
     int64_t at = c - 1;
@@ -66,7 +69,7 @@ extern "C" {
 
 // x [R, V] (f32, CPU, contiguous rows), 1 <= c <= V: the indices of each row's c largest
 // values, largest first, as [R, c] int64 (among equal values the earlier index comes first;
-// past the first c, NaN never displaces a number). Returns null with *error set on bad input.
+// NaN ranks as -inf). Returns null with *error set on bad input.
 at::Tensor* clipcap_row_topk(const at::Tensor* x, int64_t c, char** error) {
   try {
     const at::Tensor& X = *x;

@@ -1,7 +1,9 @@
 //! The indices of each row's largest values: beam search's candidates. On the CPU, one
 //! vectorized pass per row (`row_topk.cpp`) instead of libtorch's partial sort, which was the
 //! costliest of a batched beam step's vocabulary-wide passes; elsewhere libtorch's `topk`.
+#[cfg_attr(not(clipcap_int8), allow(unused_imports))]
 use std::ffi::{c_char, c_void};
+#[cfg_attr(not(clipcap_int8), allow(unused_imports))]
 use tch::{Device, Kind, Tensor};
 
 #[cfg(clipcap_int8)]
@@ -10,8 +12,8 @@ unsafe extern "C" {
 }
 
 /// The indices `[R, c]` of the `c` largest values of each row of `x` `[R, V]`, largest first
-/// (`1 <= c <= V`). Among equal values the kernel puts the earlier index first; libtorch's
-/// order among ties is its own.
+/// (`1 <= c <= V`). Among equal values the kernel puts the earlier index first, and it ranks
+/// NaN as -inf; libtorch's order among ties, and its NaN (as largest), are its own.
 pub fn row_topk(x: &Tensor, c: i64) -> Tensor {
     #[cfg(clipcap_int8)]
     if x.device() == Device::Cpu && x.kind() == Kind::Float && x.dim() == 2 {
@@ -54,6 +56,10 @@ mod tests {
         let ties = Tensor::from_slice(&[1f32, 3., 3., 0., 3., 2., 3., 3.]).view([1, 8]);
         let got: Vec<i64> = Vec::try_from(row_topk(&ties, 4).view([-1])).unwrap();
         assert_eq!(got, vec![1, 2, 4, 6]);
+        // NaN ranks as -inf, even among the first c values.
+        let nan = Tensor::from_slice(&[1f32, f32::NAN, 5., 6.]).view([1, 4]);
+        let got: Vec<i64> = Vec::try_from(row_topk(&nan, 2).view([-1])).unwrap();
+        assert_eq!(got, vec![3, 2]);
         let flat = Tensor::zeros([2, 40], (Kind::Float, Device::Cpu));
         let got: Vec<i64> = Vec::try_from(row_topk(&flat, 3).view([-1])).unwrap();
         assert_eq!(got, vec![0, 1, 2, 0, 1, 2]);
