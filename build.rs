@@ -26,10 +26,10 @@ fn main() {
     }
 }
 
-/// Builds `src/model/int8.cpp` (int8 linear layers through PyTorch's quantized ops) and
-/// `src/model/attention.cpp` (one-query attention for CPU decoding) and `row_topk.cpp` (beam
-/// candidates) against
-/// the headers of the libtorch in `lib`, with the C++ ABI libtorch was built with.
+/// Builds the C++ shims in `src/model/` (`int8.cpp`: int8 linear layers through PyTorch's
+/// quantized ops; `attention.cpp`: one-query attention for CPU decoding; `row_topk.cpp`: beam
+/// candidates) against the headers of the libtorch in `lib`, with the C++ ABI libtorch was
+/// built with.
 fn build_int8_shim(lib: &std::path::Path) {
     println!("cargo:rerun-if-changed=src/model/int8.cpp");
     println!("cargo:rerun-if-changed=src/model/attention.cpp");

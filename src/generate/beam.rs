@@ -35,9 +35,9 @@ pub(super) fn beam_step(c: &mut Cohort, logits: &Tensor, stop: &Tensor) -> Tenso
     let l = adjust_logits(&c.opts, logits, &history);
     let vocab = l.size()[1];
     let cands = (2 * k).min(vocab);
-    let cand = row_topk(&l, cands); // [n·k, cands]
-                                    // Stopped beams may only continue with token 0, at no cost: their first candidate is
-                                    // token 0, and every other one is ruled out below.
+    // Each row's candidates, [n·k, cands]. Stopped beams may only continue with token 0, at
+    // no cost: their first candidate is token 0, and every other one is ruled out below.
+    let cand = row_topk(&l, cands);
     let stopped_rows = c.stopped.view([n * k, 1]);
     let _ = cand.narrow(1, 0, 1).masked_fill_(&stopped_rows, 0);
     let mut avg = l

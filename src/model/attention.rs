@@ -66,8 +66,8 @@ pub fn fits(q: &Tensor, keys: &Tensor) -> bool {
 }
 
 /// One-query attention: `q` `[B, H, 1, D]` (f32), `keys` and `values` `[B, H, T, D]` (f32 or
-/// f16), `keep`
-/// `[B, 1, 1, T]` (true = may attend) or none; returns `[B, 1, H·D]`. Check [`fits`] first.
+/// f16), `keep` `[B, 1, 1, T]` (true = may attend) or none; returns `[B, 1, H·D]`. Check
+/// [`fits`] first.
 pub fn one_query(q: &Tensor, keys: &Tensor, values: &Tensor, keep: Option<&Tensor>) -> Tensor {
     #[cfg(clipcap_int8)]
     {

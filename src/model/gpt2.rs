@@ -278,9 +278,6 @@ pub struct Gpt2 {
     head_f32: Option<Tensor>,
     /// How one-token steps attend over the cache (`model::attention`): SDPA, except int8.
     pub decode_attention: DecodeAttention,
-    /// The element type of inference caches ([`Gpt2::new_cache`]) when not the model's: int8
-    /// keeps f16 (half the bytes the one-query kernel streams).
-    cache_kind: Option<Kind>,
 }
 
 impl Gpt2 {
@@ -310,7 +307,6 @@ impl Gpt2 {
             int8_engine: None,
             head_f32: None,
             decode_attention: DecodeAttention::Sdpa,
-            cache_kind: None,
         })
     }
 
@@ -366,7 +362,6 @@ impl Gpt2 {
         self.lm_head = None;
         self.int8_engine = Some(engine);
         self.decode_attention = DecodeAttention::OneQuery;
-        self.cache_kind = Some(Kind::Half);
         Ok(bytes)
     }
 
@@ -580,9 +575,12 @@ impl Gpt2 {
         self.forward_with_dropout(embeds, valid, &mut cache, p)
     }
 
-    /// A fresh cache for `rows` sequences of up to `capacity` tokens, on this model's device.
+    /// A fresh cache for `rows` sequences of up to `capacity` tokens, on this model's device,
+    /// in the model's dtype, except int8's one-query decoding: f16, half the bytes the kernel
+    /// streams (SDPA would widen an f16 cache at every step).
     pub fn new_cache(&self, rows: i64, capacity: i64) -> KvCache {
-        let kind = self.cache_kind.unwrap_or(self.kind());
+        let f16 = self.lm_head_int8.is_some() && self.decode_attention == DecodeAttention::OneQuery;
+        let kind = if f16 { Kind::Half } else { self.kind() };
         KvCache::new(&self.cfg, rows, capacity, self.device(), kind)
     }
 }
