@@ -28,13 +28,14 @@ fn main() {
 
 /// Builds the C++ shims in `src/model/` (`int8.cpp`: int8 linear layers through PyTorch's
 /// quantized ops; `attention.cpp`: one-query attention for CPU decoding; `row_topk.cpp`: beam
-/// candidates) against the headers of the libtorch in `lib`, with the C++ ABI libtorch was
+/// candidates; `src/device.cpp`: CUDA memory and side streams) against the headers of the libtorch in `lib`, with the C++ ABI libtorch was
 /// built with.
 fn build_int8_shim(lib: &std::path::Path) {
     println!("cargo:rerun-if-changed=src/model/int8.cpp");
     println!("cargo:rerun-if-changed=src/model/attention.cpp");
     println!("cargo:rerun-if-changed=src/model/row_topk.cpp");
     println!("cargo:rerun-if-changed=src/model/shim.h");
+    println!("cargo:rerun-if-changed=src/device.cpp");
     println!("cargo:rustc-check-cfg=cfg(clipcap_int8)");
     let include = lib.parent().map(|torch| torch.join("include"));
     let Some(include) = include.filter(|i| i.join("ATen/ATen.h").exists()) else {
@@ -53,6 +54,7 @@ fn build_int8_shim(lib: &std::path::Path) {
         .file("src/model/int8.cpp")
         .file("src/model/attention.cpp")
         .file("src/model/row_topk.cpp")
+        .file("src/device.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

@@ -148,6 +148,17 @@ burst() {
     --image "${IMAGES[-1]}" --api caption,openai --concurrency 16 --requests "$((BURST * 2))" --warmup 1 \
     --query "$q" --out "$WORK/burst-$name.json"
 }
+# The KV budget defaults from the device's free memory on CUDA (no limit on the CPU), and the
+# bundle loaded on a side stream (no fallback warning).
+"$PY" - "http://127.0.0.1:$PORT/info" "$DEV" "$WORK/serve.log" <<'PY' | tee -a "$SUMMARY" || status=1
+import json, sys, urllib.request
+budget = json.load(urllib.request.urlopen(sys.argv[1]))["batching"]["kv_cache_bytes"]
+fallback = "running on the current CUDA stream" in open(sys.argv[3]).read()
+ok = (budget > 0) == (sys.argv[2] != "cpu") and not fallback
+print(f"\n- KV budget from free memory: {budget / 2**30:.1f} GiB; loads on a side stream: {not fallback}"
+      f" ({'ok' if ok else 'FAILED'})")
+sys.exit(0 if ok else 1)
+PY
 burst beam "max_tokens=$TOKENS"
 burst greedy "strategy=greedy&max_tokens=$TOKENS"
 burst sample "strategy=sample&seed=1&n=2&max_tokens=$TOKENS"

@@ -114,6 +114,7 @@ pub struct TrainingConfig {
     pub data_root: String,
     pub jobs_dir: String,
     pub bundles_dir: String,
+    pub train_nice: i32,
 }
 
 /// Keys whose values are never printed.
@@ -163,6 +164,9 @@ impl Config {
         }
         if self.server.max_images_per_request == 0 {
             bail!("max_images_per_request must be at least 1");
+        }
+        if !(0..=19).contains(&self.training.train_nice) {
+            bail!("train_nice must be in 0..=19 (a nice value)");
         }
         Ok(())
     }

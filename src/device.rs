@@ -222,8 +222,23 @@ pub fn describe() -> Vec<(&'static str, String)> {
             "cudnn available",
             tch::Cuda::cudnn_is_available().to_string(),
         ),
+        (
+            "cuda memory",
+            match crate::cuda::memory(Device::Cuda(0)) {
+                _ if !tch::Cuda::is_available() => "-".into(),
+                Ok(Some((free, total))) => format!(
+                    "cuda:0 {:.1} GiB free of {:.1} GiB",
+                    free as f64 / GIB,
+                    total as f64 / GIB
+                ),
+                Ok(None) => "-".into(),
+                Err(e) => format!("{e:#}"),
+            },
+        ),
     ]
 }
+
+const GIB: f64 = (1u64 << 30) as f64;
 
 #[cfg(test)]
 mod tests {
@@ -258,11 +273,64 @@ mod tests {
         let e = DtypeChoice::Int8.resolve(Device::Cuda(0)).unwrap_err();
         assert!(e.to_string().contains("CPU only"), "{e}");
     }
+
+    /// A thread's nice value is its own, inherited by the threads it starts, and refused
+    /// outside 0..=19.
+    #[test]
+    fn a_thread_lowers_its_own_priority_and_its_children_inherit_it() {
+        let before = thread_nice();
+        // Raised, never lowered: that needs no privilege.
+        let target = (before + 3).min(19);
+        let (mine, child) = std::thread::spawn(move || {
+            set_thread_nice(target).unwrap();
+            let child = std::thread::spawn(thread_nice).join().unwrap();
+            (thread_nice(), child)
+        })
+        .join()
+        .unwrap();
+        assert_eq!((mine, child), (target, target));
+        assert_eq!(thread_nice(), before, "other threads keep theirs");
+        assert!(set_thread_nice(20).is_err());
+        assert!(set_thread_nice(-1).is_err());
+    }
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 unsafe extern "C" {
     fn malloc_trim(pad: usize) -> i32;
+    fn gettid() -> i32;
+    fn setpriority(which: i32, who: u32, prio: i32) -> i32;
+    fn getpriority(which: i32, who: u32) -> i32;
+}
+
+/// Sets the calling thread's nice value (0-19: higher yields the CPU to others). Threads it
+/// starts later inherit it, as libtorch's OpenMP workers for this thread's kernels do. Only
+/// ever raised: an unprivileged process cannot take it back.
+pub fn set_thread_nice(nice: i32) -> Result<()> {
+    if !(0..=19).contains(&nice) {
+        bail!("nice must be in 0..=19, not {nice}");
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: plain system calls on this thread's own id (PRIO_PROCESS = 0 with a thread
+        // id addresses that one thread on Linux).
+        let rc = unsafe { setpriority(0, gettid() as u32, nice) };
+        if rc != 0 {
+            bail!("setpriority: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The calling thread's nice value (0 where it cannot be read).
+pub fn thread_nice() -> i32 {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: reads this thread's own priority.
+    unsafe {
+        getpriority(0, gettid() as u32)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    0
 }
 
 /// Hands freed heap memory back to the operating system. glibc keeps what a burst of

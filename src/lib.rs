@@ -9,7 +9,7 @@
 //! engine                    the one façade every door calls: models, scheduler, worker thread
 //! generate  model           decoding strategies over a KV cache · CLIP, mapper, GPT-2, bundles
 //! preprocess  options       image bytes → pixels exactly as PIL · decoding options, one type
-//! config device fsutil      settings · device/dtype names · atomic writes
+//! config device cuda fsutil settings · device/dtype names · CUDA memory, streams · atomic writes
 //! parallel synth            order-keeping thread pool · the synthetic captioning set
 //! ```
 //!
@@ -25,6 +25,7 @@
 pub mod batch;
 pub mod cli;
 pub mod config;
+pub mod cuda;
 pub mod device;
 pub mod engine;
 pub mod eval;

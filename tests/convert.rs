@@ -205,6 +205,26 @@ fn export_clip_retraces_image_towers_to_fp32_torchscript() {
         "--out",
         traced.to_str().unwrap(),
     ]);
+    // At load, the archive's code is read for baked devices: the trace names the CPU once
+    // (the class token's zeros), the scripted export none; on CUDA the trace is refused with
+    // what it baked and how to re-export, before libtorch is asked to run it.
+    use clipcap::model::clip::baked_devices;
+    assert_eq!(
+        baked_devices(&traced).unwrap(),
+        vec![("cpu".to_string(), 1)]
+    );
+    assert!(baked_devices(&dir.path().join("ViT-Tiny.pt"))
+        .unwrap()
+        .is_empty());
+    let refused = ImageEncoder::load(&traced, 32, Device::Cuda(0), Kind::Half)
+        .err()
+        .expect("a CPU-baked trace is refused on CUDA")
+        .to_string();
+    assert!(
+        refused.contains("device baked into the graph (cpu (1x))")
+            && refused.contains("scripts/export_clip.py"),
+        "{refused}"
+    );
     let f32 = ImageEncoder::load(&traced, 32, Device::Cpu, Kind::Float).unwrap();
     let fallback = ImageEncoder::load(&traced, 32, Device::Cpu, Kind::BFloat16).unwrap();
     assert_eq!(

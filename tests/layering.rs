@@ -13,7 +13,7 @@ const LAYERS: &[&[&str]] = &[
     &["engine"],
     &["generate", "model"],
     &["preprocess", "options"],
-    &["config", "device", "fsutil", "parallel"],
+    &["config", "device", "cuda", "fsutil", "parallel"],
 ];
 
 fn layer(m: &str) -> Option<usize> {

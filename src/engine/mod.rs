@@ -63,7 +63,7 @@ impl EngineConfig {
                 continuous: i.continuous_batching,
                 max_running_images: i.running_images(),
                 queue_capacity: i.queue_capacity,
-                kv_budget_bytes: i.kv_cache_bytes,
+                kv_budget_bytes: kv_budget(i.kv_cache_bytes, crate::cuda::memory(device)),
             },
             max_pixels: i.max_pixels,
             preprocess_threads: i.preprocess_threads,
@@ -269,7 +269,13 @@ impl Engine {
         default_model: String,
     ) -> Engine {
         let (device, kind) = (cfg.device, cfg.kind);
-        let load: BundleLoader = Arc::new(move |dir: &Path| Bundle::load(dir, device, kind));
+        let load: BundleLoader = Arc::new(move |dir: &Path| {
+            // Hot-swap loads copy weights while the worker decodes: on their own stream they
+            // do not queue behind its kernels (nor its host reads behind them). Leaving the
+            // stream waits for the copies, so the worker gets weights that are there.
+            let _stream = crate::cuda::SideStream::enter_or_warn(device, "bundle load");
+            Bundle::load(dir, device, kind)
+        });
         Self::start_with_loader(cfg, metrics_registry, initial, default_model, load)
     }
 
@@ -646,6 +652,11 @@ impl Engine {
         rx.blocking_recv().unwrap_or(Err(EngineError::Stopped))
     }
 
+    /// The KV cache budget in force (0: no limit), `kv_cache_bytes` resolved.
+    pub fn kv_budget_bytes(&self) -> u64 {
+        self.inner.kv_budget_bytes
+    }
+
     /// Loads the bundle in `dir` and serves it as `name` (a new version if the name exists;
     /// requests running on the old one finish there). Blocking: call from a plain thread.
     pub fn install_blocking(
@@ -878,6 +889,35 @@ pub fn prompt_tokens(model: &ModelInfo, opts: &GenOptions) -> Result<usize, Engi
     Ok(tokens.len())
 }
 
+/// The KV budget in bytes (0: no limit): the configured one, or with `kv_cache_bytes = 0`,
+/// on CUDA [`AUTO_KV_SHARE`] of the device memory free at start (`memory`), leaving the rest
+/// to the weights, the allocator's spare blocks and training jobs; on the CPU no limit.
+pub fn kv_budget(configured: u64, memory: anyhow::Result<Option<(u64, u64)>>) -> u64 {
+    if configured > 0 {
+        return configured;
+    }
+    match memory {
+        Ok(Some((free, total))) => {
+            let budget = (free as f64 * AUTO_KV_SHARE) as u64;
+            tracing::info!(
+                free,
+                total,
+                budget,
+                "KV cache budget from the device's free memory"
+            );
+            budget
+        }
+        Ok(None) => 0,
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "no KV cache budget: set kv_cache_bytes");
+            0
+        }
+    }
+}
+
+/// The share of a CUDA device's free memory that `kv_cache_bytes = 0` gives the KV caches.
+pub const AUTO_KV_SHARE: f64 = 0.7;
+
 /// The KV cache one image of `model` needs with `opts`: keys and values for every row
 /// (beams or samples) at every position (prefix, prompt, generated), every layer; twice that
 /// for beam search, whose reorder gathers into a spare buffer of the same size.
@@ -911,5 +951,26 @@ async fn by_deadline<T>(
                 ))
             }),
         None => work.await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A configured budget wins; `0` takes a share of a CUDA device's free memory, means no
+    /// limit off CUDA, and no limit (with a warning) when the device cannot be read.
+    #[test]
+    fn the_kv_budget_defaults_from_the_devices_free_memory() {
+        const GIB: u64 = 1 << 30;
+        assert_eq!(kv_budget(8 * GIB, Ok(Some((70 * GIB, 80 * GIB)))), 8 * GIB);
+        assert_eq!(kv_budget(0, Ok(Some((10 * GIB, 80 * GIB)))), 7 * GIB);
+        assert_eq!(kv_budget(0, Ok(None)), 0);
+        assert_eq!(
+            kv_budget(0, Err(anyhow::anyhow!("no CUDA GPUs are available"))),
+            0
+        );
+        // What the CPU engine gets from the real device query.
+        assert_eq!(kv_budget(0, crate::cuda::memory(Device::Cpu)), 0);
     }
 }

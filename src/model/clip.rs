@@ -28,6 +28,7 @@ impl ImageEncoder {
     /// encoder that cannot run in a half type (a trace with baked f32 casts) runs in f32, its
     /// output cast, with a warning: slower, but the bundle serves.
     pub fn load(path: &Path, image_size: i64, device: Device, kind: Kind) -> Result<Self> {
+        refuse_baked_devices(path, device)?;
         match Self::load_as(path, image_size, device, kind) {
             Err(half) if kind != Kind::Float => {
                 let f32 = Self::load_as(path, image_size, device, Kind::Float).map_err(|_| half)?;
@@ -107,6 +108,57 @@ impl ImageEncoder {
         };
         Ok(out.to_kind(Kind::Float))
     }
+}
+
+/// The devices a TorchScript archive's code names as constants (`torch.device("cpu")`), each
+/// with how often: a trace bakes the device it ran on into every `device=x.device`, and such
+/// an archive then fails on any other device with a bare device-mismatch error. A scripted
+/// archive names none.
+pub fn baked_devices(path: &Path) -> Result<Vec<(String, usize)>> {
+    const NEEDLE: &str = "torch.device(\"";
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("opening TorchScript archive {}", path.display()))?;
+    let mut archive = zip::ZipArchive::new(std::io::BufReader::new(file))
+        .with_context(|| format!("{} is not a TorchScript archive (zip)", path.display()))?;
+    let mut found: std::collections::BTreeMap<String, usize> = Default::default();
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i)?;
+        let name = entry.name().to_string();
+        if !(name.contains("/code/") && name.ends_with(".py")) {
+            continue;
+        }
+        let mut code = String::new();
+        std::io::Read::read_to_string(&mut entry, &mut code)
+            .with_context(|| format!("reading {name} in {}", path.display()))?;
+        let mut rest = code.as_str();
+        while let Some(at) = rest.find(NEEDLE) {
+            rest = &rest[at + NEEDLE.len()..];
+            let Some(end) = rest.find('"') else { break };
+            *found.entry(rest[..end].to_string()).or_default() += 1;
+            rest = &rest[end..];
+        }
+    }
+    Ok(found.into_iter().collect())
+}
+
+/// Refuses an archive whose code bakes a device of another type than `device`, naming what
+/// it baked and how to fix it, instead of libtorch's device-mismatch error at the probe.
+fn refuse_baked_devices(path: &Path, device: Device) -> Result<()> {
+    let want = if device.is_cuda() { "cuda" } else { "cpu" };
+    let other: Vec<String> = baked_devices(path)?
+        .into_iter()
+        .filter(|(d, _)| d.split(':').next() != Some(want))
+        .map(|(d, n)| format!("{d} ({n}x)"))
+        .collect();
+    if !other.is_empty() {
+        bail!(
+            "{}: the image encoder was traced with its device baked into the graph ({}), so it cannot run on {}. Re-export it with scripts/export_clip.py, which scripts the tower and keeps the device a run-time value",
+            path.display(),
+            other.join(", "),
+            crate::device::device_name(device)
+        );
+    }
+    Ok(())
 }
 
 /// Stacks CHW pixel buffers into a `[B, 3, S, S]` f32 tensor on the CPU.

@@ -180,7 +180,10 @@ impl AppState {
             };
             Some(JobManager::open(
                 PathBuf::from(&cfg.training.jobs_dir),
-                Arc::new(LocalTrainer { device }),
+                Arc::new(LocalTrainer {
+                    device,
+                    nice: cfg.training.train_nice,
+                }),
                 Some(installer),
                 &http.registry,
             )?)

@@ -132,9 +132,11 @@ pub trait TrainRunner: Send + Sync {
     ) -> Result<Outcome>;
 }
 
-/// Trains in this process on `device`.
+/// Trains in this process on `device`, beside the captioning worker: on CUDA on its own
+/// stream, on the CPU at a lower priority (`nice`, 0 = the same as captioning).
 pub struct LocalTrainer {
     pub device: tch::Device,
+    pub nice: i32,
 }
 
 impl TrainRunner for LocalTrainer {
@@ -146,6 +148,12 @@ impl TrainRunner for LocalTrainer {
         cancel: &AtomicBool,
         report: &mut dyn FnMut(&Progress),
     ) -> Result<Outcome> {
+        if self.nice > crate::device::thread_nice() {
+            if let Err(e) = crate::device::set_thread_nice(self.nice) {
+                tracing::warn!(error = %format!("{e:#}"), "training keeps the captioning priority");
+            }
+        }
+        let _stream = crate::cuda::SideStream::enter_or_warn(self.device, "training");
         trainer::train(spec, self.device, ckpt, resume, cancel, report)
     }
 }
