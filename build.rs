@@ -27,11 +27,13 @@ fn main() {
 }
 
 /// Builds the C++ shims in `src/model/` (`int8.cpp`: int8 linear layers through PyTorch's
-/// quantized ops; `attention.cpp`: one-query attention for CPU decoding; `row_topk.cpp`: beam
-/// candidates; `src/device.cpp`: CUDA memory and side streams) against the headers of the libtorch in `lib`, with the C++ ABI libtorch was
-/// built with.
+/// quantized ops; `int8_gemm.cpp`: our own int8 GEMM with its neighbours fused;
+/// `attention.cpp`: one-query attention for CPU decoding; `row_topk.cpp`: beam candidates;
+/// `src/device.cpp`: CUDA memory and side streams) against the headers of the libtorch in
+/// `lib`, with the C++ ABI libtorch was built with.
 fn build_int8_shim(lib: &std::path::Path) {
     println!("cargo:rerun-if-changed=src/model/int8.cpp");
+    println!("cargo:rerun-if-changed=src/model/int8_gemm.cpp");
     println!("cargo:rerun-if-changed=src/model/attention.cpp");
     println!("cargo:rerun-if-changed=src/model/row_topk.cpp");
     println!("cargo:rerun-if-changed=src/model/shim.h");
@@ -52,6 +54,7 @@ fn build_int8_shim(lib: &std::path::Path) {
     cc::Build::new()
         .cpp(true)
         .file("src/model/int8.cpp")
+        .file("src/model/int8_gemm.cpp")
         .file("src/model/attention.cpp")
         .file("src/model/row_topk.cpp")
         .file("src/device.cpp")

@@ -4,7 +4,8 @@
 //! weights (`--dtype int8`, `model::int8`): products against an f64 reference within a hard
 //! per-element bound, a row's result bit for bit the same alone or in any batch, and a decode
 //! that reads a quarter of f32's weight bytes (a trained bundle's int8 captions are compared
-//! with f32's in `tests/train.rs`), for both of PyTorch's int8 engines; and the int8 image
+//! with f32's in `tests/train.rs`), for each int8 engine (clipcap's own, fused with its
+//! LayerNorm, GELU and residual, in its vector and plain paths, and PyTorch's two); and the int8 image
 //! encoder (`scripts/clip_int8.py`): embeddings against f32's, alone against batched; and
 //! int8 decoding's one-query attention over an f16 cache: captions alone, batched and joined.
 #![allow(clippy::arc_with_non_send_sync)] // bundles stay on the test thread
@@ -14,7 +15,7 @@ use clipcap::device::{DeviceChoice, DtypeChoice};
 use clipcap::engine::Engine;
 use clipcap::generate::caption_embeddings;
 use clipcap::model::bundle::Bundle;
-use clipcap::model::int8::{self, Int8Engine, Int8Matrix};
+use clipcap::model::int8::{Fused, Int8Activation, Int8Engine, Int8Matrix};
 use clipcap::options::{GenOptions, Strategy};
 use std::sync::{Arc, OnceLock};
 use tch::{Device, Kind, Tensor};
@@ -209,9 +210,7 @@ fn bound(x: &Tensor, w: &Tensor, y_ref: &Tensor) -> Tensor {
 
 /// An int8 matrix packed for `engine`.
 fn int8(w: &Tensor, engine: Int8Engine) -> Int8Matrix {
-    int8::with_engine(engine, || Int8Matrix::new(w))
-        .unwrap()
-        .unwrap()
+    Int8Matrix::new(engine, w).unwrap()
 }
 
 #[test]
@@ -279,6 +278,106 @@ fn a_rows_result_is_the_same_alone_or_in_any_batch_with(engine: Int8Engine) {
     // 3-D input, as GPT-2's blocks pass it.
     let x3 = x.reshape([3, 3, 256]);
     assert!(q.linear(&x3, Some(&bias)).reshape([9, 512]).equal(&batched));
+}
+
+/// GELU's tanh form, in f64.
+fn gelu_tanh(y: &Tensor) -> Tensor {
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    y * 0.5
+        * ((y + y.pow_tensor_scalar(3) * 0.044715) * c)
+            .tanh()
+            .g_add_scalar(1.0)
+}
+
+#[test]
+fn clipcaps_gemm_fuses_layer_norm_gelu_and_residual_within_the_product_bound() {
+    tch::manual_seed(12);
+    let opts = (Kind::Double, Device::Cpu);
+    // 3072 x 768 as GPT-2's c_fc; 100 x 30 leaves partial blocks, groups and vectors.
+    for (out, inp, rows) in [(3072, 768, 6), (100, 30, 7)] {
+        let w = Tensor::randn([out, inp], opts) * 0.02;
+        let bias = Tensor::randn([out], opts) * 0.1;
+        let (ln_w, ln_b) = (
+            Tensor::randn([inp], opts) * 0.2 + 1.0,
+            Tensor::randn([inp], opts) * 0.1,
+        );
+        let x = Tensor::randn([rows, inp], opts) * 3.0 + 0.5;
+        let residual = Tensor::randn([rows, out], opts);
+        let f = |t: &Tensor| t.to_kind(Kind::Float);
+        let (ln_wf, ln_bf, rf) = (f(&ln_w), f(&ln_b), f(&residual));
+        let fused = Fused {
+            layer_norm: Some((&ln_wf, &ln_bf, 1e-5)),
+            activation: Int8Activation::GeluTanh,
+            residual: Some(&rf),
+        };
+        let normed = x.layer_norm([inp], Some(&ln_w), Some(&ln_b), 1e-5, false);
+        let prod = normed.matmul(&w.tr());
+        let y_ref = gelu_tanh(&(&prod + &bias)) + &residual;
+        let vector = int8(&f(&w), Int8Engine::Clipcap);
+        let plain = Int8Matrix::with_plain_loops(&f(&w)).unwrap();
+        for (path, q) in [("vector", &vector), ("plain loops", &plain)] {
+            let y = q
+                .linear_fused(&f(&x), Some(&f(&bias)), fused)
+                .to_kind(Kind::Double);
+            // GELU's slope is at most 1.13; the LayerNorm's own f32 rounding adds to the
+            // product's bound through |W|.
+            let slack = w.abs().sum_dim_intlist(&[1i64][..], false, Kind::Double) * 1e-5;
+            let b = bound(&normed, &w, &prod) * 1.13 + slack.unsqueeze(0) + y_ref.abs() * 1e-5;
+            let worst = ((&y - &y_ref).abs() / b).max().double_value(&[]);
+            println!("{path} [{out}x{inp}] x {rows} fused: worst error {worst:.3} of its bound");
+            assert!(
+                worst <= 1.0,
+                "{path}: an element is off by more than its bound ({worst})"
+            );
+        }
+        // With them, the two paths' LayerNorms sum in different orders, which can move an
+        // input across a rounding step (each stays within the bound above). Without a
+        // LayerNorm or GELU (whose exp is a polynomial in the vector path), both compute the
+        // same integer sums and the same fused multiply-adds.
+        let plain_fused = Fused {
+            residual: Some(&rf),
+            ..Fused::default()
+        };
+        let a = vector.linear_fused(&f(&x), Some(&f(&bias)), plain_fused);
+        let b = plain.linear_fused(&f(&x), Some(&f(&bias)), plain_fused);
+        assert!(a.equal(&b), "the vector path and the plain loops differ");
+    }
+}
+
+#[test]
+fn a_fused_rows_result_is_the_same_alone_or_in_any_batch() {
+    tch::manual_seed(13);
+    let opts = (Kind::Float, Device::Cpu);
+    let w = Tensor::randn([200, 96], opts) * 0.05;
+    let (bias, ln_w, ln_b) = (
+        Tensor::randn([200], opts),
+        Tensor::randn([96], opts) + 1.0,
+        Tensor::randn([96], opts),
+    );
+    let x = Tensor::randn([9, 96], opts)
+        * Tensor::from_slice(&[1e-3f32, 1., 50., 0.2, 7., 1e3, 0.01, 3., 0.]).reshape([9, 1]);
+    let residual = Tensor::randn([9, 200], opts);
+    for q in [
+        int8(&w, Int8Engine::Clipcap),
+        Int8Matrix::with_plain_loops(&w).unwrap(),
+    ] {
+        let run = |x: &Tensor, r: &Tensor| {
+            let fused = Fused {
+                layer_norm: Some((&ln_w, &ln_b, 1e-5)),
+                activation: Int8Activation::GeluTanh,
+                residual: Some(r),
+            };
+            q.linear_fused(x, Some(&bias), fused)
+        };
+        let batched = run(&x, &residual);
+        for i in 0..9 {
+            let alone = run(&x.narrow(0, i, 1), &residual.narrow(0, i, 1));
+            assert!(
+                batched.narrow(0, i, 1).equal(&alone),
+                "row {i} differs alone vs batched"
+            );
+        }
+    }
 }
 
 #[test]

@@ -17,8 +17,9 @@ pub struct ModelInfo {
     pub dtype: String,
     /// The image encoder's dtype: `dtype`, except int8 without an int8 encoder (f32).
     pub encoder_dtype: String,
-    /// int8: the library GPT-2's and the encoder's int8 weights are packed for (`fbgemm` or
-    /// `onednn`, the faster on this CPU; `CLIPCAP_INT8_ENGINE` chooses).
+    /// int8: the engine GPT-2's int8 weights are packed for (`clipcap` where the CPU has
+    /// VNNI, else `fbgemm`), and the encoder's (`fbgemm` or `onednn`, the faster on this
+    /// CPU); `CLIPCAP_INT8_ENGINE` chooses.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub int8_engine: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

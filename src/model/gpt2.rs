@@ -12,7 +12,7 @@ use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::model::attention::{self, DecodeAttention};
-use crate::model::int8::{self, Int8Engine, Int8Matrix};
+use crate::model::int8::{Fused, Int8Activation, Int8Engine, Int8Matrix};
 use crate::model::kv_cache::KvCache;
 use crate::model::packed::{self, PackedMatrix, WeightLayout};
 
@@ -132,6 +132,15 @@ impl Activation {
         })
     }
 
+    /// The same activation fused into an int8 product, where the kernel has it.
+    fn for_int8(self) -> Option<Int8Activation> {
+        match self {
+            Activation::GeluTanh => Some(Int8Activation::GeluTanh),
+            Activation::Relu => Some(Int8Activation::Relu),
+            Activation::GeluExact => None,
+        }
+    }
+
     fn apply(self, x: &Tensor) -> Tensor {
         match self {
             Activation::GeluTanh => x.gelu("tanh"),
@@ -183,6 +192,44 @@ impl Conv1D {
         };
         *shape.last_mut().unwrap() = self.weight.size()[1];
         out.reshape(shape)
+    }
+
+    /// `act(self(ln(x)))`: one fused call on int8 weights (when the kernel has `act`), else
+    /// the three passes `forward` and its neighbours make.
+    fn after(&self, ln: &LayerNorm, x: &Tensor, act: Option<Activation>) -> Tensor {
+        if let Some(q) = self.int8.as_ref().filter(|_| packed_input(x)) {
+            let int8_act = act.map(|a| a.for_int8());
+            if let Some(activation) = int8_act.unwrap_or(Some(Int8Activation::None)) {
+                let fused = Fused {
+                    layer_norm: Some((&ln.weight, &ln.bias, ln.eps)),
+                    activation,
+                    residual: None,
+                };
+                return q.linear_fused(x, Some(&self.bias), fused);
+            }
+        }
+        let y = self.forward(&ln.forward(x));
+        match act {
+            Some(a) => a.apply(&y),
+            None => y,
+        }
+    }
+
+    /// `residual + self(x)`, in one call on int8 weights. (Float addition commutes exactly, so
+    /// f32 gets the same bits as `residual + forward(x)`.)
+    fn plus(&self, x: &Tensor, residual: &Tensor) -> Tensor {
+        if let Some(q) = self
+            .int8
+            .as_ref()
+            .filter(|_| packed_input(x) && packed_input(residual))
+        {
+            let fused = Fused {
+                residual: Some(residual),
+                ..Fused::default()
+            };
+            return q.linear_fused(x, Some(&self.bias), fused);
+        }
+        residual + self.forward(x)
     }
 }
 
@@ -340,25 +387,22 @@ impl Gpt2 {
             anyhow::bail!("int8 weights need an f32 model on the CPU");
         }
         let _guard = tch::no_grad_guard();
-        // fbgemm unless told otherwise: one timed product does not predict a whole step
-        // here (on a Xeon it favoured oneDNN, whose one-image steps were 1.6x slower while
-        // 16 images gained 1.1x).
-        let engine = int8::engine_from_env()?.unwrap_or(Int8Engine::Fbgemm);
+        // clipcap's own GEMM where the CPU has VNNI, else fbgemm (not timed: one product does
+        // not predict a whole step; on a Xeon one favoured oneDNN, whose one-image steps were
+        // 1.6x slower while 16 images gained 1.1x).
+        let engine = Int8Engine::for_gpt2()?;
         let mut bytes = 0;
-        int8::with_engine(engine, || -> Result<()> {
-            for blk in &mut self.blocks {
-                for lin in blk.linears_mut() {
-                    let q = Int8Matrix::new(&lin.weight.tr())?;
-                    bytes += q.weight_bytes();
-                    lin.int8 = Some(q);
-                    lin.packed = None;
-                }
+        for blk in &mut self.blocks {
+            for lin in blk.linears_mut() {
+                let q = Int8Matrix::new(engine, &lin.weight.tr())?;
+                bytes += q.weight_bytes();
+                lin.int8 = Some(q);
+                lin.packed = None;
             }
-            let head = Int8Matrix::new(&self.wte)?;
-            bytes += head.weight_bytes();
-            self.lm_head_int8 = Some(head);
-            Ok(())
-        })??;
+        }
+        let head = Int8Matrix::new(engine, &self.wte)?;
+        bytes += head.weight_bytes();
+        self.lm_head_int8 = Some(head);
         self.lm_head = None;
         self.int8_engine = Some(engine);
         self.decode_attention = DecodeAttention::OneQuery;
@@ -504,7 +548,7 @@ impl Gpt2 {
         );
         let (h, d) = (self.cfg.n_head, self.cfg.head_dim());
         for (i, blk) in self.blocks.iter().enumerate() {
-            let qkv = blk.c_attn.forward(&blk.ln_1.forward(&x));
+            let qkv = blk.c_attn.after(&blk.ln_1, &x, None);
             let parts = qkv.split(e, 2);
             let heads = |t_: &Tensor| t_.view([b, t, h, d]).transpose(1, 2);
             let (q, k, v) = (heads(&parts[0]), heads(&parts[1]), heads(&parts[2]));
@@ -550,9 +594,18 @@ impl Gpt2 {
             } else {
                 a.transpose(1, 2).reshape([b, t, e])
             };
-            x = x + drop_out(blk.attn_proj.forward(&a));
-            let m = blk.c_fc.forward(&blk.ln_2.forward(&x));
-            x = x + drop_out(blk.mlp_proj.forward(&self.act.apply(&m)));
+            // Without dropout, the residual additions fuse into int8 products.
+            x = if p > 0.0 {
+                x + drop_out(blk.attn_proj.forward(&a))
+            } else {
+                blk.attn_proj.plus(&a, &x)
+            };
+            let m = blk.c_fc.after(&blk.ln_2, &x, Some(self.act));
+            x = if p > 0.0 {
+                x + drop_out(blk.mlp_proj.forward(&m))
+            } else {
+                blk.mlp_proj.plus(&m, &x)
+            };
         }
         cache.len = total;
         self.ln_f.forward(&x)
