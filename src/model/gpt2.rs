@@ -198,8 +198,11 @@ impl Conv1D {
     /// the three passes `forward` and its neighbours make.
     fn after(&self, ln: &LayerNorm, x: &Tensor, act: Option<Activation>) -> Tensor {
         if let Some(q) = self.int8.as_ref().filter(|_| packed_input(x)) {
-            let int8_act = act.map(|a| a.for_int8());
-            if let Some(activation) = int8_act.unwrap_or(Some(Int8Activation::None)) {
+            let fusable = match act {
+                None => Some(Int8Activation::None),
+                Some(a) => a.for_int8(),
+            };
+            if let Some(activation) = fusable {
                 let fused = Fused {
                     layer_norm: Some((&ln.weight, &ln.bias, ln.eps)),
                     activation,
