@@ -110,6 +110,74 @@ fn joining_a_running_decode_changes_no_caption() {
     }
 }
 
+/// Images that join later with the same options run in the cohort already decoding (one set
+/// of kernels per step), and every caption, score and step count is what it is alone; with a
+/// penalty that reads the token history they stay apart, with the same captions.
+#[test]
+fn later_joiners_with_the_same_options_share_the_running_cohort_and_keep_their_captions() {
+    let b = Arc::new(Bundle::load(bundle_dir(), Device::Cpu, Kind::Float).unwrap());
+    let (first, late) = (embeddings(3, 31), embeddings(2, 32));
+    let sample = |o: &mut GenOptions| {
+        o.seed = Some(5);
+        o.n = 2;
+        o.temperature = 1.3;
+        o.top_p = 0.9;
+    };
+    let cases = [
+        ("beam", opts(Strategy::Beam, |_| {}), 1),
+        ("greedy", opts(Strategy::Greedy, |_| {}), 1),
+        ("sample", opts(Strategy::Sample, sample), 1),
+        (
+            "beam with a repetition penalty",
+            opts(Strategy::Beam, |o| o.repetition_penalty = 1.5),
+            2,
+        ),
+    ];
+    for (name, o, cohorts) in &cases {
+        let alone_first = caption_embeddings(b.clone(), &first, o).unwrap();
+        let alone_late = caption_embeddings(b.clone(), &late, o).unwrap();
+        let mut dec = Decoder::new(b.clone());
+        let mut got = std::collections::BTreeMap::new();
+        dec.add(&first, o, vec![0, 1, 2]).unwrap();
+        for _ in 0..5 {
+            assert!(
+                dec.step().unwrap().is_empty(),
+                "{name}: nothing ends this early"
+            );
+        }
+        dec.add(&late, o, vec![10, 11]).unwrap();
+        for f in dec.step().unwrap() {
+            got.insert(f.id, f);
+        }
+        assert_eq!(dec.images(), 5, "{name}: all five still decoding");
+        assert_eq!(dec.cohorts(), *cohorts, "{name}: cohorts after the join");
+        while !dec.is_empty() {
+            for f in dec.step().unwrap() {
+                got.insert(f.id, f);
+            }
+        }
+        let want = alone_first.iter().zip([0u64, 1, 2]);
+        for (alone, id) in want.chain(alone_late.iter().zip([10u64, 11])) {
+            let f = &got[&id];
+            assert_eq!(f.captions.len(), alone.len(), "{name}: image {id}");
+            for (x, y) in f.captions.iter().zip(alone) {
+                assert_eq!(
+                    (&x.text, &x.tokens, x.finish),
+                    (&y.text, &y.tokens, y.finish),
+                    "{name}: image {id}"
+                );
+                assert!((x.score - y.score).abs() <= 1e-5, "{name}: image {id}");
+            }
+            let longest = alone.iter().map(|c| c.tokens.len()).max().unwrap() as i64;
+            assert!(
+                (longest..=o.max_tokens).contains(&f.steps),
+                "{name}: image {id}'s own step count {}",
+                f.steps
+            );
+        }
+    }
+}
+
 #[test]
 fn a_streamed_image_reports_each_token_once_while_others_join() {
     use clipcap::generate::NewImage;

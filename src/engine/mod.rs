@@ -62,6 +62,7 @@ impl EngineConfig {
                 max_batch_delay: Duration::from_millis(i.max_batch_delay_ms),
                 continuous: i.continuous_batching,
                 max_running_images: i.running_images(),
+                max_running_rows: i.running_rows(device),
                 queue_capacity: i.queue_capacity,
                 kv_budget_bytes: kv_budget(i.kv_cache_bytes, crate::cuda::memory(device)),
             },
@@ -213,6 +214,7 @@ pub struct Engine {
 struct Inner {
     tx: Sender<Command>,
     kv_budget_bytes: u64,
+    max_running_rows: usize,
     registry: Arc<Registry>,
     metrics: Arc<EngineMetrics>,
     health: Arc<Health>,
@@ -316,6 +318,7 @@ impl Engine {
             inner: Arc::new(Inner {
                 tx,
                 kv_budget_bytes: cfg.scheduler.kv_budget_bytes,
+                max_running_rows: cfg.scheduler.max_running_rows,
                 registry,
                 metrics,
                 health,
@@ -655,6 +658,11 @@ impl Engine {
     /// The KV cache budget in force (0: no limit), `kv_cache_bytes` resolved.
     pub fn kv_budget_bytes(&self) -> u64 {
         self.inner.kv_budget_bytes
+    }
+
+    /// The cap on running GPT-2 rows in force (0: no limit), `max_running_rows` resolved.
+    pub fn max_running_rows(&self) -> usize {
+        self.inner.max_running_rows
     }
 
     /// Loads the bundle in `dir` and serves it as `name` (a new version if the name exists;

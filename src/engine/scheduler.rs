@@ -18,6 +18,10 @@ pub struct SchedulerConfig {
     pub continuous: bool,
     /// Most images being decoded at once.
     pub max_running_images: usize,
+    /// Most GPT-2 rows (images × beams or samples) being decoded at once (0 = no limit): on
+    /// the CPU a step's cost per row grows past a batch size, so admission keeps the decode
+    /// batch at its efficient size whatever the requests' beam widths.
+    pub max_running_rows: usize,
     /// Most requests waiting (queued, not started) before new ones are refused.
     pub queue_capacity: usize,
     /// Most bytes the running requests' KV caches may take (0 = no limit): admission counts
@@ -32,6 +36,7 @@ impl Default for SchedulerConfig {
             max_batch_delay: Duration::from_millis(2),
             continuous: true,
             max_running_images: 64,
+            max_running_rows: 0,
             queue_capacity: 1024,
             kv_budget_bytes: 0,
         }
@@ -41,6 +46,10 @@ impl Default for SchedulerConfig {
 /// What the policy needs to know about a request.
 pub trait Schedulable {
     fn images(&self) -> usize;
+    /// GPT-2 rows the request decodes (images × beams or samples).
+    fn rows(&self) -> usize {
+        self.images()
+    }
     fn deadline(&self) -> Option<Instant>;
     /// The caller went away (cancelled, or its reply channel closed).
     fn abandoned(&self) -> bool;
@@ -196,9 +205,17 @@ impl<J: Schedulable> Scheduler<J> {
     /// `max_batch_images`. A request larger than either limit starts alone on an idle worker
     /// (it would never fit otherwise). The first request that does not fit stops the batch, so
     /// a large request is never overtaken forever by small ones.
+    /// `running_rows`: the running requests' GPT-2 rows, against `max_running_rows`;
     /// `running_kv_bytes`: what the running requests' caches hold, against `kv_budget_bytes`.
-    pub fn next_batch(&mut self, running_images: usize, running_kv_bytes: u64) -> Vec<J> {
+    pub fn next_batch(
+        &mut self,
+        running_images: usize,
+        running_rows: usize,
+        running_kv_bytes: u64,
+    ) -> Vec<J> {
         let mut room = self.cfg.max_running_images.saturating_sub(running_images);
+        let max_rows = self.cfg.max_running_rows;
+        let mut rows = running_rows;
         let budget = self.cfg.kv_budget_bytes;
         let mut kv = running_kv_bytes;
         let mut batch: Vec<J> = vec![];
@@ -209,10 +226,12 @@ impl<J: Schedulable> Scheduler<J> {
             let fits_running = n <= room || alone_on_idle;
             let fits_batch = batch.is_empty() || batch_images + n <= self.cfg.max_batch_images;
             let fits_kv = budget == 0 || kv + job.kv_bytes() <= budget || alone_on_idle;
-            if !fits_running || !fits_batch || !fits_kv {
+            let fits_rows = max_rows == 0 || rows + job.rows() <= max_rows || alone_on_idle;
+            if !fits_running || !fits_batch || !fits_kv || !fits_rows {
                 break;
             }
             room = room.saturating_sub(n);
+            rows += job.rows();
             batch_images += n;
             kv += job.kv_bytes();
             batch.push(self.pending.pop_front().unwrap());
@@ -238,6 +257,7 @@ mod tests {
         abandoned: bool,
         priority: i32,
         kv: u64,
+        rows: usize,
     }
 
     impl Schedulable for Job {
@@ -256,6 +276,9 @@ mod tests {
         fn kv_bytes(&self) -> u64 {
             self.kv
         }
+        fn rows(&self) -> usize {
+            self.rows
+        }
     }
 
     fn job(id: u32, images: usize) -> Job {
@@ -266,7 +289,32 @@ mod tests {
             abandoned: false,
             priority: 0,
             kv: 0,
+            rows: images,
         }
+    }
+
+    #[test]
+    fn the_row_cap_bounds_what_joins_by_beam_rows_not_images() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_running_rows: 20,
+            ..Default::default()
+        });
+        // Beam 5 (5 rows), greedy (1 row), beam 8 (8 rows), greedy.
+        for (id, rows) in [(1, 5), (2, 1), (3, 8), (4, 1)] {
+            s.push(Job { rows, ..job(id, 1) });
+        }
+        // 10 rows running: 5 + 1 fit in the 10 left, the 8 behind them does not (16 + 8 > 20),
+        // and the greedy one behind it waits its turn.
+        assert_eq!(ids(&s.next_batch(2, 10, 0)), vec![1, 2]);
+        assert!(s.next_batch(4, 16, 0).is_empty());
+        assert_eq!(ids(&s.next_batch(3, 11, 0)), vec![3, 4]);
+        // A request wider than the cap starts alone on an idle worker.
+        s.push(Job {
+            rows: 40,
+            ..job(5, 1)
+        });
+        assert!(s.next_batch(1, 1, 0).is_empty());
+        assert_eq!(ids(&s.next_batch(0, 0, 0)), vec![5]);
     }
 
     #[test]
@@ -279,17 +327,17 @@ mod tests {
             s.push(Job { kv, ..job(id, 1) });
         }
         // 60 + 30 fit in 100; 20 more would not, and the 5 behind it waits its turn.
-        assert_eq!(ids(&s.next_batch(0, 0)), vec![1, 2]);
-        assert!(s.next_batch(2, 90).is_empty());
-        assert_eq!(ids(&s.next_batch(1, 30)), vec![3, 4]);
+        assert_eq!(ids(&s.next_batch(0, 0, 0)), vec![1, 2]);
+        assert!(s.next_batch(2, 2, 90).is_empty());
+        assert_eq!(ids(&s.next_batch(1, 1, 30)), vec![3, 4]);
         // A request over the whole budget starts alone on an idle worker (the doors refuse
         // those before they queue).
         s.push(Job {
             kv: 500,
             ..job(5, 1)
         });
-        assert!(s.next_batch(1, 10).is_empty());
-        assert_eq!(ids(&s.next_batch(0, 0)), vec![5]);
+        assert!(s.next_batch(1, 1, 10).is_empty());
+        assert_eq!(ids(&s.next_batch(0, 0, 0)), vec![5]);
     }
 
     fn urgent(id: u32, images: usize, priority: i32) -> Job {
@@ -311,12 +359,12 @@ mod tests {
         let order: Vec<u32> = s.iter().map(|j| j.id).collect();
         assert_eq!(order, vec![3, 5, 1, 4, 2, 6]);
         // Batches of two images, most urgent first.
-        assert_eq!(ids(&s.next_batch(0, 0)), vec![3, 5]);
+        assert_eq!(ids(&s.next_batch(0, 0, 0)), vec![3, 5]);
         // A late urgent request overtakes everything still waiting.
         s.push(urgent(7, 1, -9));
-        assert_eq!(ids(&s.next_batch(0, 0)), vec![7, 1]);
-        assert_eq!(ids(&s.next_batch(0, 0)), vec![4, 2]);
-        assert_eq!(ids(&s.next_batch(0, 0)), vec![6]);
+        assert_eq!(ids(&s.next_batch(0, 0, 0)), vec![7, 1]);
+        assert_eq!(ids(&s.next_batch(0, 0, 0)), vec![4, 2]);
+        assert_eq!(ids(&s.next_batch(0, 0, 0)), vec![6]);
     }
 
     #[test]
@@ -325,8 +373,8 @@ mod tests {
         s.push(urgent(1, 3, -1));
         s.push(job(2, 1));
         // 2 images running: the urgent 3 does not fit, and the 1 behind it waits too.
-        assert!(s.next_batch(2, 0).is_empty());
-        assert_eq!(ids(&s.next_batch(1, 0)), vec![1]);
+        assert!(s.next_batch(2, 2, 0).is_empty());
+        assert_eq!(ids(&s.next_batch(1, 1, 0)), vec![1]);
     }
 
     #[test]
@@ -341,7 +389,7 @@ mod tests {
         let gone = s.reap(t0 + Duration::from_millis(5));
         assert_eq!(gone.len(), 1);
         assert_eq!((gone[0].0.id, gone[0].1), (1, Reaped::Deadline));
-        assert_eq!(ids(&s.next_batch(0, 0)), vec![2]);
+        assert_eq!(ids(&s.next_batch(0, 0, 0)), vec![2]);
     }
 
     fn sched(max_batch: usize, max_running: usize) -> Scheduler<Job> {
@@ -363,9 +411,9 @@ mod tests {
             s.push(job(id, n));
         }
         // 3 + 4 fit in 8; adding 2 would make 9.
-        assert_eq!(ids(&s.next_batch(0, 0)), vec![1, 2]);
-        assert_eq!(ids(&s.next_batch(7, 0)), vec![3, 4]);
-        assert!(s.next_batch(10, 0).is_empty());
+        assert_eq!(ids(&s.next_batch(0, 0, 0)), vec![1, 2]);
+        assert_eq!(ids(&s.next_batch(7, 7, 0)), vec![3, 4]);
+        assert!(s.next_batch(10, 10, 0).is_empty());
     }
 
     #[test]
@@ -374,11 +422,11 @@ mod tests {
         s.push(job(1, 4));
         s.push(job(2, 1));
         // 7 running: 4 does not fit in the 3 left, and the 1 behind it waits its turn.
-        assert!(s.next_batch(7, 0).is_empty());
+        assert!(s.next_batch(7, 7, 0).is_empty());
         assert_eq!(s.pending_jobs(), 2);
-        assert_eq!(ids(&s.next_batch(6, 0)), vec![1]);
-        assert_eq!(ids(&s.next_batch(10, 0)), Vec::<u32>::new());
-        assert_eq!(ids(&s.next_batch(9, 0)), vec![2]);
+        assert_eq!(ids(&s.next_batch(6, 6, 0)), vec![1]);
+        assert_eq!(ids(&s.next_batch(10, 10, 0)), Vec::<u32>::new());
+        assert_eq!(ids(&s.next_batch(9, 9, 0)), vec![2]);
     }
 
     #[test]
@@ -386,9 +434,9 @@ mod tests {
         let mut s = sched(4, 6);
         s.push(job(1, 9));
         s.push(job(2, 1));
-        assert!(s.next_batch(1, 0).is_empty(), "never while others run");
-        assert_eq!(ids(&s.next_batch(0, 0)), vec![1]);
-        assert_eq!(ids(&s.next_batch(0, 0)), vec![2]);
+        assert!(s.next_batch(1, 1, 0).is_empty(), "never while others run");
+        assert_eq!(ids(&s.next_batch(0, 0, 0)), vec![1]);
+        assert_eq!(ids(&s.next_batch(0, 0, 0)), vec![2]);
     }
 
     #[test]
@@ -417,7 +465,7 @@ mod tests {
         let gone = s.reap(t0 + Duration::from_millis(10));
         let got: Vec<_> = gone.iter().map(|(j, r)| (j.id, *r)).collect();
         assert_eq!(got, vec![(1, Reaped::Deadline)]);
-        assert_eq!(ids(&s.next_batch(0, 0)), vec![2, 5]);
+        assert_eq!(ids(&s.next_batch(0, 0, 0)), vec![2, 5]);
     }
 
     #[test]

@@ -82,6 +82,9 @@ impl Schedulable for Job {
     fn kv_bytes(&self) -> u64 {
         self.kv_bytes
     }
+    fn rows(&self) -> usize {
+        self.input.len() * self.opts.rows_per_image() as usize
+    }
 }
 
 /// What the worker can be asked to do.
@@ -660,7 +663,10 @@ impl Worker {
     /// decoders.
     fn start_next(&mut self) -> anyhow::Result<()> {
         let running_kv = self.running.values().map(|r| r.kv_bytes).sum();
-        let batch = self.scheduler.next_batch(self.running_images(), running_kv);
+        let running_rows = self.decoders.iter().map(|d| d.rows() as usize).sum();
+        let batch = self
+            .scheduler
+            .next_batch(self.running_images(), running_rows, running_kv);
         self.shared.admission.release(batch.len());
         let mut by_model: Vec<(Arc<Bundle>, u64, Vec<Job>)> = vec![];
         for job in batch {

@@ -17,7 +17,11 @@ pub(super) struct Cohort {
     pub(super) opts: GenOptions,
     pub(super) ids: Vec<u64>,
     pub(super) k: i64,
+    /// Token columns so far: the steps of the cohort's oldest image.
     pub(super) steps: i64,
+    /// Per image, the column its tokens start at: images that joined later and were merged
+    /// in have fewer steps, and their columns before this are padding.
+    pub(super) started: Vec<i64>,
     /// Last token of each row `[n·k]`, fed at the next step.
     pub(super) last: Tensor,
     /// Generated tokens `[n, k, steps]`.
@@ -27,9 +31,9 @@ pub(super) struct Cohort {
     /// Tokens counted per row `[n, k]` (f32, as the original).
     pub(super) lengths: Tensor,
     pub(super) stopped: Tensor,
-    /// Sampling: every uniform a row will use, `[n·k, max_tokens]`, drawn at join from each
-    /// image's own generator (so a seed gives the same result in any batch) and uploaded once;
-    /// step `s` uses column `s`, with no host transfer.
+    /// Sampling: every uniform a row has still to use, `[n·k, ≥ steps left]`, drawn at join
+    /// from each image's own generator (so a seed gives the same result in any batch) and
+    /// uploaded once; each step uses column 0 and drops it, with no host transfer.
     pub(super) uniforms: Option<Tensor>,
     pub(super) cancelled: Vec<bool>,
     /// Images whose tokens are reported as they are chosen ([`Decoder::take_streamed`]).
@@ -44,6 +48,57 @@ impl Cohort {
     }
     pub(super) fn rows(&self) -> i64 {
         self.n() * self.k
+    }
+
+    /// Whether `other` can run as part of this cohort: the same options (seeds are drawn at
+    /// join, so they may differ), and no logit processor that reads the token history, whose
+    /// padding a later joiner would see.
+    fn merges_with(&self, other: &Cohort) -> bool {
+        let history_free = |o: &GenOptions| o.repetition_penalty == 1.0 && o.no_repeat_ngram == 0;
+        let mut theirs = other.opts.clone();
+        theirs.seed = self.opts.seed;
+        history_free(&self.opts) && theirs == self.opts && self.steps > 0 && other.steps > 0
+    }
+
+    /// This cohort's images followed by `other`'s (rows in that order), their token columns
+    /// aligned at the newest: the one with fewer steps gets padding columns before its own.
+    fn merge(mut self, mut other: Cohort) -> Cohort {
+        let steps = self.steps.max(other.steps);
+        for c in [&mut self, &mut other] {
+            let pad = steps - c.steps;
+            if pad > 0 {
+                let (n, k) = (c.n(), c.k);
+                let zeros = Tensor::zeros([n, k, pad], (Kind::Int64, c.tokens.device()));
+                c.tokens = Tensor::cat(&[&zeros, &c.tokens], 2);
+                c.started.iter_mut().for_each(|s| *s += pad);
+                c.steps = steps;
+            }
+        }
+        let cat = |a: &Tensor, b: &Tensor| Tensor::cat(&[a, b], 0);
+        self.uniforms = match (&self.uniforms, &other.uniforms) {
+            (Some(a), Some(b)) => {
+                // Columns past an image's last step are never read: pad the narrower.
+                let w = a.size()[1].max(b.size()[1]);
+                let widen = |u: &Tensor| u.constant_pad_nd([0, w - u.size()[1]]);
+                Some(cat(&widen(a), &widen(b)))
+            }
+            _ => None,
+        };
+        self.last = cat(&self.last, &other.last);
+        self.tokens = cat(&self.tokens, &other.tokens);
+        self.scores = cat(&self.scores, &other.scores);
+        self.lengths = cat(&self.lengths, &other.lengths);
+        self.stopped = cat(&self.stopped, &other.stopped);
+        self.ids.extend(other.ids);
+        self.started.extend(other.started);
+        self.cancelled.extend(other.cancelled);
+        self.streamed.extend(other.streamed);
+        self
+    }
+
+    /// Steps image `i` has taken.
+    fn image_steps(&self, i: usize) -> i64 {
+        self.steps - self.started[i]
     }
 }
 
@@ -222,6 +277,7 @@ impl Decoder {
             ids,
             k,
             steps: 0,
+            started: vec![0; n as usize],
             last: Tensor::zeros([n * k], (Kind::Int64, device)),
             tokens: Tensor::zeros([n, k, 0], (Kind::Int64, device)),
             scores: Tensor::zeros([n, k], (Kind::Float, device)),
@@ -346,8 +402,13 @@ impl Decoder {
             .iter()
             .map(|c| {
                 let done = c.stopped.all_dim(1, false);
-                if c.steps >= c.opts.max_tokens {
+                let at_most: Vec<bool> = (0..c.ids.len())
+                    .map(|i| c.image_steps(i) >= c.opts.max_tokens)
+                    .collect();
+                if at_most.iter().all(|&m| m) {
                     done.ones_like()
+                } else if at_most.iter().any(|&m| m) {
+                    done.logical_or(&Tensor::from_slice(&at_most).to_device(done.device()))
                 } else {
                     done
                 }
@@ -402,7 +463,8 @@ impl Decoder {
         let flags: Vec<bool> = flags.iter().map(|&f| f != 0).collect();
         let reorder = (!reorder.is_empty()).then_some(reorder);
         let mut finished = vec![];
-        let mut keep_rows: Vec<i64> = vec![];
+        // Each surviving cohort's rows, as positions in this step's row order.
+        let mut slots: Vec<Vec<i64>> = vec![];
         let mut removed_any = false;
         let mut base = 0usize;
         let mut row_off = 0i64;
@@ -413,7 +475,7 @@ impl Decoder {
             base += n;
             let drop: Vec<bool> = (0..n).map(|i| done[i] || c.cancelled[i]).collect();
             if !drop.iter().any(|&d| d) {
-                keep_rows.extend(row_off..row_off + c.rows());
+                slots.push((row_off..row_off + c.rows()).collect());
                 row_off += c.rows();
                 continue;
             }
@@ -425,28 +487,57 @@ impl Decoder {
                 finished.extend(finish(&model, c, &gone)?);
             }
             let kept: Vec<i64> = (0..n as i64).filter(|&i| !drop[i as usize]).collect();
-            for &i in &kept {
-                keep_rows.extend(row_off + i * c.k..row_off + (i + 1) * c.k);
-            }
+            slots.push(
+                kept.iter()
+                    .flat_map(|&i| row_off + i * c.k..row_off + (i + 1) * c.k)
+                    .collect(),
+            );
             row_off += c.rows();
             retain_images(c, &kept);
         }
-        self.cohorts.retain(|c| !c.ids.is_empty());
-        if self.cohorts.is_empty() {
+        let (cohorts, slots): (Vec<_>, Vec<_>) = std::mem::take(&mut self.cohorts)
+            .into_iter()
+            .zip(slots)
+            .filter(|(c, _)| !c.ids.is_empty())
+            .unzip();
+        if cohorts.is_empty() {
             self.cache = None;
             return Ok(finished);
         }
-        let index: Option<Vec<i64>> = match (reorder, removed_any) {
+        let (cohorts, slots, merged_any) = merge_cohorts(cohorts, slots);
+        self.cohorts = cohorts;
+        let index: Option<Vec<i64>> = match (reorder, removed_any || merged_any) {
             (None, false) => None,
             (Some(r), false) => Some(r.to_vec()),
-            (Some(r), true) => Some(keep_rows.iter().map(|&j| r[j as usize]).collect()),
-            (None, true) => Some(keep_rows),
+            (Some(r), true) => Some(slots.iter().map(|&j| r[j as usize]).collect()),
+            (None, true) => Some(slots),
         };
         if let (Some(idx), Some(cache)) = (index, self.cache.as_mut()) {
             cache.select_rows_from(&idx);
         }
         Ok(finished)
     }
+}
+
+/// Folds every cohort into the first earlier one it merges with, so that images with the same
+/// options share one set of kernels per step however far apart they joined; returns the
+/// cohorts, their rows' positions in the old order (concatenated), and whether any merged.
+fn merge_cohorts(cohorts: Vec<Cohort>, slots: Vec<Vec<i64>>) -> (Vec<Cohort>, Vec<i64>, bool) {
+    let mut out: Vec<(Cohort, Vec<i64>)> = Vec::with_capacity(cohorts.len());
+    let mut merged_any = false;
+    for (c, rows) in cohorts.into_iter().zip(slots) {
+        match out.iter().position(|(o, _)| o.merges_with(&c)) {
+            Some(i) => {
+                let (into, mut at) = out.remove(i);
+                at.extend(rows);
+                out.insert(i, (into.merge(c), at));
+                merged_any = true;
+            }
+            None => out.push((c, rows)),
+        }
+    }
+    let (cohorts, slots): (Vec<_>, Vec<_>) = out.into_iter().unzip();
+    (cohorts, slots.concat(), merged_any)
 }
 
 /// Keeps images `kept` (indices into the cohort) in all per-image state.
@@ -461,6 +552,7 @@ fn retain_images(c: &mut Cohort, kept: &[i64]) {
     c.lengths = c.lengths.index_select(0, &idx);
     c.stopped = c.stopped.index_select(0, &idx);
     c.cancelled = kept.iter().map(|&i| c.cancelled[i as usize]).collect();
+    c.started = kept.iter().map(|&i| c.started[i as usize]).collect();
     c.ids = kept.iter().map(|&i| c.ids[i as usize]).collect();
     c.streamed = kept.iter().map(|&i| c.streamed[i as usize]).collect();
     if let Some(u) = &c.uniforms {
@@ -482,11 +574,12 @@ fn finish(model: &Bundle, c: &Cohort, gone: &[i64]) -> Result<Vec<Finished>> {
         let scores: Vec<f32> = Vec::try_from(final_scores.get(j))?;
         let lens: Vec<f32> = Vec::try_from(lengths.get(j))?;
         let toks = tokens.get(j);
+        let start = c.started[img as usize];
         let mut caps: Vec<Caption> = (0..c.k)
             .map(|r| {
                 let len = lens[r as usize] as i64;
                 let ids: Vec<i64> =
-                    Vec::try_from(toks.get(r).narrow(0, 0, len)).unwrap_or_default();
+                    Vec::try_from(toks.get(r).narrow(0, start, len)).unwrap_or_default();
                 let finish = match ids.last() {
                     Some(t) if model.stop_ids.contains(t) => FinishReason::Stop,
                     _ => FinishReason::Length,
@@ -511,7 +604,7 @@ fn finish(model: &Bundle, c: &Cohort, gone: &[i64]) -> Result<Vec<Finished>> {
         out.push(Finished {
             id: c.ids[img as usize],
             captions: caps,
-            steps: c.steps,
+            steps: c.image_steps(img as usize),
         });
     }
     Ok(out)

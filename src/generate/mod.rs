@@ -7,7 +7,12 @@
 //! only host transfer per step is one read of a few integers: a flag per image (is it
 //! finished?) and, for beam search, the source row of each beam (so the KV cache copies only
 //! the rows whose history changed). New cohorts can
-//! join between steps ([`Decoder::add`]), which is what continuous batching needs.
+//! join between steps ([`Decoder::add`]), which is what continuous batching needs; after its
+//! first token a joiner folds into a running cohort with the same options (its token columns
+//! left-padded), so images that arrive at different steps still share one set of kernels per
+//! step. Cohorts whose logit processors read the token history (repetition penalty, n-gram
+//! blocking) stay apart, since they would see the padding. A join writes only its own rows of
+//! the KV cache and a leave moves only the rows behind it (the cache keeps room for more rows).
 //!
 //! Beam search reproduces ClipCap's `generate_beam` (log of softmax, stopped beams extended
 //! with token 0 at no cost, scores averaged by length when ranking) and greedy its

@@ -9,5 +9,6 @@ pub mod int8;
 pub mod kv_cache;
 pub mod mapper;
 pub mod packed;
+pub mod row_sample;
 pub mod row_topk;
 pub mod weights;

@@ -401,6 +401,7 @@ pub(crate) async fn info(
             "max_batch_delay_ms": c.inference.max_batch_delay_ms,
             "continuous_batching": c.inference.continuous_batching,
             "max_running_images": c.inference.running_images(),
+            "max_running_rows": st.engine.max_running_rows(),
             "kv_cache_bytes": st.engine.kv_budget_bytes(),
         },
         "admin_enabled": !c.auth.admin_token.is_empty(),
