@@ -109,9 +109,10 @@ impl InferenceConfig {
     }
 
     /// `max_running_rows`, with 0 (auto) resolved: on the CPU 160 rows (32 beam-5 images; 80
-    /// for int8), past which a step costs more per row (at concurrency 64 closed loop, beam
-    /// 5, models/demo: 26.3-37.8 images/s capped at 32 images against 18.3-24.5 at 64;
-    /// README, continuous batching); no limit on CUDA, where wider steps cost little more.
+    /// for int8, as its 16 images), past which a step costs more per row (at concurrency 64
+    /// closed loop, beam 5, models/demo: 30.3-33.0 images/s at 160 rows against 23.4-25.4
+    /// uncapped; README, continuous batching); no limit on CUDA, where wider steps cost little
+    /// more.
     pub fn running_rows(&self, device: tch::Device) -> usize {
         match (self.max_running_rows, self.dtype, device) {
             (0, _, tch::Device::Cuda(_)) => 0,

@@ -55,9 +55,15 @@ impl Cohort {
     /// padding a later joiner would see.
     fn merges_with(&self, other: &Cohort) -> bool {
         let history_free = |o: &GenOptions| o.repetition_penalty == 1.0 && o.no_repeat_ngram == 0;
-        let mut theirs = other.opts.clone();
-        theirs.seed = self.opts.seed;
-        history_free(&self.opts) && theirs == self.opts && self.steps > 0 && other.steps > 0
+        // Checked every step for every pair of cohorts: the cheap tests first, the options'
+        // copy (for a comparison that ignores the seed) only when they pass.
+        self.steps > 0
+            && other.steps > 0
+            && history_free(&self.opts)
+            && GenOptions {
+                seed: self.opts.seed,
+                ..other.opts.clone()
+            } == self.opts
     }
 
     /// This cohort's images followed by `other`'s (rows in that order), their token columns
