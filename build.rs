@@ -29,7 +29,7 @@ fn main() {
 /// Builds the C++ shims in `src/model/` (`int8.cpp`: int8 linear layers through PyTorch's
 /// quantized ops; `int8_gemm.cpp`: our own int8 GEMM with its neighbours fused;
 /// `attention.cpp`: one-query attention for CPU decoding; `row_topk.cpp`: beam candidates;
-/// `row_sample.cpp`: sampling's top-k, nucleus and draw;
+/// `row_sample.cpp`: sampling's top-k, nucleus and draw; `pool.cpp`: the threads they share;
 /// `src/device.cpp`: CUDA memory and side streams) against the headers of the libtorch in
 /// `lib`, with the C++ ABI libtorch was built with.
 fn build_int8_shim(lib: &std::path::Path) {
@@ -39,6 +39,8 @@ fn build_int8_shim(lib: &std::path::Path) {
     println!("cargo:rerun-if-changed=src/model/row_topk.cpp");
     println!("cargo:rerun-if-changed=src/model/row_sample.cpp");
     println!("cargo:rerun-if-changed=src/model/shim.h");
+    println!("cargo:rerun-if-changed=src/model/pool.h");
+    println!("cargo:rerun-if-changed=src/model/pool.cpp");
     println!("cargo:rerun-if-changed=src/device.cpp");
     println!("cargo:rustc-check-cfg=cfg(clipcap_int8)");
     let include = lib.parent().map(|torch| torch.join("include"));
@@ -60,6 +62,7 @@ fn build_int8_shim(lib: &std::path::Path) {
         .file("src/model/attention.cpp")
         .file("src/model/row_topk.cpp")
         .file("src/model/row_sample.cpp")
+        .file("src/model/pool.cpp")
         .file("src/device.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))

@@ -148,6 +148,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 println!("{k}: {v}");
             }
             println!("cpu decoding: {}", crate::model::packed::status());
+            println!(
+                "kernel threads: {} (clipcap's C++ kernels)",
+                crate::model::int8::kernel_threads()
+            );
             Ok(())
         }
     }
@@ -318,7 +322,8 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
                 "steps": steps, "ms_per_step": per_step_s * 1e3,
                 "weight_bytes_per_step": model.weight_bytes_per_step,
                 "weight_gb_per_s": model.weight_bytes_per_step as f64 / per_step_s / 1e9,
-                "cpu": crate::device::cpu_model(), "threads": crate::device::threads()})
+                "cpu": crate::device::cpu_model(), "threads": crate::device::threads(),
+                "kernel_threads": crate::model::int8::kernel_threads()})
         );
     }
     engine.shutdown();

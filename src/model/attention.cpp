@@ -5,7 +5,7 @@
 // arithmetic; the cache may hold f32 or f16 (half the bytes to stream; int8 decoding keeps
 // its cache in f16).
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
+#include "pool.h"
 #include <immintrin.h>
 
 #include <cmath>
@@ -138,7 +138,7 @@ void attend_all(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V, c
   const bool vec = avx512 && d >= 16 && d % 16 == 0 && d <= kMaxVecD;
   // Small steps (one image) stay on few threads: waking the others costs more.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, t * d));
-  at::parallel_for(0, b * h, grain, [&](int64_t begin, int64_t end) {
+  clipcap_pool::parallel_for(0, b * h, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(t);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = i / h, hh = i % h;

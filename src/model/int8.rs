@@ -88,6 +88,18 @@ pub fn gemm_has_vnni() -> bool {
     false
 }
 
+/// How many threads clipcap's C++ kernels (int8 GEMM, attention, beam candidates, sampling)
+/// run on: libtorch's intra-op thread count when `build.rs` compiled them with OpenMP, else 1.
+pub fn kernel_threads() -> usize {
+    #[cfg(clipcap_int8)]
+    {
+        // SAFETY: runs a parallel loop that only records thread numbers.
+        unsafe { clipcap_kernel_threads().max(1) as usize }
+    }
+    #[cfg(not(clipcap_int8))]
+    1
+}
+
 /// PyTorch's engine setting is process-wide: packings (and the archive loads that pack) take
 /// turns.
 static ENGINE: Mutex<()> = Mutex::new(());
@@ -206,6 +218,7 @@ unsafe extern "C" {
     ) -> *mut c_void;
     fn clipcap_int8_gemm_free(packed: *mut c_void);
     fn clipcap_int8_gemm_vnni() -> i32;
+    fn clipcap_kernel_threads() -> i32;
     fn clipcap_int8_free_error(error: *mut c_char);
     fn clipcap_int8_set_engine(engine: i32, error: *mut *mut c_char) -> i32;
     fn clipcap_int8_engine() -> i32;

@@ -9,10 +9,11 @@
 // other operation is per element, so a row's result depends on that row only, whatever batch
 // it shares.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
+#include "pool.h"
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -135,7 +136,7 @@ Matrix pack(const at::Tensor& weight, bool plain_loops) {
   m.scale = aligned<float>(cols);
   m.offset = aligned<int32_t>(cols);
   const float* src = w.data_ptr<float>();
-  at::parallel_for(0, m.n, 64, [&](int64_t begin, int64_t end) {
+  clipcap_pool::parallel_for(0, m.n, 64, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       const float* row = src + o * m.k;
       float top = 0;
@@ -356,7 +357,7 @@ void block_scalar(const Matrix& m, int64_t b, const uint8_t* q, const float* qsc
 void product(const Matrix& m, const uint8_t* q, const float* qscale, int64_t rows,
              const Epilogue& e) {
   const bool vec = m.vector;
-  at::parallel_for(0, m.blocks, 1, [&](int64_t begin, int64_t end) {
+  clipcap_pool::parallel_for(0, m.blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       int64_t r0 = 0;
       if (!vec) {
@@ -445,7 +446,7 @@ at::Tensor* clipcap_int8_gemm(const at::Tensor* x, void* packed, const at::Tenso
       if (rows * m.k < (1 << 18))
         quantize(0, rows);
       else
-        at::parallel_for(0, rows, 16, quantize);
+        clipcap_pool::parallel_for(0, rows, 16, quantize);
       product(m, q.get(), qscale.data(), rows, e);
     }
     return new at::Tensor(std::move(out));
@@ -459,5 +460,15 @@ void clipcap_int8_gemm_free(void* packed) { delete static_cast<Matrix*>(packed);
 
 // Whether clipcap_int8_gemm runs AVX-512 VNNI here (else plain loops, far slower).
 int clipcap_int8_gemm_vnni() { return has_vnni() ? 1 : 0; }
+
+// How many threads a parallel loop of these kernels runs on (pool.h): libtorch's intra-op
+// thread count, unless another caller holds the pool.
+int clipcap_kernel_threads() {
+  std::atomic<uint64_t> seen{0};
+  clipcap_pool::parallel_for(0, 64, 1, [&](int64_t, int64_t) {
+    seen.fetch_or(uint64_t{1} << (clipcap_pool::thread_index() & 63));
+  });
+  return __builtin_popcountll(seen.load());
+}
 
 }  // extern "C"

@@ -3,7 +3,7 @@
 // than a whole beam-5 step of 8 images. The nucleus only needs its boundary value, which a
 // selection by mass over the values' bits finds in a few linear passes.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
+#include "pool.h"
 
 #include <algorithm>
 #include <cmath>
@@ -191,7 +191,7 @@ at::Tensor* clipcap_row_sample(const at::Tensor* probs, const at::Tensor* unifor
     const float* up = U.data_ptr<float>();
     int64_t* op = out.data_ptr<int64_t>();
     const int64_t step = P.stride(0);
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    clipcap_pool::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch;
       scratch.reserve(V);
       for (int64_t r = begin; r < end; ++r) {

@@ -3,7 +3,7 @@
 // 16 values at a time against the row's current c-th best and inserts the rare winner is
 // bound by reading the row.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
+#include "pool.h"
 #include <immintrin.h>
 
 #include <cmath>
@@ -83,7 +83,7 @@ at::Tensor* clipcap_row_topk(const at::Tensor* x, int64_t c, char** error) {
     int64_t* op = out.data_ptr<int64_t>();
     const int64_t step = X.stride(0);
     static const bool avx512 = __builtin_cpu_supports("avx512f");
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    clipcap_pool::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const float* row = xp + r * step;
         Best best(c);
