@@ -27,7 +27,7 @@ constexpr int kMaxThreads = 255;
 int64_t spin_ns() {
   static const int64_t ns = [] {
     const char* v = std::getenv("CLIPCAP_KERNEL_SPIN_US");
-    const long us = v && *v ? std::strtol(v, nullptr, 10) : 200;
+    const long us = v && *v ? std::strtol(v, nullptr, 10) : 30;
     return static_cast<int64_t>(std::max(0L, us)) * 1000;
   }();
   return ns;

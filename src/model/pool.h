@@ -3,8 +3,9 @@
 // its workers to sleep almost at once when more threads exist than CPUs (libtorch's own team
 // per calling thread is enough for that), and waking one through the kernel cost ~60 us per
 // loop on a KVM guest: more than a one-image GEMM takes. These workers spin a while after each
-// loop (CLIPCAP_KERNEL_SPIN_US, default 200), so back-to-back loops hand over in a microsecond,
-// then sleep. The thread count follows libtorch's intra-op setting.
+// loop (CLIPCAP_KERNEL_SPIN_US, default 30), so back-to-back loops hand over in a microsecond,
+// then sleep: longer spins made one-image decoding faster still but a server slower, whose
+// encoder wants the CPU meanwhile. The thread count follows libtorch's intra-op setting.
 #pragma once
 #include <cstdint>
 
