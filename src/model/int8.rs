@@ -89,7 +89,8 @@ pub fn gemm_has_vnni() -> bool {
 }
 
 /// How many threads clipcap's C++ kernels (int8 GEMM, attention, beam candidates, sampling)
-/// run on: libtorch's intra-op thread count when `build.rs` compiled them with OpenMP, else 1.
+/// split their loops over (`src/model/pool.cpp`): libtorch's intra-op thread count, or 1
+/// without the shims.
 pub fn kernel_threads() -> usize {
     #[cfg(clipcap_int8)]
     {

@@ -13,7 +13,6 @@
 #include <exception>
 #include <mutex>
 #include <thread>
-#include <vector>
 
 namespace clipcap_pool {
 namespace {
@@ -35,7 +34,7 @@ int64_t spin_ns() {
 
 struct Pool {
   std::mutex caller;  // held by the thread running a loop
-  std::vector<std::thread> workers;
+  int workers = 0;     // detached; they never exit
   // (generation << 8) | threads of that loop: one word, so a worker reads which loop it is
   // and whether it takes part in it together.
   std::atomic<uint64_t> state{0};
@@ -86,11 +85,10 @@ struct Pool {
   }
 
   void grow(int threads) {
-    while (static_cast<int>(workers.size()) + 1 < threads) {
-      const int index = static_cast<int>(workers.size()) + 1;
+    for (; workers + 1 < threads; ++workers) {
+      const int index = workers + 1;
       const uint64_t seen = state.load();
-      workers.emplace_back([this, index, seen] { work(index, seen); });
-      workers.back().detach();
+      std::thread([this, index, seen] { work(index, seen); }).detach();
     }
   }
 };
@@ -100,6 +98,13 @@ Pool& pool() {
   static Pool* p = new Pool();
   return *p;
 }
+
+// Marks this thread as inside a loop for a scope, so that loops nested in it run inline.
+struct InLoop {
+  bool outer = tls_in_loop;
+  InLoop() { tls_in_loop = true; }
+  ~InLoop() { tls_in_loop = outer; }
+};
 
 }  // namespace
 
@@ -118,15 +123,8 @@ void run(int64_t begin, int64_t end, int64_t grain, Body body, const void* ctx) 
   Pool& p = pool();
   std::unique_lock<std::mutex> turn(p.caller, std::defer_lock);
   if (threads <= 1 || !turn.try_lock()) {
-    const bool outer = tls_in_loop;
-    tls_in_loop = true;
-    try {
-      body(ctx, begin, end);
-    } catch (...) {
-      tls_in_loop = outer;
-      throw;
-    }
-    tls_in_loop = outer;
+    InLoop inside;
+    body(ctx, begin, end);
     return;
   }
   p.grow(threads);
@@ -144,19 +142,17 @@ void run(int64_t begin, int64_t end, int64_t grain, Body body, const void* ctx) 
     std::lock_guard<std::mutex> lock(p.sleep);
     p.wake.notify_all();
   }
-  tls_in_loop = true;
-  try {
-    body(ctx, begin, std::min(end, begin + p.chunk));
-  } catch (...) {
-    if (!p.failed.test_and_set()) p.error = std::current_exception();
+  {
+    InLoop inside;
+    try {
+      body(ctx, begin, std::min(end, begin + p.chunk));
+    } catch (...) {
+      if (!p.failed.test_and_set()) p.error = std::current_exception();
+    }
   }
-  tls_in_loop = false;
+  // The workers must be done before the loop's state (and the caller's lambda) goes away.
   while (p.pending.load(std::memory_order_acquire) > 0) _mm_pause();
-  if (p.error) {
-    std::exception_ptr e = p.error;
-    p.error = nullptr;
-    std::rethrow_exception(e);
-  }
+  if (p.error) std::rethrow_exception(p.error);
 }
 
 }  // namespace clipcap_pool
